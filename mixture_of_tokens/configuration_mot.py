@@ -1,0 +1,189 @@
+"""Configuration of Mixture of Tokens (MoT) causal language models.
+
+Mixture of Tokens (Antoniak et al., arXiv 2310.15961) is a continuous mixture of experts: tokens at the same
+position of `group_size` different sequences are mixed into one token per expert, processed, and redistributed
+with the same weights. This file is self-contained (it travels to the Hub as custom code next to
+`modeling_mot.py`), so it imports only `transformers`.
+"""
+
+from __future__ import annotations
+
+import math
+
+from transformers import PreTrainedConfig
+
+MLP_TYPES = ("dense", "mot", "token_choice", "expert_choice")
+MOT_ROUTINGS = ("softmax", "uniform", "discrete")
+LEARNABLE_TEMPERATURE = ("off", "shared", "per_expert")
+ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu", "swish", "tanh", "sigmoid", "relu2")
+
+# The paper's configurations (DESIGN.md §2; llm-random's configs). "/k" variants keep parameters and FLOPs but
+# split each expert into k smaller ones: num_experts = group_size * k, expert_size = d_ff / k.
+_MEDIUM = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, intermediate_size=2048)
+_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
+# CPU-sized presets for tests, examples and the quick start. tiny-mot is flop-matched to tiny-dense:
+# num_experts * expert_size / group_size = 8 * 256 / 8 = 256 = intermediate_size.
+_TINY = dict(
+    vocab_size=4096, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256,
+    max_position_embeddings=128, bos_token_id=0, eos_token_id=0,
+)
+
+PRESETS: dict[str, dict] = {
+    "transformer-medium": dict(_MEDIUM, mlp_types=["dense"] * 8),
+    "mot-medium-32e": dict(_MEDIUM, group_size=32, num_experts=32, expert_size=2048),
+    "mot-medium-32e-8": dict(_MEDIUM, group_size=32, num_experts=256, expert_size=256),
+    "mot-medium-32e-16": dict(_MEDIUM, group_size=32, num_experts=512, expert_size=128),
+    "transformer-base": dict(_BASE, mlp_types=["dense"] * 12),
+    "mot-base-32e": dict(_BASE, group_size=32, num_experts=32, expert_size=3072),
+    "tiny-dense": dict(_TINY, mlp_types=["dense"] * 4, group_size=8, num_experts=8, expert_size=256),
+    "tiny-mot": dict(_TINY, group_size=8, num_experts=8, expert_size=256),
+}
+
+
+class MoTConfig(PreTrainedConfig):
+    r"""
+    Configuration of a decoder-only Transformer whose feed-forward layers are dense, Mixture of Tokens, Token
+    Choice or Expert Choice, chosen per block by `mlp_types`. Defaults are the paper's MoT-Medium/32E.
+
+    Args:
+        vocab_size: size of the vocabulary (GPT-2's 50257 in the paper).
+        hidden_size: model width `d`.
+        num_hidden_layers: number of Transformer blocks.
+        num_attention_heads: attention heads; must divide `hidden_size`.
+        intermediate_size: width `d_ff` of the dense feed-forward layers.
+        max_position_embeddings: context length (learned absolute position embeddings).
+        mlp_types: feed-forward type of each block, one of "dense", "mot", "token_choice", "expert_choice".
+            Default: first half dense, second half MoT, as in the paper.
+        group_size: `G`, the number of sequences whose tokens at one position form a MoT group (also the
+            group of Expert Choice).
+        num_experts: `E`, experts per routed layer.
+        expert_size: `f`, hidden width of each expert.
+        mot_temperature: initial (or fixed) softmax temperature of MoT's mixing weights. Not named
+            `temperature`: that name would become the generation config's sampling temperature.
+        learnable_temperature: "off" (fixed), "shared" (one learned temperature per layer) or "per_expert".
+        mot_routing: "softmax" (the paper), "uniform" (controller frozen at zero, every weight 1/G) or
+            "discrete" (temperature -> 0: each expert takes only its highest-scoring token of the group).
+        num_experts_per_tok: `k` of Token Choice (and tokens per expert per group of Expert Choice are
+            `k * group_size / num_experts`, which keeps its FLOPs equal to Token Choice's).
+        capacity_factor: Token Choice capacity `cf * tokens * k / E` while training; eval is dropless.
+        router_aux_loss_coef: weight of Token Choice's load-balancing loss (Switch: 0.01).
+        router_z_loss_coef: weight of Token Choice's router z-loss (0 = off).
+        hidden_act: activation of dense and expert layers (ReLU in the paper).
+        init_scale: weights are drawn from a truncated normal with std `sqrt(init_scale / fan_in)`.
+        layer_norm_eps: epsilon of the LayerNorms.
+        output_routing_stats: return per-layer routing statistics from every forward.
+    """
+
+    model_type = "mot"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    vocab_size: int = 50257
+    hidden_size: int = 512
+    num_hidden_layers: int = 8
+    num_attention_heads: int = 8
+    intermediate_size: int = 2048
+    max_position_embeddings: int = 256
+    mlp_types: list[str] | None = None
+    group_size: int = 32
+    num_experts: int = 32
+    expert_size: int = 2048
+    mot_temperature: float = 1.0
+    learnable_temperature: str = "off"
+    mot_routing: str = "softmax"
+    num_experts_per_tok: int = 1
+    capacity_factor: float = 1.25
+    router_aux_loss_coef: float = 0.01
+    router_z_loss_coef: float = 0.0
+    hidden_act: str = "relu"
+    init_scale: float = 0.1
+    layer_norm_eps: float = 1e-5
+    output_routing_stats: bool = False
+    use_cache: bool = True
+    tie_word_embeddings: bool = False
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 50256
+    eos_token_id: int | list[int] | None = 50256
+
+    def __post_init__(self, **kwargs):
+        if self.mlp_types is None:
+            half = self.num_hidden_layers // 2
+            self.mlp_types = ["dense"] * half + ["mot"] * (self.num_hidden_layers - half)
+        else:
+            self.mlp_types = list(self.mlp_types)
+        if self.learnable_temperature in (None, False):
+            self.learnable_temperature = "off"
+        elif self.learnable_temperature is True:
+            self.learnable_temperature = "shared"
+        super().__post_init__(**kwargs)
+        if getattr(self, "auto_map", None) is None:
+            # Every Auto class we support, so a saved folder loads with trust_remote_code=True anywhere.
+            self.auto_map = {
+                "AutoConfig": "configuration_mot.MoTConfig",
+                "AutoModel": "modeling_mot.MoTModel",
+                "AutoModelForCausalLM": "modeling_mot.MoTForCausalLM",
+            }
+        self.validate_mot()
+
+    def validate_mot(self) -> None:
+        """Raise one clear `ValueError` for the first invalid field."""
+
+        def positive_int(name):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "intermediate_size", "max_position_embeddings", "group_size", "num_experts",
+                     "expert_size", "num_experts_per_tok"):
+            positive_int(name)
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads})"
+            )
+        if len(self.mlp_types) != self.num_hidden_layers:
+            raise ValueError(
+                f"mlp_types has {len(self.mlp_types)} entries but num_hidden_layers is {self.num_hidden_layers}; "
+                "give one feed-forward type per block"
+            )
+        for mlp_type in self.mlp_types:
+            if mlp_type not in MLP_TYPES:
+                raise ValueError(f"unknown mlp type {mlp_type!r} in mlp_types; allowed: {', '.join(MLP_TYPES)}")
+        if self.num_experts_per_tok > self.num_experts:
+            raise ValueError(
+                f"num_experts_per_tok ({self.num_experts_per_tok}) cannot exceed num_experts ({self.num_experts})"
+            )
+        if not (isinstance(self.mot_temperature, (int, float)) and math.isfinite(self.mot_temperature)
+                and self.mot_temperature > 0):
+            raise ValueError(f"mot_temperature must be a positive finite number, got {self.mot_temperature!r}")
+        if self.learnable_temperature not in LEARNABLE_TEMPERATURE:
+            raise ValueError(
+                f"learnable_temperature must be one of {', '.join(LEARNABLE_TEMPERATURE)}, "
+                f"got {self.learnable_temperature!r}"
+            )
+        if self.mot_routing not in MOT_ROUTINGS:
+            raise ValueError(f"mot_routing must be one of {', '.join(MOT_ROUTINGS)}, got {self.mot_routing!r}")
+        if not (isinstance(self.capacity_factor, (int, float)) and self.capacity_factor > 0):
+            raise ValueError(f"capacity_factor must be positive, got {self.capacity_factor!r}")
+        for name in ("router_aux_loss_coef", "router_z_loss_coef"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value >= 0):
+                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+        if not (isinstance(self.init_scale, (int, float)) and self.init_scale > 0):
+            raise ValueError(f"init_scale must be positive, got {self.init_scale!r}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act must be one of {', '.join(ACTIVATIONS)}, got {self.hidden_act!r}")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> MoTConfig:
+        """A configuration of the paper (`mot-medium-32e`, ...) or a CPU-sized one (`tiny-mot`, `tiny-dense`)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; available presets: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+__all__ = ["MoTConfig", "PRESETS", "MLP_TYPES"]

@@ -1,0 +1,705 @@
+"""Mixture of Tokens (MoT) causal language model for Hugging Face Transformers.
+
+Mixture of Tokens (Antoniak et al., "Mixture of Tokens: Continuous MoE through Cross-Example Aggregation",
+arXiv 2310.15961) replaces the feed-forward layer of a Transformer block by a continuous mixture of experts:
+the tokens at one position of `group_size` different sequences are mixed, per expert, into one token (softmax
+over the group), each expert processes its mixed token, and the outputs are redistributed to the group's
+tokens with the same weights. Tokens at different positions never mix, so the model stays causal.
+
+The same file also holds the baselines of the paper: a dense feed-forward layer, Token Choice (Switch) and
+Expert Choice. The routed layers share their parameter names (`router`, `w1`, `w2`), so a MoT checkpoint
+becomes a Token Choice model by changing only the config (the paper's transition tuning).
+
+This file is self-contained: it imports only `.configuration_mot` and installed packages, so that it can
+travel to the Hub as custom code (`trust_remote_code=True`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.utils import can_return_tuple, logging
+
+from .configuration_mot import MoTConfig
+
+logger = logging.get_logger(__name__)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Outputs
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MoTModelOutputWithPast(MoeModelOutputWithPast):
+    """`MoeModelOutputWithPast` plus `routing_stats`: one dict of scalar tensors per block (None for dense
+    blocks), filled when `output_routing_stats=True`."""
+
+    routing_stats: tuple[dict[str, torch.Tensor] | None, ...] | None = None
+    aux_loss: torch.Tensor | None = None
+
+
+@dataclass
+class MoTCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
+    """`MoeCausalLMOutputWithPast` plus per-block `routing_stats` (see `MoTModelOutputWithPast`)."""
+
+    routing_stats: tuple[dict[str, torch.Tensor] | None, ...] | None = None
+
+
+@dataclass
+class FeedForwardOutput:
+    """What a feed-forward layer hands back to its block besides the hidden states."""
+
+    aux_loss: torch.Tensor | None = None  # weighted router losses of Token Choice, part of the training loss
+    router_logits: torch.Tensor | None = None
+    stats: dict[str, torch.Tensor] | None = None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------------------------------
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+):
+    # query/key/value: [batch, heads, seq, head_dim]; attention_mask: additive [batch, 1, q_len, kv_len]
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    output = torch.matmul(weights, value).transpose(1, 2).contiguous()  # [batch, seq, heads, head_dim]
+    return output, weights
+
+
+class MoTAttention(nn.Module):
+    """Bias-free multi-head causal self-attention, dispatched through transformers' attention interface."""
+
+    def __init__(self, config: MoTConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = True
+        self.num_key_value_groups = 1  # read by transformers' sdpa integration
+        self.qkv_proj = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch_size, seq_len, hidden_size = hidden_states.shape
+        # [B, S, 3d] -> [3, B, heads, S, head_dim]
+        qkv = self.qkv_proj(hidden_states).view(batch_size, seq_len, 3, self.num_heads, self.head_dim)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        output, weights = attention_interface(
+            self, query, key, value, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs
+        )
+        return self.o_proj(output.reshape(batch_size, seq_len, hidden_size)), weights
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Feed-forward layers
+# --------------------------------------------------------------------------------------------------------------
+
+
+class DenseFeedForward(nn.Module):
+    """The dense baseline: `act(x W_up) W_down`, no biases."""
+
+    def __init__(self, config: MoTConfig):
+        super().__init__()
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states, token_mask=None, output_stats=False):
+        return self.down_proj(self.act(self.up_proj(hidden_states))), FeedForwardOutput()
+
+
+def group_rows(
+    hidden_states: torch.Tensor, token_mask: torch.Tensor | None, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Split the batch into groups of `group_size` contiguous rows (the MoT and Expert Choice grouping).
+
+    A batch that is not a multiple of `group_size` is padded with masked zero rows, so the last group is
+    effectively smaller and the full groups are computed exactly as without it.
+    Returns hidden states `[num_groups, G, S, d]` and a boolean mask `[num_groups, G, S, 1]` (or None).
+    """
+    batch_size, seq_len, hidden_size = hidden_states.shape
+    missing = -batch_size % group_size
+    if missing:
+        hidden_states = F.pad(hidden_states, (0, 0, 0, 0, 0, missing))
+        if token_mask is None:
+            token_mask = torch.ones(batch_size, seq_len, dtype=torch.bool, device=hidden_states.device)
+        token_mask = F.pad(token_mask, (0, 0, 0, missing), value=False)
+    if batch_size < group_size or missing:
+        logger.warning_once(
+            f"A Mixture of Tokens layer ran with groups smaller than group_size={group_size} (batch of "
+            f"{batch_size} sequences). Outputs depend on which sequences share a group; a model trained with full "
+            "groups sees a different mixture, and with one sequence per group it acts as a dense layer of width "
+            "num_experts * expert_size."
+        )
+    num_groups = hidden_states.shape[0] // group_size
+    grouped = hidden_states.view(num_groups, group_size, seq_len, hidden_size)
+    if token_mask is not None:
+        token_mask = token_mask.view(num_groups, group_size, seq_len, 1)
+    return grouped, token_mask
+
+
+class RoutedFeedForward(nn.Module):
+    """Parameters shared by every routed layer: a router `[d, E]` and `E` experts `W1 [E, d, f]`, `W2 [E, f, d]`.
+
+    Keeping one set of names for MoT, Token Choice and Expert Choice makes a checkpoint of one loadable as
+    another by changing only `mlp_types` in the config.
+    """
+
+    def __init__(self, config: MoTConfig):
+        super().__init__()
+        self.config = config
+        self.num_experts = config.num_experts
+        self.router = nn.Parameter(torch.empty(config.hidden_size, config.num_experts))
+        self.w1 = nn.Parameter(torch.empty(config.num_experts, config.hidden_size, config.expert_size))
+        self.w2 = nn.Parameter(torch.empty(config.num_experts, config.expert_size, config.hidden_size))
+        self.act = ACT2FN[config.hidden_act]
+
+    def run_experts(self, expert_inputs: torch.Tensor) -> torch.Tensor:
+        """`[E, N, d]` -> `[E, N, d]`: expert `e` processes row block `e`."""
+        return torch.bmm(self.act(torch.bmm(expert_inputs, self.w1)), self.w2)
+
+    def run_one_expert(self, expert: int, inputs: torch.Tensor) -> torch.Tensor:
+        """`[N, d]` -> `[N, d]` through expert `expert` alone."""
+        return self.act(inputs @ self.w1[expert]) @ self.w2[expert]
+
+
+def _entropy(probs: torch.Tensor, dim: int) -> torch.Tensor:
+    return -(probs * probs.clamp_min(1e-20).log()).sum(dim)
+
+
+class MixtureOfTokens(RoutedFeedForward):
+    """The MoT layer (DESIGN §1).
+
+    For each group (contiguous block of `G` rows) and position: logits `x W_c`, weights = softmax over the
+    group's tokens (separately per expert) of `logits / T`; expert `e` gets `sum_g w[g, e] x[g]`, and token `g`
+    receives `sum_e w[g, e] expert_e(...)`.
+    """
+
+    def __init__(self, config: MoTConfig):
+        super().__init__(config)
+        self.group_size = config.group_size
+        self.routing = config.mot_routing
+        if config.learnable_temperature == "off":
+            self.log_temperature = None
+        else:
+            # T = exp(p) keeps the learned temperature positive whatever the optimizer does.
+            shape = (1,) if config.learnable_temperature == "shared" else (config.num_experts,)
+            self.log_temperature = nn.Parameter(torch.full(shape, math.log(config.mot_temperature)))
+
+    def temperature(self) -> torch.Tensor | float:
+        if self.log_temperature is None:
+            return self.config.mot_temperature
+        return self.log_temperature.exp()
+
+    def mixing_weights(self, grouped: torch.Tensor, group_mask: torch.Tensor | None) -> torch.Tensor:
+        """`[n, G, S, d]` -> weights `[n, G, S, E]`, normalised over the group axis (dim 1)."""
+        if self.routing == "uniform":
+            # The paper's "uniform routing" ablation: a controller frozen at zero.
+            logits = grouped.new_zeros(*grouped.shape[:-1], self.num_experts)
+        else:
+            logits = (grouped @ self.router) / self.temperature()
+        if group_mask is not None:
+            # A padded token must take no part in any mixture: a very negative logit (not -inf, which would make
+            # an all-padding group NaN) and, below, a weight multiplied by zero.
+            logits = logits.masked_fill(~group_mask, torch.finfo(logits.dtype).min)
+        weights = torch.softmax(logits, dim=1)
+        if self.routing == "discrete":
+            # Temperature -> 0: each expert takes only its highest-scoring token. In training the soft weights
+            # carry the gradient (straight-through), so the controller still learns.
+            hard = F.one_hot(weights.argmax(dim=1), weights.shape[1]).movedim(-1, 1).to(weights.dtype)
+            weights = hard + (weights - weights.detach()) if self.training else hard
+        if group_mask is not None:
+            weights = weights * group_mask
+        return weights
+
+    def forward(self, hidden_states, token_mask=None, output_stats=False):
+        batch_size, seq_len, hidden_size = hidden_states.shape
+        grouped, group_mask = group_rows(hidden_states, token_mask, self.group_size)  # [n, G, S, d]
+        num_groups = grouped.shape[0]
+        weights = self.mixing_weights(grouped, group_mask).to(grouped.dtype)  # [n, G, S, E]
+
+        # Merge: one token per (group, position, expert). [n, G, S, E] x [n, G, S, d] -> [E, n*S, d]
+        merged = torch.einsum("ngse,ngsd->ensd", weights, grouped)
+        expert_outputs = self.run_experts(merged.reshape(self.num_experts, num_groups * seq_len, hidden_size))
+        # Emit with the same weights: [n, G, S, E] x [E, n, S, d] -> [n, G, S, d]
+        expert_outputs = expert_outputs.view(self.num_experts, num_groups, seq_len, hidden_size)
+        output = torch.einsum("ngse,ensd->ngsd", weights, expert_outputs)
+        output = output.reshape(-1, seq_len, hidden_size)[:batch_size]
+
+        stats = None
+        if output_stats:
+            with torch.no_grad():
+                probs = weights.float()
+                temperature = self.temperature()
+                stats = {
+                    # entropy of each expert's mixture over the group, averaged over experts and groups
+                    "mixing_entropy": _entropy(probs, dim=1).mean(),
+                    "max_weight": probs.amax(dim=1).mean(),
+                    "temperature": torch.as_tensor(temperature, dtype=torch.float32).detach().mean(),
+                }
+        return output, FeedForwardOutput(stats=stats)
+
+
+class TokenChoice(RoutedFeedForward):
+    """Token Choice (Switch) routing: softmax over experts per token, top-k, output scaled by the router
+    probability. While training each expert takes at most `capacity_factor * tokens * k / E` tokens (the rest
+    are dropped); in eval mode it is dropless, so a sequence's output never depends on the rest of the batch.
+    """
+
+    def __init__(self, config: MoTConfig):
+        super().__init__(config)
+        self.top_k = config.num_experts_per_tok
+        self.capacity_factor = config.capacity_factor
+
+    def forward(self, hidden_states, token_mask=None, output_stats=False):
+        batch_size, seq_len, hidden_size = hidden_states.shape
+        tokens = hidden_states.reshape(-1, hidden_size)  # [N, d]
+        router_logits = tokens @ self.router  # [N, E]
+        probs = torch.softmax(router_logits.float(), dim=-1)
+        gate, expert_index = probs.topk(self.top_k, dim=-1)  # [N, k]
+        valid = None if token_mask is None else token_mask.reshape(-1)
+
+        # Assignments in priority order: every token's first choice before any second choice (Switch/GShard).
+        assigned_expert = expert_index.t().reshape(-1)  # [k*N]
+        assigned_token = torch.arange(tokens.shape[0], device=tokens.device).repeat(self.top_k)
+        assigned_gate = gate.t().reshape(-1)
+        if valid is not None:
+            keep = valid.repeat(self.top_k)
+            assigned_expert, assigned_token, assigned_gate = (
+                assigned_expert[keep], assigned_token[keep], assigned_gate[keep]
+            )
+        num_real_tokens = tokens.shape[0] if valid is None else valid.sum()
+
+        output = torch.zeros_like(tokens)
+        if self.training:
+            dropped = self._dispatch_with_capacity(
+                tokens, output, assigned_expert, assigned_token, assigned_gate, num_real_tokens
+            )
+        else:
+            self._dispatch_dropless(tokens, output, assigned_expert, assigned_token, assigned_gate)
+            dropped = None
+
+        # Load balancing (DESIGN §3): E * sum_e (mean router prob of e) * (fraction of assignments to e).
+        real_probs = probs if valid is None else probs[valid]
+        assignment_fraction = torch.bincount(assigned_expert, minlength=self.num_experts).float()
+        assignment_fraction = assignment_fraction / assignment_fraction.sum().clamp_min(1)
+        balance_loss = self.num_experts * (real_probs.mean(0) * assignment_fraction).sum()
+        real_logits = router_logits if valid is None else router_logits[valid]
+        z_loss = torch.logsumexp(real_logits.float(), dim=-1).square().mean()
+        aux_loss = self.config.router_aux_loss_coef * balance_loss + self.config.router_z_loss_coef * z_loss
+
+        stats = None
+        if output_stats:
+            with torch.no_grad():
+                stats = {
+                    "balance_loss": balance_loss.detach(),
+                    "z_loss": z_loss.detach(),
+                    "expert_load_max": assignment_fraction.max() * self.num_experts,  # 1 = perfectly balanced
+                    "router_entropy": _entropy(real_probs, dim=-1).mean(),
+                    "dropped_fraction": torch.zeros(()) if dropped is None else dropped,
+                    "expert_load": assignment_fraction,
+                }
+        output = output.view(batch_size, seq_len, hidden_size)
+        return output, FeedForwardOutput(aux_loss=aux_loss, router_logits=router_logits, stats=stats)
+
+    def _dispatch_with_capacity(self, tokens, output, expert, token, gate, num_real_tokens) -> torch.Tensor:
+        """Static-shape training path: scatter into `[E, capacity, d]`, one batched matmul, gather back."""
+        capacity = max(1, math.ceil(self.capacity_factor * int(num_real_tokens) * self.top_k / self.num_experts))
+        # Position of each assignment in its expert's queue, in priority order.
+        one_hot = F.one_hot(expert, self.num_experts)  # [A, E]
+        position = (one_hot.cumsum(0) * one_hot).sum(-1) - 1  # [A]
+        fits = position < capacity
+        slot = (expert * capacity + position)[fits]
+        expert_inputs = tokens.new_zeros(self.num_experts * capacity, tokens.shape[1])
+        expert_inputs[slot] = tokens[token[fits]]
+        expert_outputs = self.run_experts(expert_inputs.view(self.num_experts, capacity, -1))
+        weighted = expert_outputs.view(-1, tokens.shape[1])[slot] * gate[fits, None].to(tokens.dtype)
+        output.index_add_(0, token[fits], weighted)
+        return 1.0 - fits.float().mean() if fits.numel() else torch.zeros(())
+
+    def _dispatch_dropless(self, tokens, output, expert, token, gate) -> None:
+        """Eval path: every assignment is processed, expert by expert, so nothing depends on the batch."""
+        order = torch.argsort(expert, stable=True)
+        counts = torch.bincount(expert, minlength=self.num_experts).tolist()
+        start = 0
+        for expert_id, count in enumerate(counts):
+            if count:
+                chosen = order[start : start + count]
+                rows = token[chosen]
+                result = self.run_one_expert(expert_id, tokens[rows]) * gate[chosen, None].to(tokens.dtype)
+                output.index_add_(0, rows, result)
+                start += count
+
+
+class ExpertChoice(RoutedFeedForward):
+    """Expert Choice: within the same cross-example groups as MoT (`G` rows at one position), each expert picks
+    its `k * G / E` highest-scoring tokens (scores: softmax over experts per token) and scales its output by
+    the score. Groups at one position keep the layer causal."""
+
+    def __init__(self, config: MoTConfig):
+        super().__init__(config)
+        self.group_size = config.group_size
+        self.tokens_per_expert = max(1, min(config.group_size,
+                                            round(config.num_experts_per_tok * config.group_size / config.num_experts)))
+
+    def forward(self, hidden_states, token_mask=None, output_stats=False):
+        batch_size, seq_len, hidden_size = hidden_states.shape
+        grouped, group_mask = group_rows(hidden_states, token_mask, self.group_size)  # [n, G, S, d]
+        num_groups, group_size = grouped.shape[:2]
+        capacity = min(self.tokens_per_expert, group_size)
+        scores = torch.softmax((grouped @ self.router).float(), dim=-1)  # [n, G, S, E]
+        if group_mask is not None:
+            scores = scores * group_mask  # a padded token scores 0: picked only if nothing else is left
+
+        # Each expert's choice within its group: [n, S, E, G] -> top-c over G -> [n, S, E, c]
+        choice_score, choice = scores.permute(0, 2, 3, 1).topk(capacity, dim=-1)
+        by_position = grouped.transpose(1, 2)  # [n, S, G, d]
+        flat_choice = choice.reshape(num_groups, seq_len, -1, 1)  # [n, S, E*c, 1]
+        picked = by_position.gather(2, flat_choice.expand(-1, -1, -1, hidden_size))  # [n, S, E*c, d]
+        # [n, S, E, c, d] -> [E, n*S*c, d]
+        expert_inputs = picked.view(num_groups, seq_len, self.num_experts, capacity, hidden_size)
+        expert_inputs = expert_inputs.permute(2, 0, 1, 3, 4).reshape(self.num_experts, -1, hidden_size)
+        expert_outputs = self.run_experts(expert_inputs)
+        expert_outputs = expert_outputs.view(self.num_experts, num_groups, seq_len, capacity, hidden_size)
+        expert_outputs = expert_outputs.permute(1, 2, 0, 3, 4) * choice_score.unsqueeze(-1).to(grouped.dtype)
+        output = torch.zeros_like(by_position).scatter_add_(
+            2, flat_choice.expand(-1, -1, -1, hidden_size),
+            expert_outputs.reshape(num_groups, seq_len, -1, hidden_size),
+        )  # [n, S, G, d]
+        output = output.transpose(1, 2).reshape(-1, seq_len, hidden_size)[:batch_size]
+
+        stats = None
+        if output_stats:
+            with torch.no_grad():
+                load = torch.zeros(num_groups, seq_len, group_size, device=scores.device)
+                load.scatter_add_(2, choice.reshape(num_groups, seq_len, -1), torch.ones_like(choice_score).flatten(2))
+                stats = {"unprocessed_fraction": (load == 0).float().mean()}
+        return output, FeedForwardOutput(stats=stats)
+
+
+FEED_FORWARD_CLASSES = {
+    "dense": DenseFeedForward,
+    "mot": MixtureOfTokens,
+    "token_choice": TokenChoice,
+    "expert_choice": ExpertChoice,
+}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Blocks and models
+# --------------------------------------------------------------------------------------------------------------
+
+
+class MoTBlock(GradientCheckpointingLayer):
+    """Pre-LayerNorm Transformer block whose feed-forward type is `config.mlp_types[layer_idx]`."""
+
+    def __init__(self, config: MoTConfig, layer_idx: int):
+        super().__init__()
+        self.mlp_type = config.mlp_types[layer_idx]
+        self.attn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.self_attn = MoTAttention(config, layer_idx)
+        self.mlp_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = FEED_FORWARD_CLASSES[self.mlp_type](config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        output_routing_stats: bool = False,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, FeedForwardOutput]:
+        attn_output, attn_weights = self.self_attn(
+            self.attn_norm(hidden_states), attention_mask, past_key_values=past_key_values, **kwargs
+        )
+        hidden_states = hidden_states + attn_output
+        mlp_output, routing = self.mlp(self.mlp_norm(hidden_states), token_mask, output_routing_stats)
+        return hidden_states + mlp_output, attn_weights, routing
+
+
+class MoTPreTrainedModel(PreTrainedModel):
+    config_class = MoTConfig
+    config: MoTConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MoTBlock"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        # The paper's code: truncated normal, std = sqrt(init_scale / fan_in), cut at two std.
+        scale = self.config.init_scale
+
+        def truncated(tensor, fan_in):
+            std = math.sqrt(scale / fan_in)
+            init.trunc_normal_(tensor, mean=0.0, std=std, a=-2 * std, b=2 * std)
+
+        if isinstance(module, nn.Linear):
+            truncated(module.weight, module.in_features)
+        elif isinstance(module, nn.Embedding):
+            truncated(module.weight, module.embedding_dim)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, RoutedFeedForward):
+            truncated(module.router, self.config.hidden_size)
+            truncated(module.w1, self.config.hidden_size)
+            truncated(module.w2, self.config.expert_size)
+            if getattr(module, "log_temperature", None) is not None:
+                init.constant_(module.log_temperature, math.log(self.config.mot_temperature))
+
+
+class MoTModel(MoTPreTrainedModel):
+    """The decoder: token and learned absolute position embeddings, `num_hidden_layers` blocks, final norm."""
+
+    def __init__(self, config: MoTConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.layers = nn.ModuleList(MoTBlock(config, i) for i in range(config.num_hidden_layers))
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_routing_stats: bool | None = None,
+        **kwargs,
+    ) -> MoTModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        output_hidden_states = bool(output_hidden_states)
+        output_attentions = bool(output_attentions)
+        if output_routing_stats is None:
+            output_routing_stats = self.config.output_routing_stats
+        if self.gradient_checkpointing and self.training:
+            use_cache = False
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        batch_size, seq_len = inputs_embeds.shape[:2]
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if past_length + seq_len > self.config.max_position_embeddings:
+            raise ValueError(
+                f"sequence length {past_length + seq_len} (cached {past_length} + new {seq_len}) exceeds "
+                f"max_position_embeddings={self.config.max_position_embeddings} of this model"
+            )
+
+        # Padding mask of the new tokens, [B, S]; None when nothing is padded (the fast path).
+        token_mask = None
+        if attention_mask is not None and attention_mask.dim() == 2:
+            token_mask = attention_mask[:, -seq_len:].bool()
+            if bool(token_mask.all()):
+                token_mask = None
+        if position_ids is None:
+            if token_mask is not None or (attention_mask is not None and attention_mask.dim() == 2
+                                          and not bool(attention_mask.all())):
+                # Left padding: count real tokens only (the same rule as `generate()`).
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -seq_len:]
+            else:
+                position_ids = torch.arange(past_length, past_length + seq_len, device=inputs_embeds.device)
+                position_ids = position_ids.unsqueeze(0)
+
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+        )
+        hidden_states = inputs_embeds + self.embed_positions(position_ids)
+
+        all_hidden_states = () if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        routing = []
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            hidden_states, attn_weights, layer_routing = layer(
+                hidden_states,
+                attention_mask=causal_mask,
+                token_mask=token_mask,
+                past_key_values=past_key_values,
+                output_routing_stats=output_routing_stats,
+                **kwargs,
+            )
+            routing.append(layer_routing)
+            if output_attentions:
+                all_attentions += (attn_weights,)
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+
+        aux_losses = [r.aux_loss for r in routing if r.aux_loss is not None]
+        router_logits = tuple(r.router_logits for r in routing if r.router_logits is not None)
+        return MoTModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=all_hidden_states,
+            attentions=all_attentions,
+            router_logits=router_logits or None,
+            routing_stats=tuple(r.stats for r in routing) if output_routing_stats else None,
+            # Averaged over the routed layers, so the coefficient means the same at any depth.
+            aux_loss=torch.stack(aux_losses).mean() if aux_losses else None,
+        )
+
+
+class MoTForCausalLM(MoTPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: MoTConfig):
+        super().__init__(config)
+        self.model = MoTModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_routing_stats: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> MoTCausalLMOutputWithPast:
+        r"""
+        labels: token ids for the language-modelling loss (shifted inside; -100 is ignored).
+        output_routing_stats: return per-block routing statistics (`routing_stats`).
+
+        While training, the Token Choice router losses (`aux_loss`) are added to `loss`. Under gradient
+        accumulation (Trainer passes `num_items_in_batch`), they are weighted by this micro-batch's share of the
+        label tokens, like the language-modelling loss, so accumulation never over-counts them.
+        """
+        outputs: MoTModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            output_routing_stats=output_routing_stats,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states
+        else:
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = self.lm_head(hidden_states)
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
+            if self.training and outputs.aux_loss is not None:
+                share = 1.0
+                num_items_in_batch = kwargs.get("num_items_in_batch")
+                if num_items_in_batch is not None:
+                    local_items = (labels[..., 1:] != -100).sum()
+                    share = local_items / torch.as_tensor(num_items_in_batch, device=labels.device)
+                loss = loss + outputs.aux_loss.to(loss.device) * share
+
+        return MoTCausalLMOutputWithPast(
+            loss=loss,
+            aux_loss=outputs.aux_loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=outputs.router_logits,
+            routing_stats=outputs.routing_stats,
+        )
+
+
+__all__ = [
+    "MoTPreTrainedModel",
+    "MoTModel",
+    "MoTForCausalLM",
+    "MixtureOfTokens",
+    "TokenChoice",
+    "ExpertChoice",
+    "DenseFeedForward",
+]
