@@ -27,3 +27,60 @@ def shared_data() -> Path:
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+def read_novels(shared_data: Path, max_chars: int) -> str:
+    """The first `max_chars` characters of the ELTeC novels corpus."""
+    import gzip
+
+    with gzip.open(shared_data / "eltec_eng" / "eltec_eng_level1_body.txt.gz", "rt", encoding="utf-8") as handle:
+        return handle.read(max_chars)
+
+
+@pytest.fixture(scope="session")
+def novels_text(shared_data) -> str:
+    """About 2 MB of real English text."""
+    return read_novels(shared_data, 2_000_000)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(novels_text):
+    """A 2048-token byte-level BPE trained on the novels (seconds)."""
+    from mixture_of_tokens.tokenization import train_bpe_tokenizer
+
+    lines = novels_text.splitlines()
+    return train_bpe_tokenizer((line for line in lines[:20000]), vocab_size=2048)
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_mot(tmp_path_factory, novels_text, tiny_tokenizer) -> Path:
+    """A `tiny-mot` model trained briefly on the novels with Trainer, saved with its tokenizer.
+
+    Session-scoped: many tests share it. Returns the folder.
+    """
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    from mixture_of_tokens import MoTConfig, MoTForCausalLM
+
+    block = 64
+    ids = tiny_tokenizer(novels_text[:600_000])["input_ids"]
+    blocks = [ids[i : i + block] for i in range(0, len(ids) - block, block)]
+    dataset = Dataset.from_dict({"input_ids": blocks, "labels": blocks})
+    config = MoTConfig.from_preset(
+        "tiny-mot", vocab_size=len(tiny_tokenizer), max_position_embeddings=128,
+        bos_token_id=tiny_tokenizer.bos_token_id, eos_token_id=tiny_tokenizer.eos_token_id,
+        pad_token_id=tiny_tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = MoTForCausalLM(config)
+    out = tmp_path_factory.mktemp("trained_tiny_mot")
+    args = TrainingArguments(
+        output_dir=str(out / "trainer"), max_steps=120, per_device_train_batch_size=16, learning_rate=3e-3,
+        warmup_steps=10, lr_scheduler_type="cosine", weight_decay=0.1, max_grad_norm=0.5, logging_steps=20,
+        save_strategy="no", report_to=[], disable_tqdm=True, seed=0, use_cpu=True,
+    )
+    Trainer(model=model, args=args, train_dataset=dataset).train()
+    model.save_pretrained(out / "model")
+    tiny_tokenizer.save_pretrained(out / "model")
+    return out / "model"
