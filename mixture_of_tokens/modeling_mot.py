@@ -203,6 +203,9 @@ class RoutedFeedForward(nn.Module):
         return self.act(inputs @ self.w1[expert]) @ self.w2[expert]
 
 
+MIN_LOG_TEMPERATURE = math.log(1e-4)
+
+
 def _entropy(probs: torch.Tensor, dim: int) -> torch.Tensor:
     return -(probs * probs.clamp_min(1e-20).log()).sum(dim)
 
@@ -229,7 +232,8 @@ class MixtureOfTokens(RoutedFeedForward):
     def temperature(self) -> torch.Tensor | float:
         if self.log_temperature is None:
             return self.config.mot_temperature
-        return self.log_temperature.exp()
+        # Floor at 1e-4 (the discrete limit for all practical purposes): exp of a very negative p underflows to 0.
+        return self.log_temperature.clamp_min(MIN_LOG_TEMPERATURE).exp()
 
     def mixing_weights(self, grouped: torch.Tensor, group_mask: torch.Tensor | None) -> torch.Tensor:
         """`[n, G, S, d]` -> weights `[n, G, S, E]`, normalised over the group axis (dim 1)."""

@@ -1,0 +1,407 @@
+"""The core model: the MoT layer's method (DESIGN §1), the baselines, and transformers integration."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+import mixture_of_tokens  # noqa: F401  (registers the Auto classes)
+from mixture_of_tokens import MoTConfig, MoTForCausalLM
+from mixture_of_tokens.modeling_mot import ExpertChoice, MixtureOfTokens, TokenChoice
+
+VOCAB = 97
+FFN_TYPES = ["mot", "token_choice", "expert_choice", "dense"]
+
+
+def small_config(ffn="mot", **overrides) -> MoTConfig:
+    base = dict(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=32, group_size=4, num_experts=4, expert_size=64, mlp_types=["dense", ffn],
+        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )
+    base.update(overrides)
+    return MoTConfig(**base)
+
+
+def small_model(ffn="mot", **overrides) -> MoTForCausalLM:
+    torch.manual_seed(0)
+    return MoTForCausalLM(small_config(ffn, **overrides)).eval()
+
+
+def random_ids(batch, length, seed=1):
+    return torch.randint(1, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------- the MoT layer itself
+
+
+def test_mot_layer_matches_a_literal_reading_of_the_method():
+    """Group j = rows j*G..j*G+G-1 at one position; softmax over the group per expert; merge, process, emit."""
+    config = small_config(group_size=3, num_experts=2, mot_temperature=0.7)
+    layer = MixtureOfTokens(config)
+    torch.nn.init.normal_(layer.router, std=0.5)
+    torch.nn.init.normal_(layer.w1, std=0.2)
+    torch.nn.init.normal_(layer.w2, std=0.2)
+    x = torch.randn(6, 5, 32)
+    output, _ = layer(x)
+    expected = torch.zeros_like(x)
+    for group_start in (0, 3):
+        for position in range(5):
+            tokens = x[group_start : group_start + 3, position]  # [G, d]
+            weights = torch.softmax(tokens @ layer.router / 0.7, dim=0)  # over the G tokens, per expert
+            for expert in range(2):
+                mixed = weights[:, expert] @ tokens
+                processed = torch.relu(mixed @ layer.w1[expert]) @ layer.w2[expert]
+                expected[group_start : group_start + 3, position] += weights[:, expert, None] * processed
+    torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_group_size_one_is_a_dense_ffn_of_width_experts_times_expert_size():
+    config = small_config(group_size=1, num_experts=4, expert_size=16)
+    layer = MixtureOfTokens(config)
+    for parameter in (layer.router, layer.w1, layer.w2):
+        torch.nn.init.normal_(parameter, std=0.3)
+    x = torch.randn(3, 7, 32)
+    up = layer.w1.permute(1, 0, 2).reshape(32, 4 * 16)  # [d, E*f]
+    down = layer.w2.reshape(4 * 16, 32)  # [E*f, d]
+    dense = torch.relu(x @ up) @ down
+    output, _ = layer(x)
+    torch.testing.assert_close(output, dense, rtol=1e-5, atol=1e-5)
+
+
+def test_uniform_routing_gives_weights_one_over_group_size():
+    layer = MixtureOfTokens(small_config(mot_routing="uniform", group_size=4))
+    torch.nn.init.normal_(layer.router, std=1.0)  # ignored: the controller is frozen at zero
+    grouped = torch.randn(2, 4, 3, 32)
+    weights = layer.mixing_weights(grouped, None)
+    torch.testing.assert_close(weights, torch.full_like(weights, 0.25))
+
+
+def test_discrete_routing_gives_each_expert_exactly_one_token():
+    layer = MixtureOfTokens(small_config(mot_routing="discrete", group_size=4)).eval()
+    torch.nn.init.normal_(layer.router, std=1.0)
+    grouped = torch.randn(2, 4, 3, 32)
+    weights = layer.mixing_weights(grouped, None)  # [n, G, S, E]
+    assert torch.equal((weights > 0).sum(dim=1), torch.ones(2, 3, 4, dtype=torch.long))
+    assert torch.equal(weights.sum(dim=1), torch.ones(2, 3, 4))
+    # ... and it is the limit of softmax as the temperature goes to zero
+    soft = MixtureOfTokens(small_config(mot_temperature=1e-4, group_size=4))
+    soft.router.data.copy_(layer.router.data)
+    torch.testing.assert_close(soft.mixing_weights(grouped, None), weights, atol=1e-4, rtol=0)
+
+
+def test_discrete_routing_still_trains_the_controller():
+    layer = MixtureOfTokens(small_config(mot_routing="discrete")).train()
+    for parameter in (layer.router, layer.w1, layer.w2):
+        torch.nn.init.normal_(parameter, std=0.3)
+    output, _ = layer(torch.randn(8, 3, 32))
+    output.square().sum().backward()
+    assert layer.router.grad is not None and layer.router.grad.abs().sum() > 0
+
+
+def test_padding_takes_no_part_and_gets_a_zero_update():
+    layer = MixtureOfTokens(small_config(group_size=4))
+    for parameter in (layer.router, layer.w1, layer.w2):
+        torch.nn.init.normal_(parameter, std=0.3)
+    x = torch.randn(4, 6, 32)
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    mask[1, 2:] = False  # row 1 padded after position 1
+    mask[:, 5] = False  # a column of padding only
+    output, _ = layer(x, mask)
+    assert torch.isfinite(output).all()
+    assert torch.equal(output[~mask], torch.zeros_like(output[~mask]))
+    # a padded token's content cannot change anyone's output
+    changed = x.clone()
+    changed[1, 3] += 100.0
+    torch.testing.assert_close(layer(changed, mask)[0], output)
+
+
+def test_ragged_last_group_leaves_full_groups_unchanged_and_warns_once(caplog):
+    layer = MixtureOfTokens(small_config(group_size=4))
+    for parameter in (layer.router, layer.w1, layer.w2):
+        torch.nn.init.normal_(parameter, std=0.3)
+    x = torch.randn(10, 5, 32)  # groups of 4, 4 and 2
+    full_only, _ = layer(x[:8])
+    ragged, _ = layer(x)
+    torch.testing.assert_close(ragged[:8], full_only, rtol=0, atol=1e-6)
+    alone, _ = layer(x[8:])  # the small group alone equals the small group inside the batch
+    torch.testing.assert_close(ragged[8:], alone, rtol=0, atol=1e-6)
+    assert torch.isfinite(ragged).all()
+
+
+def test_learnable_temperature_gets_gradients_and_stays_positive():
+    for mode, shape in (("shared", (1,)), ("per_expert", (4,))):
+        layer = MixtureOfTokens(small_config(learnable_temperature=mode, mot_temperature=2.0))
+        for parameter in (layer.router, layer.w1, layer.w2):
+            torch.nn.init.normal_(parameter, std=0.3)
+        assert layer.log_temperature.shape == shape
+        output, _ = layer(torch.randn(8, 3, 32))
+        output.square().sum().backward()
+        assert layer.log_temperature.grad.abs().sum() > 0
+        with torch.no_grad():
+            layer.log_temperature -= 1000.0  # a wild optimizer step
+        assert (layer.temperature() > 0).all()
+
+
+# ---------------------------------------------------------------- whole-model properties
+
+
+@pytest.mark.parametrize("ffn", FFN_TYPES)
+def test_causality(ffn):
+    model = small_model(ffn)
+    ids = random_ids(8, 12)
+    t = 5
+    changed = ids.clone()
+    changed[:, t + 1 :] = random_ids(8, 12 - t - 1, seed=7)
+    with torch.no_grad():
+        before = model(ids).logits[:, : t + 1]
+        after = model(changed).logits[:, : t + 1]
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
+
+
+def test_group_isolation_and_permutation_equivariance():
+    model = small_model("mot", group_size=4)
+    ids = random_ids(12, 10)
+    with torch.no_grad():
+        reference = model(ids).logits
+        changed = ids.clone()
+        changed[5] = random_ids(1, 10, seed=9)[0]  # a sequence of the middle group
+        other = model(changed).logits
+        assert torch.equal(other[:4], reference[:4]) and torch.equal(other[8:], reference[8:])
+        assert not torch.allclose(other[4], reference[4])  # its group-mates do see the change
+        permutation = torch.tensor([0, 1, 2, 3, 7, 4, 6, 5, 8, 9, 10, 11])
+        permuted = model(ids[permutation]).logits
+    torch.testing.assert_close(permuted, reference[permutation], rtol=1e-5, atol=1e-5)
+
+
+def test_token_choice_in_eval_is_batch_independent():
+    model = small_model("token_choice")
+    ids = random_ids(8, 10)
+    with torch.no_grad():
+        alone = model(ids[:1]).logits
+        in_batch = model(ids).logits[:1]
+    torch.testing.assert_close(in_batch, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_token_choice_drops_over_capacity_in_training_and_adds_its_aux_loss():
+    model = small_model("token_choice", capacity_factor=0.5, router_aux_loss_coef=0.01, router_z_loss_coef=1e-3)
+    ids = random_ids(8, 10)
+    model.train()
+    out = model(ids, labels=ids, output_routing_stats=True)
+    stats = out.routing_stats[1]
+    assert stats["dropped_fraction"] >= 0.5 - 1e-6  # half the capacity: at least half the tokens dropped
+    model.eval()
+    lm_only = model(ids, labels=ids).loss
+    assert out.aux_loss > 0
+    # training loss = LM loss (same weights, dropless vs capacity differ) -> check the aux term directly
+    model.train()
+    no_aux = MoTForCausalLM(small_config("token_choice", capacity_factor=0.5, router_aux_loss_coef=0.0))
+    no_aux.load_state_dict(model.state_dict())
+    no_aux.train()
+    difference = model(ids, labels=ids).loss - no_aux(ids, labels=ids).loss
+    z_weighted = 1e-3 * out.routing_stats[1]["z_loss"]
+    torch.testing.assert_close(difference, 0.01 * stats["balance_loss"] + z_weighted, rtol=1e-4, atol=1e-6)
+    assert torch.isfinite(lm_only)
+
+
+def test_expert_choice_picks_tokens_within_each_group():
+    config = small_config("expert_choice", group_size=4, num_experts=2, num_experts_per_tok=1)
+    layer = ExpertChoice(config)
+    assert layer.tokens_per_expert == 2  # k * G / E
+    for parameter in (layer.router, layer.w1, layer.w2):
+        torch.nn.init.normal_(parameter, std=0.3)
+    x = torch.randn(8, 3, 32)
+    output, _ = layer(x)
+    first_group_alone, _ = layer(x[:4])
+    torch.testing.assert_close(output[:4], first_group_alone)
+
+
+def test_token_choice_dispatch_paths_agree_when_nothing_is_dropped():
+    layer = TokenChoice(small_config("token_choice", capacity_factor=100.0, num_experts_per_tok=2))
+    for parameter in (layer.router, layer.w1, layer.w2):
+        torch.nn.init.normal_(parameter, std=0.3)
+    x = torch.randn(4, 5, 32)
+    layer.eval()
+    dropless, _ = layer(x)
+    layer.train()
+    with_capacity, _ = layer(x)
+    torch.testing.assert_close(with_capacity, dropless, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("ffn", FFN_TYPES)
+def test_gradient_checkpointing_gives_the_same_gradients(ffn):
+    model = small_model(ffn).train()
+    ids = random_ids(8, 10)
+
+    def gradients():
+        model.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    plain = gradients()
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    checkpointed = gradients()
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_attention_implementations_agree(attn):
+    config = small_config("mot")
+    torch.manual_seed(0)
+    model = MoTForCausalLM._from_config(config, attn_implementation=attn).eval()
+    assert model.config._attn_implementation == attn
+    reference = small_model("mot")
+    model.load_state_dict(reference.state_dict())
+    ids = random_ids(4, 9)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    real = mask.bool()  # padded queries attend to nothing; their outputs are undefined in every implementation
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, attention_mask=mask).logits[real],
+                                   reference(ids, attention_mask=mask).logits[real], rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- transformers integration
+
+
+def test_auto_classes_save_and_load_round_trip(tmp_path):
+    model = small_model("mot")
+    model.save_pretrained(tmp_path)
+    files = set(os.listdir(tmp_path))
+    assert {"model.safetensors", "config.json", "configuration_mot.py", "modeling_mot.py"} <= files
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    assert set(auto_map) == {"AutoConfig", "AutoModel", "AutoModelForCausalLM"}
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), MoTConfig)
+    assert type(AutoModel.from_pretrained(tmp_path)).__name__ == "MoTModel"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = random_ids(8, 10)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    bf16 = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    assert bf16.lm_head.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        torch.testing.assert_close(bf16(ids).logits.float(), model(ids).logits, rtol=0.1, atol=0.1)
+
+
+def test_remote_code_loads_where_the_package_cannot_be_imported(tmp_path):
+    model = small_model("mot")
+    model.save_pretrained(tmp_path / "model")
+    ids = random_ids(8, 10)
+    torch.save(ids, tmp_path / "ids.pt")
+    with torch.no_grad():
+        torch.save(model(ids).logits, tmp_path / "expected.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.path = [p for p in sys.path if 'mixture' not in p and p not in ('', '.')]
+        # an editable install adds an import hook (a meta path finder) for the package: remove it
+        sys.meta_path = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]
+        try:
+            import mixture_of_tokens
+        except ImportError:
+            pass
+        else:
+            raise SystemExit('package is importable; the test would prove nothing')
+        import torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'model')!r}, trust_remote_code=True).eval()
+        assert 'mixture_of_tokens' not in type(model).__module__, type(model).__module__
+        ids = torch.load({str(tmp_path / 'ids.pt')!r})
+        with torch.no_grad():
+            logits = model(ids).logits
+        assert torch.equal(logits, torch.load({str(tmp_path / 'expected.pt')!r}))
+        print('REMOTE-OK', type(model).__module__)
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_HOME"] = str(tmp_path / "hf_home")
+    # -I: isolated mode, no user site, no cwd on sys.path; the editable install's path hook is filtered above
+    result = subprocess.run([sys.executable, "-I", "-c", script], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "REMOTE-OK" in result.stdout
+
+
+@pytest.mark.parametrize("ffn", ["mot", "token_choice", "dense"])
+def test_greedy_generation_with_cache_equals_without(ffn):
+    model = small_model(ffn, group_size=4)
+    ids = random_ids(6, 7)  # 6 is not a multiple of group_size=4
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding
+    mask[4, :1] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, output_logits=True,
+                  return_dict_in_generate=True, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        cached = model.generate(ids, use_cache=True, **kwargs)
+        uncached = model.generate(ids, use_cache=False, **kwargs)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    for step_cached, step_uncached in zip(cached.logits, uncached.logits, strict=True):
+        torch.testing.assert_close(step_cached, step_uncached, rtol=1e-4, atol=1e-5)
+    # the cached logits also equal a plain forward over the generated batch
+    full_mask = torch.cat([mask, torch.ones(6, 5, dtype=mask.dtype)], dim=1)
+    with torch.no_grad():
+        forward = model(cached.sequences[:, :-1], attention_mask=full_mask).logits[:, -6:]
+    torch.testing.assert_close(torch.stack(cached.logits, 1), forward, rtol=1e-4, atol=1e-5)
+
+
+def test_mot_temperature_never_leaks_into_generation_config():
+    model = small_model("mot", mot_temperature=3.0)
+    assert model.generation_config.temperature in (None, 1.0)
+
+
+# ---------------------------------------------------------------- presets and errors
+
+
+def test_presets_match_the_papers_parameter_counts():
+    expected = {  # DESIGN §2
+        "transformer-medium": 76.8e6, "mot-medium-32e": 336.9e6, "mot-medium-32e-8": 337.4e6,
+        "mot-medium-32e-16": 337.9e6, "transformer-base": 162.4e6, "mot-base-32e": 1.04e9,
+    }
+    for name, count in expected.items():
+        with torch.device("meta"):
+            model = MoTForCausalLM(MoTConfig.from_preset(name))
+        total = sum(p.numel() for p in model.parameters())
+        assert abs(total - count) / count < 0.01, (name, total)
+    dense, mot = MoTConfig.from_preset("tiny-dense"), MoTConfig.from_preset("tiny-mot")
+    assert mot.num_experts * mot.expert_size / mot.group_size == dense.intermediate_size  # flop-matched
+    assert mot.mlp_types == ["dense", "dense", "mot", "mot"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (dict(hidden_size=30, num_attention_heads=4), "divisible by num_attention_heads"),
+        (dict(mlp_types=["dense", "moe"]), "unknown mlp type 'moe'"),
+        (dict(mlp_types=["dense"]), "mlp_types has 1 entries"),
+        (dict(num_experts_per_tok=5), "num_experts_per_tok (5) cannot exceed num_experts (4)"),
+        (dict(mot_temperature=0.0), "mot_temperature must be a positive"),
+        (dict(mot_temperature=-1.0), "mot_temperature must be a positive"),
+        (dict(group_size=0), "group_size must be a positive integer"),
+        (dict(mot_routing="hard"), "mot_routing must be one of"),
+        (dict(learnable_temperature="per_token"), "learnable_temperature must be one of"),
+        (dict(capacity_factor=0), "capacity_factor must be positive"),
+        (dict(hidden_act="nope"), "hidden_act must be one of"),
+    ],
+)
+def test_bad_configurations_raise_one_clear_error(overrides, message):
+    with pytest.raises(ValueError, match=None) as error:
+        small_config(**overrides)
+    assert message in str(error.value)
+
+
+def test_unknown_preset_and_too_long_input():
+    with pytest.raises(ValueError, match="unknown preset 'mot-huge'"):
+        MoTConfig.from_preset("mot-huge")
+    model = small_model("mot")
+    with pytest.raises(ValueError, match="exceeds max_position_embeddings=32"):
+        model(random_ids(4, 33))
