@@ -1,0 +1,195 @@
+"""`mot convert` and `mot transition`: the paper's transition tuning (DESIGN §3).
+
+A trained MoT model's output for one sequence depends on the other sequences of its group, so it cannot serve one
+request at a time. Transition tuning reads the *same tensors* as a Token Choice model: expert `e` stays expert
+`e` and the MoT controller becomes the router, now a softmax over experts per token. Because the routed layers
+share their parameter names, conversion is a change of configuration only; `mot transition` then trains the
+converted model ~10% more steps, keeping the optimizer state and the learning-rate schedule of the source run.
+
+Lineage is recorded in `conversion.json` inside the output folder (read by the model card: `base_model`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .utils import UserError, atomic_directory
+
+CONVERSION_FILE = "conversion.json"
+# Tensors the target architecture has no place for (MoT's learnable temperature in a Token Choice model) are
+# kept here, byte for byte, so that converting back restores them and the round trip loses nothing.
+SET_ASIDE_FILE = "set_aside_tensors.safetensors"
+ROUTED_TYPES = ("mot", "token_choice", "expert_choice")
+TARGETS = ("token_choice", "mot")
+
+
+def _load_source_config(src: str | Path):
+    """The MoT config of folder `src`, or a `UserError` saying why it cannot be converted."""
+    from transformers import AutoConfig
+
+    from . import MoTConfig  # registers the "mot" model type
+
+    src = Path(src)
+    if not src.is_dir():
+        raise UserError(f"source model folder {str(src)!r} does not exist")
+    if not (src / "config.json").is_file():
+        raise UserError(f"{str(src)!r} has no config.json; give a folder written by `mot train` or save_pretrained")
+    model_type = json.loads((src / "config.json").read_text()).get("model_type")
+    if model_type != MoTConfig.model_type:
+        raise UserError(
+            f"{str(src)!r} is a model of type {model_type!r}; only Mixture of Tokens models "
+            f"(model_type {MoTConfig.model_type!r}) can be converted"
+        )
+    config = AutoConfig.from_pretrained(src)
+    if not any(mlp_type in ROUTED_TYPES for mlp_type in config.mlp_types):
+        raise UserError(
+            f"{str(src)!r} is a dense model (mlp_types {config.mlp_types}): it has no routed layers to convert; "
+            f"conversion needs at least one layer of type {', '.join(ROUTED_TYPES)}"
+        )
+    return config
+
+
+def converted_config(config, to: str, top_k: int | None = None, capacity_factor: float | None = None):
+    """A copy of `config` whose routed layers are all of type `to`; dense layers stay dense."""
+    if to not in TARGETS:
+        raise UserError(f"--to {to!r} is not a conversion target; allowed: {', '.join(TARGETS)}")
+    if top_k is not None and not (1 <= top_k <= config.num_experts):
+        raise UserError(f"--top_k {top_k} is not possible: the model has {config.num_experts} experts per layer, "
+                        f"so top_k must be between 1 and {config.num_experts}")
+    if capacity_factor is not None and not capacity_factor > 0:
+        raise UserError(f"--capacity_factor must be positive, got {capacity_factor}")
+    new = config.__class__.from_dict(config.to_dict())
+    new.mlp_types = [to if mlp_type in ROUTED_TYPES else mlp_type for mlp_type in config.mlp_types]
+    if top_k is not None:
+        new.num_experts_per_tok = top_k
+    if capacity_factor is not None:
+        new.capacity_factor = capacity_factor
+    new.validate_mot()
+    return new
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> bool:
+    """Save the source folder's tokenizer into `dst`; False when the source has none."""
+    from transformers import AutoTokenizer
+
+    if not any((src / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        return False
+    AutoTokenizer.from_pretrained(src).save_pretrained(dst)
+    return True
+
+
+def _lineage(src_arg: str, src: Path, source_config, target_config, extra: dict | None = None) -> dict:
+    """What `conversion.json` records: the card's `base_model` and how the model was derived from it."""
+    previous = src / CONVERSION_FILE
+    return {
+        "base_model": src_arg,  # as the user named it (a Hub id when the folder came from `mot pull`)
+        "base_model_path": str(src.resolve()),
+        "base_model_mlp_types": list(source_config.mlp_types),
+        "mlp_types": list(target_config.mlp_types),
+        "num_experts_per_tok": target_config.num_experts_per_tok,
+        "capacity_factor": target_config.capacity_factor,
+        "base_model_lineage": json.loads(previous.read_text()) if previous.is_file() else None,
+        **(extra or {}),
+    }
+
+
+def load_converted_model(src: str | Path, config):
+    """The source folder's weights under `config`. Returns (model, tensors_set_aside).
+
+    Tensors that `config` has no place for are returned instead of dropped (see SET_ASIDE_FILE); tensors set aside
+    by an earlier conversion are put back when `config` needs them again.
+    """
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    src = Path(src)
+    # transformers' load report would call the keys handled below "MISSING"/"UNEXPECTED" and alarm the user.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(src, config=config, output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    restored = load_file(src / SET_ASIDE_FILE) if (src / SET_ASIDE_FILE).is_file() else {}
+    own = model.state_dict()
+    missing = [name for name in info["missing_keys"] if name not in restored]
+    if missing:
+        raise UserError(f"{str(src)!r} lacks tensors that a {config.mlp_types} model needs: {', '.join(missing)}")
+    for name, tensor in restored.items():
+        if name in own:
+            own[name].copy_(tensor)
+    set_aside = {name: tensor for name, tensor in restored.items() if name not in own}
+    unexpected = info["unexpected_keys"]
+    if unexpected:
+        from safetensors import safe_open
+
+        for path in sorted(src.glob("*.safetensors")):
+            if path.name == SET_ASIDE_FILE:
+                continue
+            with safe_open(path, "pt") as handle:
+                for name in handle.keys():
+                    if name in unexpected:
+                        set_aside[name] = handle.get_tensor(name)
+    return model, set_aside
+
+
+def save_model_folder(model, set_aside: dict, tokenizer_src: Path, dst: Path, lineage: dict) -> None:
+    """Write model (safetensors, config, code files), tokenizer, set-aside tensors and `conversion.json`."""
+    from safetensors.torch import save_file
+
+    model.save_pretrained(dst)
+    _copy_tokenizer(tokenizer_src, dst)
+    if set_aside:
+        save_file({name: tensor.contiguous() for name, tensor in set_aside.items()}, dst / SET_ASIDE_FILE)
+    (dst / CONVERSION_FILE).write_text(json.dumps(lineage, indent=2) + "\n")
+
+
+def convert(src: str | Path, dst: str | Path, to: str = "token_choice", top_k: int | None = None,
+            capacity_factor: float | None = None, overwrite: bool = False) -> Path:
+    """Convert model folder `src` into `dst`; only the config changes, every tensor is copied bit for bit."""
+    source_config = _load_source_config(src)
+    target_config = converted_config(source_config, to, top_k, capacity_factor)
+    dst = Path(dst)
+    if dst.exists() and not overwrite:
+        raise UserError(f"{dst} already exists; pass --overwrite to replace it")
+    if Path(src).resolve() == dst.resolve():
+        raise UserError("SRC and DST are the same folder; write the converted model to a new folder")
+    model, set_aside = load_converted_model(src, target_config)
+    with atomic_directory(dst, overwrite=overwrite) as staging:
+        save_model_folder(model, set_aside, Path(src), staging,
+                          _lineage(str(src), Path(src), source_config, target_config, {"method": "convert"}))
+    return dst
+
+
+def _add_conversion_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", metavar="SRC", help="model folder to convert (a MoT model from `mot train`)")
+    parser.add_argument("dst", metavar="DST", help="output folder (refused if it exists, unless --overwrite)")
+    parser.add_argument("--top_k", type=int, default=None,
+                        help="experts per token of Token Choice (default: the source config's, 1 as in the paper)")
+    parser.add_argument("--capacity_factor", type=float, default=None,
+                        help="Token Choice capacity factor while training (default: the source config's, 1.25)")
+    parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+
+
+def convert_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="mot convert",
+        description="Turn a MoT model into Token Choice (or back) by changing only its config; tensors, tokenizer "
+                    "and code files are copied unchanged.",
+    )
+    _add_conversion_arguments(parser)
+    parser.add_argument("--to", choices=TARGETS, default="token_choice",
+                        help="feed-forward type of the routed layers after conversion")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    dst = convert(args.src, args.dst, to=args.to, top_k=args.top_k, capacity_factor=args.capacity_factor,
+                  overwrite=args.overwrite)
+    print(f"wrote {args.to} model to {dst}")
+    return 0
+
+
+def transition_main(argv: list[str] | None = None) -> int:
+    raise UserError("mot transition is not available yet")
