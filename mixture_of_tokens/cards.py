@@ -1,0 +1,394 @@
+"""Model cards: `mot card MODEL` renders (or refreshes) `README.md` in a model folder.
+
+A card is built from what the folder holds, so it can be refreshed after every step that changes the model:
+- `config.json`: the architecture, parameter counts and FLOPs per token (computed from the config alone);
+- `training_args.json` (and `trainer_state.json`): the training recipe;
+- `eval_results.json`: lm-evaluation-harness results, shown as a table and written to the `model-index` metadata so
+  the Hub displays them;
+- `conversion.json` (written by `mot convert`): which model this one was converted from.
+
+`training_args.bin` is a pickle and is never read: unpickling runs arbitrary code.
+The templates live in `mixture_of_tokens/model_cards/` (one per model family plus shared `_*.md` sections).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .utils import UserError
+
+CARD_FILE = "README.md"
+TRAINING_ARGS_FILE = "training_args.json"
+TRAINER_STATE_FILE = "trainer_state.json"
+EVAL_RESULTS_FILE = "eval_results.json"
+CONVERSION_FILE = "conversion.json"
+
+ROUTED_TYPES = ("mot", "token_choice", "expert_choice")
+# Layers that mix tokens of different sequences: their outputs depend on the batch.
+BATCH_DEPENDENT_TYPES = ("mot", "expert_choice")
+TAGS = ["mixture-of-tokens", "mixture-of-experts", "custom_code", "text-generation"]
+
+# lm-eval task name -> (Hub dataset id, dataset config, split, display name), for the model-index metadata.
+KNOWN_TASKS = {
+    "piqa": ("ybisk/piqa", None, "validation", "PIQA"),
+    "hellaswag": ("Rowan/hellaswag", None, "validation", "HellaSwag"),
+    "arc_easy": ("allenai/ai2_arc", "ARC-Easy", "test", "ARC-Easy"),
+}
+METRIC_NAMES = {"acc": "accuracy", "acc_norm": "normalized accuracy", "perplexity": "perplexity"}
+
+# Training arguments shown in the card (TrainingArguments names first, then names our `mot train` may add).
+RECIPE_KEYS = (
+    "dataset", "dataset_name", "train_file", "data", "block_size", "seq_len", "max_steps", "num_train_epochs",
+    "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type",
+    "warmup_steps", "warmup_ratio", "weight_decay", "adam_beta1", "adam_beta2", "max_grad_norm", "optim",
+    "bf16", "fp16", "seed",
+)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Architecture: parameters and FLOPs from the config alone
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelSize:
+    total_params: int
+    active_params: int
+    flops_per_token: int  # forward, 2 x multiply-adds, at full context
+    attention_flops_per_token: int  # the part of flops_per_token spent on attention scores
+
+
+def _ffn_params(config, mlp_type: str) -> tuple[int, int]:
+    """(all parameters, parameters a token's compute pays for) of one feed-forward layer."""
+    d = config.hidden_size
+    if mlp_type == "dense":
+        params = 2 * d * config.intermediate_size
+        return params, params
+    experts = 2 * config.num_experts * d * config.expert_size
+    router = d * config.num_experts
+    temperature = 0
+    if mlp_type == "mot" and config.learnable_temperature != "off":
+        temperature = 1 if config.learnable_temperature == "shared" else config.num_experts
+    if mlp_type == "mot":
+        # E experts each process one mixture per group of G tokens: per token, the work of E/G experts.
+        share = 1 / config.group_size
+    else:
+        # Token Choice sends each token to k experts; Expert Choice processes k tokens per token on average.
+        share = config.num_experts_per_tok / config.num_experts
+    return experts + router + temperature, round(experts * share) + router + temperature
+
+
+def _ffn_macs(config, mlp_type: str) -> int:
+    """Multiply-adds per token of one feed-forward layer (DESIGN.md §1 "Cost per token")."""
+    d = config.hidden_size
+    if mlp_type == "dense":
+        return 2 * d * config.intermediate_size
+    expert_macs = 2 * d * config.expert_size
+    if mlp_type == "mot":
+        # experts on the merged tokens, plus controller, merge and emit (about 3·d·E)
+        return config.num_experts * expert_macs // config.group_size + 3 * d * config.num_experts
+    return config.num_experts_per_tok * expert_macs + d * config.num_experts
+
+
+def model_size(config) -> ModelSize:
+    """Parameter counts and forward FLOPs per token of a `MoTConfig`, without building the model."""
+    d, vocab, context = config.hidden_size, config.vocab_size, config.max_position_embeddings
+    layer_norm = 2 * d
+    embeddings = vocab * d + context * d
+    head = 0 if config.tie_word_embeddings else vocab * d
+    attention = 4 * d * d
+    total = active = embeddings + head + layer_norm  # final norm
+    macs = vocab * d  # output head; embedding lookups cost no multiply-adds
+    attention_score_macs = 0
+    for mlp_type in config.mlp_types:
+        ffn_total, ffn_active = _ffn_params(config, mlp_type)
+        total += attention + 2 * layer_norm + ffn_total
+        active += attention + 2 * layer_norm + ffn_active
+        # projections, then scores (q·k) and mixing (p·v) over the full context
+        attention_score_macs += 2 * context * d
+        macs += attention + _ffn_macs(config, mlp_type)
+    macs += attention_score_macs
+    return ModelSize(total, active, 2 * macs, 2 * attention_score_macs)
+
+
+def _human(number: float, unit: str = "") -> str:
+    for threshold, suffix in ((1e12, "T"), (1e9, "G" if unit else "B"), (1e6, "M"), (1e3, "K")):
+        if abs(number) >= threshold:
+            return f"{number / threshold:.2f}{suffix}{unit}"
+    return f"{number:.0f}{unit}"
+
+
+def _block_list(indices: list[int]) -> str:
+    """[4, 5, 6, 7] -> "5–8" (1-based, as the paper numbers blocks)."""
+    ranges, start = [], None
+    for position, index in enumerate(indices):
+        if start is None:
+            start = index
+        if position + 1 == len(indices) or indices[position + 1] != index + 1:
+            ranges.append(f"{start + 1}" if start == index else f"{start + 1}–{index + 1}")
+            start = None
+    return ", ".join(ranges)
+
+
+def architecture_summary(config) -> dict[str, Any]:
+    types = list(config.mlp_types)
+    size = model_size(config)
+    routed = [i for i, t in enumerate(types) if t in ROUTED_TYPES]
+    counts = {t: types.count(t) for t in dict.fromkeys(types)}
+    if "mot" in types:
+        active_rule = f"a MoT layer's experts count 1/G = 1/{config.group_size}"
+    elif routed:
+        active_rule = f"a routed layer's experts count k/E = {config.num_experts_per_tok}/{config.num_experts}"
+    else:
+        active_rule = "a dense model uses all its parameters for every token"
+    return {
+        "num_layers": config.num_hidden_layers,
+        "block_types": ", ".join(f"{n} × {t}" for t, n in counts.items()),
+        "hidden_size": config.hidden_size,
+        "num_heads": config.num_attention_heads,
+        "context": config.max_position_embeddings,
+        "vocab_size": config.vocab_size,
+        "routed_blocks": _block_list(routed) if routed else "",
+        "dense_blocks": len(types) - len(routed),
+        "group_size": config.group_size,
+        "num_experts": config.num_experts,
+        "expert_size": config.expert_size,
+        "intermediate_size": config.intermediate_size,
+        "top_k": config.num_experts_per_tok,
+        "capacity_factor": config.capacity_factor,
+        "total_params": _human(size.total_params),
+        "active_params": _human(size.active_params),
+        "flops": _human(size.flops_per_token, "FLOPs"),
+        "attention_flops": _human(size.attention_flops_per_token, "FLOPs"),
+        "active_rule": active_rule,
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reading what other commands saved (tolerantly: a missing or odd file leaves its section out, never fails)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"{path} is not valid JSON ({error}); fix or delete it and run `mot card` again") from error
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(map(str, value))
+    return str(value)
+
+
+def training_section(model_dir: Path) -> dict[str, Any] | None:
+    args = _read_json(model_dir / TRAINING_ARGS_FILE)
+    if not isinstance(args, dict):
+        return None
+    rows = [(key, _format_value(args[key])) for key in RECIPE_KEYS if args.get(key) not in (None, "", [])]
+    state = _read_json(model_dir / TRAINER_STATE_FILE)
+    if isinstance(state, dict):
+        if isinstance(state.get("global_step"), int):
+            rows.append(("steps trained", str(state["global_step"])))
+        losses = [entry["loss"] for entry in state.get("log_history", []) if isinstance(entry, dict)
+                  and isinstance(entry.get("loss"), (int, float))]
+        if losses:
+            rows.append(("last logged training loss", _format_value(float(losses[-1]))))
+    if not rows:
+        return None
+    return {"source": TRAINING_ARGS_FILE, "rows": rows}
+
+
+@dataclass
+class EvalRow:
+    task: str
+    metric: str
+    value: float
+
+
+def read_eval_results(model_dir: Path) -> tuple[list[EvalRow], list[tuple[str, str]]]:
+    """lm-eval style `{"results": {task: {"acc,none": x, ...}}, "metadata": {...}}` -> rows and settings.
+
+    Keys are `metric,filter` (lm-eval >= 0.4) or plain `metric`; standard errors, aliases and non-numbers are skipped.
+    """
+    data = _read_json(model_dir / EVAL_RESULTS_FILE)
+    if not isinstance(data, dict):
+        return [], []
+    results = data.get("results", data)
+    rows = []
+    for task, metrics in (results.items() if isinstance(results, dict) else []):
+        if not isinstance(metrics, dict):
+            continue
+        for key, value in metrics.items():
+            metric = str(key).split(",")[0]
+            if "stderr" in metric or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if math.isfinite(value):
+                rows.append(EvalRow(str(task), metric, float(value)))
+    settings = []
+    for section in ("metadata", "config"):
+        block = data.get(section)
+        if isinstance(block, dict):
+            settings += [(str(k), _format_value(v)) for k, v in block.items()
+                         if isinstance(v, (str, int, float, bool)) or (isinstance(v, list) and len(v) <= 8)]
+    return rows, settings
+
+
+def eval_results_metadata(rows: list[EvalRow], model_name: str):
+    """The rows as huggingface_hub `EvalResult`s (the card's `model-index`)."""
+    from huggingface_hub import EvalResult
+
+    results = []
+    for row in rows:
+        dataset_id, dataset_config, split, display = KNOWN_TASKS.get(row.task, (row.task, None, None, row.task))
+        results.append(EvalResult(
+            task_type="text-generation", task_name="Text Generation", dataset_type=dataset_id,
+            dataset_name=display, dataset_config=dataset_config, dataset_split=split, metric_type=row.metric,
+            metric_name=METRIC_NAMES.get(row.metric, row.metric), metric_value=round(row.value, 6),
+            metric_config="zero-shot",
+        ))
+    return results
+
+
+def _conversion(model_dir: Path, config) -> tuple[dict[str, Any], str | None]:
+    conversion = _read_json(model_dir / CONVERSION_FILE)
+    conversion = conversion if isinstance(conversion, dict) else {}
+    base_model = conversion.get("base_model") or getattr(config, "base_model", None)
+    return conversion, base_model if isinstance(base_model, str) and base_model else None
+
+
+def _is_hub_repo_id(name: str) -> bool:
+    """A base model in the metadata must be a Hub repo id ("org/name"), not a local path."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if name.count("/") != 1 or Path(name).exists():
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Rendering
+# --------------------------------------------------------------------------------------------------------------
+
+
+def template_name(config, conversion: dict[str, Any] | None = None) -> str:
+    types = set(config.mlp_types)
+    if types & set(BATCH_DEPENDENT_TYPES):
+        return "mot.md"
+    if "token_choice" in types:
+        return "token_choice.md"
+    return "dense.md"
+
+
+def _load_template(name: str) -> str:
+    return resources.files("mixture_of_tokens").joinpath("model_cards", name).read_text(encoding="utf-8")
+
+
+def render_card(model_dir: str | Path, *, repo_id: str | None = None, model_name: str | None = None,
+                license: str | None = None):
+    """Build the `huggingface_hub.ModelCard` of a model folder (without writing it)."""
+    import jinja2
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from .configuration_mot import MoTConfig
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise UserError(f"{model_dir} is not a model folder: it has no config.json")
+    try:
+        config = MoTConfig.from_pretrained(model_dir)
+    except (ValueError, OSError) as error:
+        raise UserError(f"{model_dir / 'config.json'} is not a valid Mixture of Tokens config: {error}") from error
+
+    previous = _existing_card_data(model_dir)
+    model_name = model_name or (repo_id.split("/")[-1] if repo_id else model_dir.resolve().name)
+    conversion, base_model = _conversion(model_dir, config)
+    rows, settings = read_eval_results(model_dir)
+    card_data = ModelCardData(
+        model_name=model_name,
+        license=license or previous.get("license"),
+        language=previous.get("language", "en"),
+        datasets=previous.get("datasets"),
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=TAGS + (["batch-dependent"] if set(config.mlp_types) & set(BATCH_DEPENDENT_TYPES) else []),
+        base_model=base_model if base_model and _is_hub_repo_id(base_model) else None,
+        eval_results=eval_results_metadata(rows, model_name) or None,
+    )
+    name = template_name(config, conversion)
+    from_mot = conversion.get("from") == "mot" or conversion.get("source_mlp_type") == "mot"
+    conversion_text = None
+    if conversion:
+        conversion_text = ", ".join(f"{k}: {_format_value(v)}" for k, v in conversion.items()
+                                    if isinstance(v, (str, int, float, bool)))
+    environment = jinja2.Environment(loader=jinja2.FunctionLoader(_load_template), keep_trailing_newline=True,
+                                     undefined=jinja2.StrictUndefined)
+    content = environment.get_template(name).render(
+        card_data=card_data.to_yaml(),
+        model_name=model_name,
+        repo_id=repo_id or f"YOUR_NAMESPACE/{model_name}",
+        arch=architecture_summary(config),
+        batch_dependent=bool(set(config.mlp_types) & set(BATCH_DEPENDENT_TYPES)),
+        group_size=config.group_size,
+        training=training_section(model_dir),
+        conversion=conversion_text,
+        from_mot=from_mot,
+        base_model=base_model,
+        evaluation={"rows": [{"task": KNOWN_TASKS.get(r.task, (0, 0, 0, r.task))[3], "metric": r.metric,
+                              "value": f"{r.value:.4f}"} for r in rows],
+                    "settings": settings, "source": EVAL_RESULTS_FILE} if rows else None,
+    )
+    return ModelCard(content, ignore_metadata_errors=False)
+
+
+def _existing_card_data(model_dir: Path) -> dict[str, Any]:
+    """Metadata a user may have edited by hand (license, language, datasets) survives a refresh."""
+    from huggingface_hub import ModelCard
+
+    path = model_dir / CARD_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return ModelCard.load(path, ignore_metadata_errors=True).data.to_dict()
+    except Exception:  # noqa: BLE001 - an unreadable old card is simply replaced
+        return {}
+
+
+def refresh_card(model_dir: str | Path, *, repo_id: str | None = None, license: str | None = None) -> Path:
+    """Render the model card of `model_dir` from what the folder holds and write it to `README.md`.
+
+    Called by `mot train`, `mot convert` and `mot eval --update_card` after they write a model folder.
+    Returns the path of the card.
+    """
+    card = render_card(model_dir, repo_id=repo_id, license=license)
+    path = Path(model_dir) / CARD_FILE
+    temporary = path.with_name(f".{CARD_FILE}.partial")
+    temporary.write_text(str(card), encoding="utf-8")
+    temporary.replace(path)  # a reader never sees half a card
+    return path
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="mot card", description="Render or refresh README.md in a model folder.")
+    parser.add_argument("model", help="model folder (with config.json)")
+    parser.add_argument("--repo_id", help="Hub repo id used in the loading snippet (default: a placeholder)")
+    parser.add_argument("--license", help="license identifier for the metadata, e.g. apache-2.0")
+    args = parser.parse_args(argv)
+    path = refresh_card(args.model, repo_id=args.repo_id, license=args.license)
+    print(f"wrote {path}")
+    return 0
