@@ -1,0 +1,337 @@
+"""`mot eval`: zero-shot lm-evaluation-harness tasks (stock PIQA, HellaSwag, ARC-Easy) and perplexity on a text file.
+
+    mot eval MODEL --tasks piqa,hellaswag,arc_easy [--limit N] [--batch_size B] [--data_dir DIR] [--output FILE.json]
+    mot eval MODEL --perplexity FILE [--block_size N]
+
+Scores of a Mixture of Tokens model depend on which sequences share a group (DESIGN.md §4); `mixture_of_tokens.
+lm_eval_model.MoTLM` fixes and records that composition. See docs/evaluation.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gzip
+import importlib.util
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .utils import UserError
+
+DEFAULT_TASKS = ("piqa", "hellaswag", "arc_easy")
+EVAL_RESULTS_FILE = "eval_results.json"  # next to the weights; the model card (mot card) reads it
+
+
+# --------------------------------------------------------------------------------------------------- loading
+def load_model_and_tokenizer(model_dir, mot_routing: str | None = None, config_overrides: dict | None = None,
+                             device: str | None = None):
+    """Load a saved model folder (safetensors weights only) and its tokenizer, in eval mode.
+
+    `mot_routing` and `config_overrides` replace saved config fields before the weights load, e.g.
+    `mot_routing="discrete"` (temperature -> 0) or `{"mlp_types": ["dense", "dense", "token_choice", ...]}` to read a
+    MoT checkpoint as Token Choice (the parameters share names).
+    """
+    import mixture_of_tokens  # noqa: F401  (registers the `mot` model type with the Auto classes)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise UserError(f"model folder {model_dir} does not exist")
+    if not (model_dir / "config.json").is_file():
+        raise UserError(f"{model_dir} is not a model folder: it has no config.json")
+    if not any(model_dir.glob("*.safetensors")):
+        raise UserError(f"{model_dir} has no .safetensors weights (only safetensors checkpoints are loaded)")
+    overrides = dict(config_overrides or {})
+    if mot_routing is not None:
+        overrides["mot_routing"] = mot_routing
+    try:
+        config = AutoConfig.from_pretrained(model_dir, **overrides)
+    except ValueError as error:  # MoTConfig validates every field and names the bad one
+        raise UserError(f"cannot use the config of {model_dir}: {error}") from None
+    if overrides and getattr(config, "model_type", None) != "mot":
+        raise UserError(f"--mot_routing and config overrides apply to MoT models; {model_dir} is {config.model_type!r}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot load the tokenizer saved in {model_dir}: {error}") from None
+    model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, use_safetensors=True)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device).eval(), tokenizer
+
+
+# --------------------------------------------------------------------------------------------------- tasks
+def parse_tasks(text: str) -> list[str]:
+    tasks = [name.strip() for name in text.split(",") if name.strip()]
+    if not tasks:
+        raise UserError(f"--tasks must name at least one task, got {text!r}")
+    return tasks
+
+
+def build_task_specs(tasks: list[str], task_manager, data_dir: str | None, cache_dir: Path | None = None) -> tuple[list, dict]:
+    """Task specs for `simple_evaluate` and where each task's documents come from.
+
+    Online, a spec is the stock task's name. With `data_dir`, it is the stock task's own YAML (prompt, process_docs,
+    metrics) with only the dataset location replaced by the converted local file.
+    """
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    from . import eval_data
+
+    if data_dir is None:
+        known = set(task_manager.all_tasks)
+        for task in tasks:
+            if task not in known:
+                raise UserError(f"unknown task {task!r}; the paper's tasks are {', '.join(DEFAULT_TASKS)} "
+                                "(any lm-eval task name works online; `lm-eval ls tasks` lists them)")
+        return list(tasks), {task: "hub (the stock task's dataset_path)" for task in tasks}
+    for task in tasks:
+        if task not in eval_data.LOCAL_TASKS:
+            raise UserError(f"unknown task {task!r} for --data_dir; local tasks are: {', '.join(eval_data.LOCAL_TASKS)}")
+    data_dir = eval_data.check_data_dir(data_dir, tasks)
+    specs, sources = [], {}
+    for task in tasks:
+        data_file = eval_data.prepare_local_file(task, data_dir, cache_dir)
+        config = load_yaml(task_manager.task_index[task].yaml_path, resolve_func=True)
+        config.update(eval_data.local_task_overrides(task, data_file))
+        specs.append(config)
+        sources[task] = {"converted_file": str(data_file),
+                         "release_files": [str(data_dir / f) for f in eval_data.LOCAL_TASKS[task].files]}
+    return specs, sources
+
+
+def make_lm(model, tokenizer, backend: str, batch_size: int | None):
+    """`mot` (our MoTLM: masked, fixed groups for MoT) or `hf` (lm-eval's stock HFLM, for comparison)."""
+    if backend == "hf":
+        from lm_eval.models.huggingface import HFLM
+
+        return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size or 1)
+    from .lm_eval_model import MoTLM
+
+    return MoTLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+
+
+def run_tasks(model, tokenizer, tasks: list[str], *, limit: int | None = None, batch_size: int | None = None,
+              data_dir: str | None = None, backend: str = "mot", cache_dir: Path | None = None) -> dict:
+    """Run lm-eval's `simple_evaluate`; return its results dict plus our metadata under `mot_eval`."""
+    from lm_eval import evaluator
+    from lm_eval.tasks import TaskManager
+
+    task_manager = TaskManager()
+    specs, sources = build_task_specs(tasks, task_manager, data_dir, cache_dir)
+    lm = make_lm(model, tokenizer, backend, batch_size)
+    started = time.perf_counter()
+    results = evaluator.simple_evaluate(model=lm, tasks=specs, limit=limit, task_manager=task_manager,
+                                        log_samples=False)
+    results["mot_eval"] = {
+        "backend": backend,
+        "data_sources": sources,
+        "wall_time_s": round(time.perf_counter() - started, 2),
+        **(lm.mot_metadata() if hasattr(lm, "mot_metadata") else {"batch_size": lm.batch_size}),
+    }
+    return results
+
+
+# --------------------------------------------------------------------------------------------------- perplexity
+def read_text(path) -> str:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--perplexity file {path} does not exist")
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as handle:
+        return handle.read()
+
+
+def pack_blocks(token_ids: list[int], block_size: int) -> torch.Tensor:
+    """Consecutive, non-overlapping blocks of `block_size` tokens; the incomplete tail is dropped (as in training)."""
+    count = len(token_ids) // block_size
+    if count == 0:
+        raise UserError(f"the text has {len(token_ids)} tokens, fewer than one block of {block_size}")
+    return torch.tensor(token_ids[: count * block_size], dtype=torch.long).view(count, block_size)
+
+
+def perplexity(model, tokenizer, text_file, *, block_size: int | None = None, batch_size: int | None = None) -> dict:
+    """Mean next-token loss over every block of the packed text, and its exponential.
+
+    Blocks are full, so no padding exists; for a MoT model, consecutive blocks share batches of `batch_size`
+    (default `group_size`), which the result records.
+    """
+    config = model.config
+    block_size = block_size or config.max_position_embeddings
+    if not 2 <= block_size <= config.max_position_embeddings:
+        raise UserError(f"--block_size must be between 2 and max_position_embeddings={config.max_position_embeddings}, "
+                        f"got {block_size}")
+    group_size = getattr(config, "group_size", None)
+    batch_size = batch_size or group_size or 8
+    lines = read_text(text_file).splitlines(keepends=True)
+    token_ids: list[int] = []
+    for start in tqdm(range(0, len(lines), 1000), desc="Tokenizing", unit="k lines"):
+        for ids in tokenizer(lines[start : start + 1000], add_special_tokens=False)["input_ids"]:
+            token_ids.extend(ids)
+    blocks = pack_blocks(token_ids, block_size)
+    total_loss, total_tokens = 0.0, 0
+    device = model.device
+    with torch.no_grad():
+        for start in tqdm(range(0, len(blocks), batch_size), desc="Perplexity", unit="batch"):
+            batch = blocks[start : start + batch_size].to(device)
+            logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                                                     reduction="sum")
+            total_loss += float(loss)
+            total_tokens += batch[:, 1:].numel()
+    mean_loss = total_loss / total_tokens
+    from .lm_eval_model import is_batch_dependent
+
+    return {
+        "file": str(text_file), "loss": mean_loss, "perplexity": math.exp(mean_loss), "predicted_tokens": total_tokens,
+        "blocks": len(blocks), "block_size": block_size, "batch_size": batch_size,
+        "group_size": group_size if is_batch_dependent(config) else None,
+        "dropped_tail_tokens": len(token_ids) - blocks.numel(),
+    }
+
+
+# --------------------------------------------------------------------------------------------------- outputs
+def _to_json(data) -> str:
+    from lm_eval.utils import handle_non_serializable
+
+    return json.dumps(data, indent=2, default=handle_non_serializable, ensure_ascii=False)
+
+
+def write_json_atomically(data, destination) -> None:
+    """Write the whole file under a temporary name, then rename: a crash never leaves half a JSON file."""
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    text = _to_json(data)
+    handle, staging = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".partial", dir=destination.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text + "\n")
+        os.replace(staging, destination)
+    except BaseException:
+        Path(staging).unlink(missing_ok=True)
+        raise
+
+
+def card_scores(results: dict | None, ppl: dict | None, model_dir) -> dict:
+    """The compact record the model card reads from `eval_results.json`."""
+    entry: dict = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "tasks": {}}
+    if results is not None:
+        meta = results["mot_eval"]
+        entry.update({key: meta.get(key) for key in ("backend", "batch_dependent", "batch_size", "group_size",
+                                                     "mot_routing", "batching")})
+        entry["limit"] = results.get("config", {}).get("limit")
+        entry["data"] = {task: ("local" if isinstance(source, dict) else "hub")
+                         for task, source in meta["data_sources"].items()}
+        for task, metrics in results["results"].items():
+            entry["tasks"][task] = {name.split(",")[0]: value for name, value in metrics.items()
+                                    if "," in name and isinstance(value, (int, float))}
+    if ppl is not None:
+        entry["perplexity"] = ppl
+    return entry
+
+
+def store_for_card(model_dir, entry: dict) -> Path:
+    """Merge `entry` into MODEL/eval_results.json (newest score per task wins) and refresh the card if it exists."""
+    path = Path(model_dir) / EVAL_RESULTS_FILE
+    stored = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"runs": [], "latest": {}}
+    stored["runs"].append(entry)
+    for task, metrics in entry["tasks"].items():
+        stored["latest"][task] = {**metrics, **{k: entry.get(k) for k in ("date", "batch_size", "group_size",
+                                                                             "batch_dependent", "mot_routing", "limit")}}
+    if "perplexity" in entry:
+        stored["latest"]["perplexity"] = entry["perplexity"]
+    write_json_atomically(stored, path)
+    # CARD HOOK: the card module (issue 6) renders README.md from eval_results.json; call it only when it exists.
+    if importlib.util.find_spec("mixture_of_tokens.cards") is not None:
+        from . import cards
+
+        refresh = getattr(cards, "refresh_card", None)
+        if refresh is not None:
+            refresh(model_dir)
+            print(f"refreshed the model card in {model_dir}")
+    return path
+
+
+# --------------------------------------------------------------------------------------------------- command line
+def build_parser() -> argparse.ArgumentParser:
+    from .configuration_mot import MOT_ROUTINGS
+
+    parser = argparse.ArgumentParser(prog="mot eval", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Batch dependence of MoT scores: see docs/evaluation.md.")
+    parser.add_argument("model", help="model folder (config.json, *.safetensors, tokenizer)")
+    parser.add_argument("--tasks", help=f"comma-separated lm-eval tasks (default {','.join(DEFAULT_TASKS)} unless "
+                                        "only --perplexity is given)")
+    parser.add_argument("--limit", type=int, help="first N documents of each task (for quick checks)")
+    parser.add_argument("--batch_size", type=int,
+                        help="sequences per forward; MoT scores depend on it (default: the model's group_size)")
+    parser.add_argument("--data_dir", help="offline: folder with piqa/, hellaswag/, arc_easy/ in their release formats")
+    parser.add_argument("--output", help="write lm-eval's results dict plus our metadata (`mot_eval`) to this JSON")
+    parser.add_argument("--perplexity", metavar="FILE", help="also (or only) report loss/perplexity on a .txt[.gz]")
+    parser.add_argument("--block_size", type=int, help="perplexity block length (default max_position_embeddings)")
+    parser.add_argument("--mot_routing", choices=MOT_ROUTINGS,
+                        help="override the saved MoT routing; `discrete` is the temperature -> 0 limit")
+    parser.add_argument("--backend", choices=("mot", "hf"), default="mot",
+                        help="mot: masked fixed-group batches (default); hf: lm-eval's stock model, for comparison")
+    parser.add_argument("--update_card", action="store_true",
+                        help=f"store the scores in MODEL/{EVAL_RESULTS_FILE} and refresh the model card if present")
+    parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    parser.add_argument("--cache_dir", type=Path, help="where converted --data_dir files are cached "
+                                                       "(default ~/.cache/mixture_of_tokens/eval_data or $MOT_CACHE)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    for name in ("limit", "batch_size", "block_size"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise UserError(f"--{name} must be a positive integer, got {value}")
+    tasks = parse_tasks(args.tasks) if args.tasks is not None else ([] if args.perplexity else list(DEFAULT_TASKS))
+    if args.data_dir is not None:
+        from .eval_data import check_data_dir
+
+        check_data_dir(args.data_dir, tasks)  # fail before loading the model
+    if args.perplexity is not None and not Path(args.perplexity).is_file():
+        raise UserError(f"--perplexity file {args.perplexity} does not exist")
+    model, tokenizer = load_model_and_tokenizer(args.model, mot_routing=args.mot_routing, device=args.device)
+
+    results = None
+    if tasks:
+        results = run_tasks(model, tokenizer, tasks, limit=args.limit, batch_size=args.batch_size,
+                            data_dir=args.data_dir, backend=args.backend, cache_dir=args.cache_dir)
+        results["mot_eval"]["model"] = str(args.model)
+        from lm_eval.utils import make_table
+
+        print(make_table(results))
+        if results.get("groups"):
+            print(make_table(results, "groups"))
+        meta = results["mot_eval"]
+        if meta.get("batch_dependent"):
+            print(f"MoT scores: batch_size={meta['batch_size']}, group_size={meta['group_size']}, "
+                  f"routing={meta['mot_routing']} (batch-dependent; see docs/evaluation.md)")
+    ppl = None
+    if args.perplexity is not None:
+        ppl = perplexity(model, tokenizer, args.perplexity, block_size=args.block_size, batch_size=args.batch_size)
+        print(f"perplexity {ppl['perplexity']:.3f} (loss {ppl['loss']:.4f}) over {ppl['predicted_tokens']} tokens "
+              f"in {ppl['blocks']} blocks of {ppl['block_size']}")
+
+    if args.output is not None:
+        payload = dict(results) if results is not None else {"mot_eval": {"model": str(args.model)}}
+        if ppl is not None:
+            payload["mot_eval"]["perplexity"] = ppl
+        write_json_atomically(payload, args.output)
+        print(f"wrote {args.output}")
+    if args.update_card:
+        path = store_for_card(args.model, card_scores(results, ppl, args.model))
+        print(f"stored scores in {path}")
+    return 0
+
+
+__all__ = ["main", "load_model_and_tokenizer", "run_tasks", "perplexity", "build_task_specs", "DEFAULT_TASKS"]
