@@ -148,6 +148,13 @@ def save_model_folder(model, set_aside: dict, tokenizer_src: Path, dst: Path, li
     (dst / CONVERSION_FILE).write_text(json.dumps(lineage, indent=2) + "\n")
 
 
+def write_card(dst: Path) -> None:
+    """Render the model card once the folder has its final name (the card is titled after the folder)."""
+    from .cards import refresh_card
+
+    refresh_card(dst)  # reads conversion.json: base_model and how this model was derived
+
+
 def convert(src: str | Path, dst: str | Path, to: str = "token_choice", top_k: int | None = None,
             capacity_factor: float | None = None, overwrite: bool = False) -> Path:
     """Convert model folder `src` into `dst`; only the config changes, every tensor is copied bit for bit."""
@@ -162,6 +169,7 @@ def convert(src: str | Path, dst: str | Path, to: str = "token_choice", top_k: i
     with atomic_directory(dst, overwrite=overwrite) as staging:
         save_model_folder(model, set_aside, Path(src), staging,
                           _lineage(str(src), Path(src), source_config, target_config, {"method": "convert"}))
+    write_card(dst)
     return dst
 
 
