@@ -331,11 +331,14 @@ def render_card(model_dir: str | Path, *, repo_id: str | None = None, model_name
         eval_results=eval_results_metadata(rows, model_name) or None,
     )
     name = template_name(config, conversion)
-    from_mot = conversion.get("from") == "mot" or conversion.get("source_mlp_type") == "mot"
+    # `mot convert` records the source's feed-forward types: a Token Choice model whose source had MoT layers
+    # was transition-tuned from a Mixture of Tokens model.
+    from_mot = "mot" in (conversion.get("base_model_mlp_types") or [])
     conversion_text = None
     if conversion:
+        # Local paths (`*_path`) would leak the author's file system into a public card.
         conversion_text = ", ".join(f"{k}: {_format_value(v)}" for k, v in conversion.items()
-                                    if isinstance(v, (str, int, float, bool)))
+                                    if isinstance(v, (str, int, float, bool)) and not k.endswith("_path"))
     environment = jinja2.Environment(loader=jinja2.FunctionLoader(_load_template), keep_trailing_newline=True,
                                      undefined=jinja2.StrictUndefined)
     content = environment.get_template(name).render(

@@ -1,0 +1,215 @@
+"""`mot push MODEL REPO_ID` and `mot pull REPO_ID DIR`: Hugging Face Hub upload and download of model folders.
+
+A push checks everything first (a model folder with safetensors weights and a Mixture of Tokens config, a
+tokenizer, a valid repo id) and only then talks to the Hub, uploading all files in a single commit, so a failed
+push never leaves a half-updated repo. What is uploaded: weights (safetensors), `config.json` with `auto_map`, both
+code files (`configuration_mot.py`, `modeling_mot.py`), the tokenizer, the generation config, the model card
+(`README.md`, rendered first if the folder has none), plots, and the JSON records the card is built from. Training
+state (optimizer, pickled `training_args.bin`, checkpoints) stays local.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from .utils import UserError, atomic_directory
+
+CODE_FILES = ("configuration_mot.py", "modeling_mot.py")
+# Auto classes the Hub repo must map to our code, so trust_remote_code loading works without the package.
+AUTO_MAP = {
+    "AutoConfig": "configuration_mot.MoTConfig",
+    "AutoModel": "modeling_mot.MoTModel",
+    "AutoModelForCausalLM": "modeling_mot.MoTForCausalLM",
+}
+TOKENIZER_DEFINITIONS = ("tokenizer.json", "vocab.json", "tokenizer.model", "vocab.txt", "spiece.model")
+TOKENIZER_EXTRAS = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "merges.txt",
+                    "chat_template.jinja", "chat_template.json")
+# Everything else that belongs on the Hub (relative-path glob patterns; `*` does not cross folders).
+OTHER_PATTERNS = ("generation_config.json", "README.md", "*.png", "*.svg", "*.pdf", "plots/*", "plots/*/*",
+                  "training_args.json", "trainer_state.json", "eval_results.json", "conversion.json",
+                  "all_results.json", "train_results.json")
+
+
+@dataclass
+class UploadPlan:
+    """What a push sends: repo path -> local file, plus in-memory replacements (a completed config)."""
+
+    files: dict[str, Path]
+    contents: dict[str, bytes]
+
+    def paths(self) -> list[str]:
+        return sorted({*self.files, *self.contents})
+
+
+def check_repo_id(repo_id: str) -> str:
+    """`owner/name` with the Hub's allowed characters, or a `UserError` saying what is wrong."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if repo_id.count("/") != 1:
+        raise UserError(f"invalid repo id {repo_id!r}: expected 'owner/name' (e.g. my-org/mot-medium-32e)")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise UserError(f"invalid repo id {repo_id!r}: {error}") from error
+    return repo_id
+
+
+def _weight_files(model_dir: Path) -> list[str]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError) as error:
+            raise UserError(f"{index} is not a valid safetensors index: {error}") from error
+        missing = [s for s in shards if not (model_dir / s).is_file()]
+        if missing:
+            raise UserError(f"{model_dir} is missing weight shards listed in {index.name}: {', '.join(missing)}")
+        return [index.name, *shards]
+    if (model_dir / "model.safetensors").is_file():
+        return ["model.safetensors"]
+    if (model_dir / "pytorch_model.bin").is_file():
+        raise UserError(f"{model_dir} holds pickled weights (pytorch_model.bin); only safetensors are pushed: "
+                        "re-save the model with save_pretrained(..., safe_serialization=True)")
+    raise UserError(f"{model_dir} is not a model folder: no model.safetensors or model.safetensors.index.json")
+
+
+def _completed_config(model_dir: Path) -> bytes | None:
+    """config.json with every `auto_map` entry we support, or None when the saved one is already complete."""
+    from .configuration_mot import MoTConfig
+
+    path = model_dir / "config.json"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise UserError(f"{path} is not valid JSON: {error}") from error
+    if raw.get("model_type") != MoTConfig.model_type:
+        raise UserError(f"{path} has model_type {raw.get('model_type')!r}; `mot push` uploads "
+                        f"{MoTConfig.model_type!r} models only")
+    try:
+        MoTConfig.from_pretrained(model_dir)
+    except (ValueError, TypeError) as error:
+        raise UserError(f"{path} is not a valid Mixture of Tokens config: {error}") from error
+    auto_map = dict(raw.get("auto_map") or {})
+    if all(auto_map.get(key) == value for key, value in AUTO_MAP.items()):
+        return None
+    raw["auto_map"] = {**auto_map, **AUTO_MAP}
+    return (json.dumps(raw, indent=2, sort_keys=True) + "\n").encode()
+
+
+def plan_upload(model_dir: str | Path) -> UploadPlan:
+    """Validate a model folder and list what a push uploads. Raises `UserError` before any network call."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise UserError(f"{model_dir} is not a folder")
+    if not (model_dir / "config.json").is_file():
+        raise UserError(f"{model_dir} is not a model folder: it has no config.json")
+    files = {name: model_dir / name for name in _weight_files(model_dir)}
+    contents = {}
+    completed = _completed_config(model_dir)
+    if completed is None:
+        files["config.json"] = model_dir / "config.json"
+    else:
+        contents["config.json"] = completed
+
+    tokenizer = [n for n in TOKENIZER_DEFINITIONS if (model_dir / n).is_file()]
+    if not tokenizer or not (model_dir / "tokenizer_config.json").is_file():
+        raise UserError(f"{model_dir} has no tokenizer (needs tokenizer_config.json and one of "
+                        f"{', '.join(TOKENIZER_DEFINITIONS)}); save it with tokenizer.save_pretrained({str(model_dir)!r})")
+    files.update({n: model_dir / n for n in (*tokenizer, *TOKENIZER_EXTRAS) if (model_dir / n).is_file()})
+
+    # The folder's own code files match its weights; a folder saved without them gets the installed package's.
+    package_dir = Path(__file__).resolve().parent
+    for name in CODE_FILES:
+        files[name] = model_dir / name if (model_dir / name).is_file() else package_dir / name
+
+    for path in sorted(model_dir.rglob("*")):
+        relative = path.relative_to(model_dir).as_posix()
+        if path.is_file() and any(fnmatch.fnmatchcase(relative, p) and relative.count("/") == p.count("/")
+                                  for p in OTHER_PATTERNS):
+            files.setdefault(relative, path)
+    return UploadPlan(files, contents)
+
+
+def push(model_dir: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
+         commit_message: str | None = None, token: str | None = None) -> str:
+    """Upload a model folder to `repo_id` in one commit; returns the commit URL.
+
+    Renders the model card first when the folder has none. Uses the endpoint and token of huggingface_hub
+    (`HF_ENDPOINT`, `HF_TOKEN` or `hf auth login`).
+    """
+    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    check_repo_id(repo_id)
+    model_dir = Path(model_dir)
+    plan = plan_upload(model_dir)  # validation first: nothing is sent for a bad folder
+    if "README.md" not in plan.files:
+        from .cards import refresh_card
+
+        plan.files["README.md"] = refresh_card(model_dir, repo_id=repo_id)
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for name, path in plan.files.items()]
+    operations += [CommitOperationAdd(path_in_repo=name, path_or_fileobj=data) for name, data in plan.contents.items()]
+
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision and revision != "main":
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        # One commit for everything (not upload_folder, which may split large folders into several commits).
+        info = api.create_commit(repo_id, operations, revision=revision,
+                                 commit_message=commit_message or f"Upload {model_dir.resolve().name} with mot push")
+    except HfHubHTTPError as error:
+        raise UserError(f"the Hub refused the upload to {repo_id}: {error}") from error
+    return info.commit_url
+
+
+def pull(repo_id: str, destination: str | Path, *, revision: str | None = None, overwrite: bool = False,
+         token: str | None = None) -> Path:
+    """Download `repo_id` into the folder `destination` (written atomically: complete or not at all)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+    check_repo_id(repo_id)
+    with atomic_directory(destination, overwrite=overwrite) as staging:
+        try:
+            snapshot_download(repo_id, revision=revision, local_dir=staging, token=token)
+        except RepositoryNotFoundError as error:
+            raise UserError(f"repository {repo_id} not found (or private and no valid token given)") from error
+        except RevisionNotFoundError as error:
+            raise UserError(f"revision {revision!r} not found in {repo_id}") from error
+        except HfHubHTTPError as error:
+            raise UserError(f"download of {repo_id} failed: {error}") from error
+        # snapshot_download keeps its bookkeeping in DIR/.cache; the pulled folder should be the model only.
+        shutil.rmtree(staging / ".cache", ignore_errors=True)
+    return Path(destination)
+
+
+def push_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="mot push", description="Upload a model folder to the Hugging Face Hub.")
+    parser.add_argument("model", help="model folder (config.json, model.safetensors, tokenizer)")
+    parser.add_argument("repo_id", help="target repository, 'owner/name'")
+    parser.add_argument("--private", action="store_true", help="create the repository as private")
+    parser.add_argument("--revision", help="branch to commit to (created if missing; default main)")
+    parser.add_argument("--commit_message", help="commit message")
+    args = parser.parse_args(argv)
+    url = push(args.model, args.repo_id, private=args.private, revision=args.revision,
+               commit_message=args.commit_message)
+    print(f"pushed {args.model} to {args.repo_id}: {url}")
+    return 0
+
+
+def pull_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="mot pull", description="Download a model from the Hub into a folder.")
+    parser.add_argument("repo_id", help="repository, 'owner/name'")
+    parser.add_argument("dir", help="destination folder (must not exist unless --overwrite)")
+    parser.add_argument("--revision", help="branch, tag or commit (default main)")
+    parser.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    args = parser.parse_args(argv)
+    path = pull(args.repo_id, args.dir, revision=args.revision, overwrite=args.overwrite)
+    print(f"pulled {args.repo_id} into {path}")
+    return 0
