@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gzip
 import importlib.util
 import json
 import math
@@ -21,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from .utils import UserError
@@ -38,8 +38,9 @@ def load_model_and_tokenizer(model_dir, mot_routing: str | None = None, config_o
     `mot_routing="discrete"` (temperature -> 0) or `{"mlp_types": ["dense", "dense", "token_choice", ...]}` to read a
     MoT checkpoint as Token Choice (the parameters share names).
     """
-    import mixture_of_tokens  # noqa: F401  (registers the `mot` model type with the Auto classes)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    import mixture_of_tokens  # noqa: F401  (registers the `mot` model type with the Auto classes)
 
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
@@ -139,29 +140,16 @@ def run_tasks(model, tokenizer, tasks: list[str], *, limit: int | None = None, b
 
 
 # --------------------------------------------------------------------------------------------------- perplexity
-def read_text(path) -> str:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"--perplexity file {path} does not exist")
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        return handle.read()
-
-
-def pack_blocks(token_ids: list[int], block_size: int) -> torch.Tensor:
-    """Consecutive, non-overlapping blocks of `block_size` tokens; the incomplete tail is dropped (as in training)."""
-    count = len(token_ids) // block_size
-    if count == 0:
-        raise UserError(f"the text has {len(token_ids)} tokens, fewer than one block of {block_size}")
-    return torch.tensor(token_ids[: count * block_size], dtype=torch.long).view(count, block_size)
-
-
 def perplexity(model, tokenizer, text_file, *, block_size: int | None = None, batch_size: int | None = None) -> dict:
-    """Mean next-token loss over every block of the packed text, and its exponential.
+    """Mean next-token loss over every block of `text_file` packed exactly as `mot train` packs training text
+    (`mixture_of_tokens.data`: documents joined by EOS, cut into `block_size` blocks), and its exponential.
 
-    Blocks are full, so no padding exists; for a MoT model, consecutive blocks share batches of `batch_size`
-    (default `group_size`), which the result records.
+    Blocks are full, so nothing is padded; for a MoT model, consecutive blocks share batches of `batch_size`
+    (default `group_size`), which the result records. Any format `mot train` reads works (.txt[.gz], .jsonl, ...).
     """
+    from .data import DataArguments, load_raw_text, pack_blocks, require_blocks
+    from .lm_eval_model import is_batch_dependent
+
     config = model.config
     block_size = block_size or config.max_position_embeddings
     if not 2 <= block_size <= config.max_position_embeddings:
@@ -169,30 +157,25 @@ def perplexity(model, tokenizer, text_file, *, block_size: int | None = None, ba
                         f"got {block_size}")
     group_size = getattr(config, "group_size", None)
     batch_size = batch_size or group_size or 8
-    lines = read_text(text_file).splitlines(keepends=True)
-    token_ids: list[int] = []
-    for start in tqdm(range(0, len(lines), 1000), desc="Tokenizing", unit="k lines"):
-        for ids in tokenizer(lines[start : start + 1000], add_special_tokens=False)["input_ids"]:
-            token_ids.extend(ids)
-    blocks = pack_blocks(token_ids, block_size)
+    data_args = DataArguments(dataset=str(text_file), validation_split_percentage=0, block_size=block_size)
+    raw = load_raw_text(data_args)
+    blocks = pack_blocks(raw.train, tokenizer, data_args, block_size, raw.rows_are_lines, "the perplexity text")
+    require_blocks(blocks, str(text_file), block_size, "perplexity")
+    blocks = blocks.with_format("torch")["input_ids"]
     total_loss, total_tokens = 0.0, 0
-    device = model.device
     with torch.no_grad():
         for start in tqdm(range(0, len(blocks), batch_size), desc="Perplexity", unit="batch"):
-            batch = blocks[start : start + batch_size].to(device)
+            batch = blocks[start : start + batch_size].to(model.device)
             logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
-                                                     reduction="sum")
-            total_loss += float(loss)
-            total_tokens += batch[:, 1:].numel()
+            targets = batch[:, 1:]
+            total_loss += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                                reduction="sum"))
+            total_tokens += targets.numel()
     mean_loss = total_loss / total_tokens
-    from .lm_eval_model import is_batch_dependent
-
     return {
         "file": str(text_file), "loss": mean_loss, "perplexity": math.exp(mean_loss), "predicted_tokens": total_tokens,
         "blocks": len(blocks), "block_size": block_size, "batch_size": batch_size,
         "group_size": group_size if is_batch_dependent(config) else None,
-        "dropped_tail_tokens": len(token_ids) - blocks.numel(),
     }
 
 
@@ -218,43 +201,49 @@ def write_json_atomically(data, destination) -> None:
         raise
 
 
-def card_scores(results: dict | None, ppl: dict | None, model_dir) -> dict:
-    """The compact record the model card reads from `eval_results.json`."""
-    entry: dict = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "tasks": {}}
+# The settings a score depends on: scores from runs that differ in any of them are never mixed in one file.
+CARD_SETTINGS = ("backend", "batch_dependent", "batch_size", "group_size", "mot_routing", "limit", "data")
+
+
+def card_record(results: dict | None, ppl: dict | None) -> dict:
+    """What `eval_results.json` holds, in the lm-eval style the card module reads: `results` (task -> lm-eval
+    metrics, unchanged) and flat `metadata` (settings shown next to the table)."""
+    metadata: dict = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    task_results: dict = {}
     if results is not None:
         meta = results["mot_eval"]
-        entry.update({key: meta.get(key) for key in ("backend", "batch_dependent", "batch_size", "group_size",
-                                                     "mot_routing", "batching")})
-        entry["limit"] = results.get("config", {}).get("limit")
-        entry["data"] = {task: ("local" if isinstance(source, dict) else "hub")
-                         for task, source in meta["data_sources"].items()}
-        for task, metrics in results["results"].items():
-            entry["tasks"][task] = {name.split(",")[0]: value for name, value in metrics.items()
-                                    if "," in name and isinstance(value, (int, float))}
+        metadata.update({key: meta.get(key) for key in CARD_SETTINGS if key in meta})
+        metadata["limit"] = results.get("config", {}).get("limit")
+        metadata["data"] = "local release files" if any(isinstance(s, dict) for s in meta["data_sources"].values()) \
+            else "Hugging Face Hub"
+        task_results = {task: dict(metrics) for task, metrics in results["results"].items()}
     if ppl is not None:
-        entry["perplexity"] = ppl
-    return entry
+        metadata.update({"perplexity": round(ppl["perplexity"], 4), "perplexity_loss": round(ppl["loss"], 4),
+                         "perplexity_file": Path(ppl["file"]).name, "perplexity_block_size": ppl["block_size"]})
+    return {"results": task_results, "metadata": metadata}
 
 
-def store_for_card(model_dir, entry: dict) -> Path:
-    """Merge `entry` into MODEL/eval_results.json (newest score per task wins) and refresh the card if it exists."""
+def store_for_card(model_dir, record: dict) -> Path:
+    """Merge `record` into MODEL/eval_results.json and refresh the model card.
+
+    Tasks evaluated again replace their old scores; when the settings differ from the stored ones (another batch
+    size, routing, limit, ...), the old scores are dropped instead, so every number in the file shares the settings
+    written beside it.
+    """
     path = Path(model_dir) / EVAL_RESULTS_FILE
-    stored = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"runs": [], "latest": {}}
-    stored["runs"].append(entry)
-    for task, metrics in entry["tasks"].items():
-        stored["latest"][task] = {**metrics, **{k: entry.get(k) for k in ("date", "batch_size", "group_size",
-                                                                             "batch_dependent", "mot_routing", "limit")}}
-    if "perplexity" in entry:
-        stored["latest"]["perplexity"] = entry["perplexity"]
-    write_json_atomically(stored, path)
-    # CARD HOOK: the card module (issue 6) renders README.md from eval_results.json; call it only when it exists.
+    stored = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    old_meta = stored.get("metadata", {})
+    new_meta = record["metadata"]
+    same_settings = record["results"] == {} or all(old_meta.get(k) == new_meta.get(k) for k in CARD_SETTINGS)
+    merged_results = {**stored.get("results", {}), **record["results"]} if same_settings else dict(record["results"])
+    merged_meta = {**old_meta, **new_meta} if same_settings else new_meta
+    write_json_atomically({"results": merged_results, "metadata": merged_meta}, path)
+    # Card hook: `mot card` (mixture_of_tokens.cards, issue 6) renders README.md from eval_results.json. It is
+    # called only where that module is installed, so scores are stored even without it.
     if importlib.util.find_spec("mixture_of_tokens.cards") is not None:
-        from . import cards
+        from .cards import refresh_card
 
-        refresh = getattr(cards, "refresh_card", None)
-        if refresh is not None:
-            refresh(model_dir)
-            print(f"refreshed the model card in {model_dir}")
+        print(f"refreshed the model card {refresh_card(model_dir)}")
     return path
 
 
@@ -329,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         write_json_atomically(payload, args.output)
         print(f"wrote {args.output}")
     if args.update_card:
-        path = store_for_card(args.model, card_scores(results, ppl, args.model))
+        path = store_for_card(args.model, card_record(results, ppl))
         print(f"stored scores in {path}")
     return 0
 
