@@ -1,0 +1,535 @@
+"""`mot train` (also `python -m mixture_of_tokens.train`): pretrain a MoT, dense, Token Choice or Expert Choice
+model with `HfArgumentParser` + `TrainingArguments` + `Trainer`.
+
+Every `TrainingArguments` flag works (`--max_steps` or `--max-steps`); the defaults are the paper's recipe
+(DESIGN §2): AdamW (0.9, 0.999), weight decay 0.1, gradient clipping 0.5, cosine schedule with warm-up down to
+0.1x the peak learning rate, bf16 autocast where the GPU supports it.
+
+Other modules reuse `run_training(model_args, data_args, training_args, model=..., init_optimizer_from=...)`;
+`mot transition` passes a converted model and the SRC checkpoint whose optimizer state and learning-rate
+schedule position it continues (see `MoTTrainer`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import HfArgumentParser, Trainer, TrainingArguments
+from transformers.trainer_utils import IntervalStrategy, get_last_checkpoint, rotate_checkpoints
+from transformers.utils import logging
+
+from .configuration_mot import PRESETS, MoTConfig
+from .data import DataArguments, collate_blocks, limit_blocks, load_raw_text, pack_blocks, require_blocks
+from .telemetry import RoutingTelemetryCallback, write_training_plots
+from .utils import UserError
+
+logger = logging.get_logger(__name__)
+
+DEFAULT_PRESET = "tiny-mot"
+PAPER_WARMUP_FRACTION = 2_500 / 150_000  # 2.5K warm-up steps of 150K
+GROUPED_MLP_TYPES = ("mot", "expert_choice")  # layers whose output depends on the other rows of the micro-batch
+# Overrides of the model configuration accepted on the command line (ModelArguments fields of the same name).
+CONFIG_OVERRIDES = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+    "max_position_embeddings", "mlp_types", "group_size", "num_experts", "expert_size", "mot_temperature",
+    "learnable_temperature", "mot_routing", "num_experts_per_tok", "capacity_factor", "router_aux_loss_coef",
+    "router_z_loss_coef", "hidden_act",
+)
+STAGING_CHECKPOINTS = ".checkpoint-staging"  # Trainer writes a checkpoint here, then it is renamed into place
+RESULTS_FILE = "train_results.json"
+ARGUMENTS_FILE = "training_args.json"
+
+
+def _bf16_supported() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+@dataclass
+class ModelArguments:
+    """Which model to train, and its tokenizer."""
+
+    preset: str | None = field(default=None, metadata={"help": (
+        f"Model preset: {', '.join(PRESETS)}. Default {DEFAULT_PRESET} unless --config or --init_from is given."
+    )})
+    config: str | None = field(default=None, metadata={"help": "config.json file or model folder to take the "
+                                                               "architecture from (weights start fresh)."})
+    init_from: str | None = field(default=None, metadata={"help": "Saved model folder to start from (weights too)."})
+    tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer folder or Hub id."})
+    train_tokenizer: int | None = field(default=None, metadata={"help": (
+        "Train a byte-level BPE with this vocabulary size on the training text (saved with the model). Without "
+        "--tokenizer/--train_tokenizer (and no tokenizer in --init_from) one is trained with the preset's vocab."
+    )})
+    bf16_weights: bool = field(default=False, metadata={"help": (
+        "Keep the weights (and optimizer state) in bf16, the paper's bf16-only setting; default: fp32 weights "
+        "with bf16 autocast (--bf16)."
+    )})
+    init_optimizer_from: str | None = field(default=None, metadata={"help": (
+        "Trainer checkpoint (or run folder: its last checkpoint) whose AdamW state and learning-rate schedule "
+        "position this run continues, for models converted from it (transition tuning)."
+    )})
+    # configuration overrides
+    vocab_size: int | None = field(default=None, metadata={"help": "Override (default: the tokenizer's size)."})
+    hidden_size: int | None = None
+    num_hidden_layers: int | None = None
+    num_attention_heads: int | None = None
+    intermediate_size: int | None = None
+    max_position_embeddings: int | None = None
+    mlp_types: str | None = field(default=None, metadata={"help": "Comma-separated, e.g. dense,dense,mot,mot."})
+    group_size: int | None = None
+    num_experts: int | None = None
+    expert_size: int | None = None
+    mot_temperature: float | None = None
+    learnable_temperature: str | None = None
+    mot_routing: str | None = None
+    num_experts_per_tok: int | None = None
+    capacity_factor: float | None = None
+    router_aux_loss_coef: float | None = None
+    router_z_loss_coef: float | None = None
+    hidden_act: str | None = None
+
+    def config_overrides(self) -> dict:
+        overrides = {name: getattr(self, name) for name in CONFIG_OVERRIDES if getattr(self, name) is not None}
+        if "mlp_types" in overrides:
+            overrides["mlp_types"] = [t.strip() for t in overrides["mlp_types"].split(",") if t.strip()]
+        return overrides
+
+
+@dataclass
+class MoTTrainingArguments(TrainingArguments):
+    """`TrainingArguments` with the paper's recipe as defaults and a few choices made for pretraining."""
+
+    output_dir: str | None = field(default=None, metadata={"help": (
+        "Folder of the trained model (required). Trainer's checkpoint-N folders are written inside it."
+    )})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": (
+        "Replace a non-empty --output_dir (deleted once every input has been checked)."
+    )})
+    learning_rate: float = field(default=7e-4, metadata={"help": "Peak learning rate (paper: MoT-Medium 7e-4)."})
+    weight_decay: float = 0.1
+    max_grad_norm: float = 0.5
+    lr_scheduler_type: str = field(default="cosine_with_min_lr", metadata={"help": "Learning-rate schedule."})
+    lr_scheduler_kwargs: dict | str | None = field(default_factory=lambda: {"min_lr_rate": 0.1}, metadata={
+        "help": "Schedule options (JSON); default cosine down to 0.1x the peak."})
+    warmup_steps: float = field(default=PAPER_WARMUP_FRACTION, metadata={
+        "help": "Warm-up steps; < 1 means a fraction of the run (default 2.5K/150K, the paper's)."})
+    bf16: bool = field(default=_bf16_supported(), metadata={
+        "help": "bf16 autocast; default on where the GPU supports bf16, off on CPU (slower there)."})
+    per_device_train_batch_size: int = field(default=32, metadata={
+        "help": "Sequences per device per micro-batch; must be a multiple of group_size for MoT/Expert Choice."})
+    per_device_eval_batch_size: int = field(default=32, metadata={"help": "Same rule as the training batch."})
+    dataloader_drop_last: bool = field(default=True, metadata={"help": "Never form a partial (smaller) group."})
+    logging_steps: float = 10
+    eval_strategy: IntervalStrategy | str = "steps"
+    eval_steps: float | None = 500
+    save_steps: float = 500
+    save_total_limit: int | None = 2
+    prediction_loss_only: bool = True
+
+
+@dataclass
+class TrainingOutcome:
+    """What `run_training` returns."""
+
+    output_dir: Path
+    metrics: dict
+    trainer: Trainer
+
+    @property
+    def eval_loss(self) -> float | None:
+        return self.metrics.get("eval_loss")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Trainer with crash-safe checkpoints and optimizer-state continuation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def find_optimizer_checkpoint(path: str | os.PathLike) -> Path | None:
+    """The Trainer checkpoint holding `optimizer.pt` at `path`: the folder itself or, for a run folder, its last
+    `checkpoint-N`. None if there is none (then a transition starts a fresh optimizer)."""
+    path = Path(path)
+    if (path / "optimizer.pt").is_file():
+        return path
+    last = get_last_checkpoint(str(path)) if path.is_dir() else None
+    return Path(last) if last and (Path(last) / "optimizer.pt").is_file() else None
+
+
+def checkpoint_global_step(checkpoint: str | os.PathLike) -> int:
+    with open(Path(checkpoint) / "trainer_state.json", encoding="utf-8") as handle:
+        return int(json.load(handle)["global_step"])
+
+
+class MoTTrainer(Trainer):
+    """`Trainer` plus:
+
+    - routing telemetry (`RoutingTelemetryCallback`, first among the callbacks so every logger sees it);
+    - crash-safe checkpoints: each `checkpoint-N` is written into a staging folder and renamed into place only
+      when complete, so an interrupted save never shadows the last good checkpoint;
+    - `init_optimizer_from`: start from another run's AdamW moments and continue its learning-rate schedule
+      (transition tuning; the authors keep the optimizer state and do not restart the schedule). The schedule
+      is built for `source_step + max_steps` steps and starts at `source_step`; hyper-parameters (peak LR,
+      betas, weight decay) are this run's.
+    """
+
+    def __init__(self, *args, init_optimizer_from: str | os.PathLike | None = None, plots_at_end: bool = True,
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        self.telemetry = RoutingTelemetryCallback(write_plots_at_end=plots_at_end)
+        self.callback_handler.callbacks.insert(0, self.telemetry)
+        self.init_optimizer_from = None if init_optimizer_from is None else Path(init_optimizer_from)
+        self._staging_run_dir: str | None = None
+
+    # -- checkpoints ---------------------------------------------------------------------------------------------
+    def _get_output_dir(self, trial) -> str:
+        return self._staging_run_dir or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        run_dir = super()._get_output_dir(trial)
+        staging_root = os.path.join(run_dir, STAGING_CHECKPOINTS)
+        name = f"checkpoint-{self.state.global_step}"
+        if self.args.should_save:
+            shutil.rmtree(os.path.join(staging_root, name), ignore_errors=True)  # leftovers of a crashed save
+        self.accelerator.wait_for_everyone()
+        self._staging_run_dir = staging_root
+        try:
+            super()._save_checkpoint(model, trial)  # every process writes its part (RNG state) into staging
+        finally:
+            self._staging_run_dir = None
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            staged, final = os.path.join(staging_root, name), os.path.join(run_dir, name)
+            if self.state.best_model_checkpoint and self.state.best_model_checkpoint.startswith(staging_root):
+                self.state.best_model_checkpoint = self.state.best_model_checkpoint.replace(staging_root, run_dir, 1)
+                self.state.save_to_json(os.path.join(staged, "trainer_state.json"))
+            if os.path.exists(final):  # re-saving a step (e.g. after a resume): retire the old copy first
+                retired = os.path.join(staging_root, f"{name}.old")
+                shutil.rmtree(retired, ignore_errors=True)
+                os.replace(final, retired)
+                os.replace(staged, final)
+                shutil.rmtree(retired, ignore_errors=True)
+            else:
+                os.replace(staged, final)  # the one atomic step that publishes the checkpoint
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+            with contextlib.suppress(OSError):
+                os.rmdir(staging_root)  # only when empty
+        self.accelerator.wait_for_everyone()
+
+    # -- continuing another run's optimizer ---------------------------------------------------------------------
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.lr_scheduler is not None or self.init_optimizer_from is None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        source_step = checkpoint_global_step(self.init_optimizer_from)
+        scheduler = super().create_scheduler(num_training_steps + source_step, optimizer)
+        continue_optimizer(optimizer or self.optimizer, scheduler, self.init_optimizer_from, source_step)
+        return scheduler
+
+
+def continue_optimizer(optimizer, scheduler, checkpoint: Path, source_step: int) -> None:
+    """Load the optimizer state (moments, step counts) of `checkpoint` and move `scheduler` to `source_step`."""
+    state = torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True)
+    own_hyperparameters = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError, RuntimeError) as error:
+        raise UserError(f"the optimizer state in {checkpoint} does not fit this model ({error}); it must come "
+                        "from a run of the same architecture (same parameters in the same order)") from error
+    for group, hyperparameters in zip(optimizer.param_groups, own_hyperparameters, strict=True):
+        group.update(hyperparameters)
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    if lambdas is None:
+        logger.warning(f"{type(scheduler).__name__} cannot be moved to step {source_step}; it starts from 0")
+        return
+    scheduler.last_epoch = source_step
+    learning_rates = [base * schedule(source_step) for base, schedule in zip(scheduler.base_lrs, lambdas, strict=True)]
+    for group, learning_rate in zip(optimizer.param_groups, learning_rates, strict=True):
+        group["lr"] = learning_rate
+    scheduler._last_lr = learning_rates
+    logger.info(f"continuing optimizer state and LR schedule of {checkpoint} from step {source_step}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building the pieces (everything here only reads; nothing is written before all inputs are checked)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_config(model_args: ModelArguments) -> MoTConfig:
+    given = [name for name in ("preset", "config", "init_from") if getattr(model_args, name)]
+    if len(given) > 1:
+        raise UserError(f"give only one of --preset, --config, --init_from (got {', '.join('--' + g for g in given)})")
+    overrides = model_args.config_overrides()
+    try:
+        if model_args.init_from or model_args.config:
+            location = Path(model_args.init_from or model_args.config)
+            if not location.exists():
+                flag = "--init_from" if model_args.init_from else "--config"
+                raise UserError(f"{flag} {str(location)!r} does not exist")
+            config = (MoTConfig.from_json_file(str(location)) if location.is_file()
+                      else MoTConfig.from_pretrained(str(location)))
+            for name, value in overrides.items():
+                setattr(config, name, value)
+            config.validate_mot()
+        else:
+            config = MoTConfig.from_preset(model_args.preset or DEFAULT_PRESET, **overrides)
+    except (OSError, ValueError) as error:
+        if isinstance(error, UserError):
+            raise
+        raise UserError(str(error)) from error
+    return config
+
+
+def check_group_contract(config: MoTConfig, training_args: TrainingArguments) -> None:
+    """MoT and Expert Choice group `group_size` rows of each per-device micro-batch: the batch must divide."""
+    grouped = sorted({t for t in config.mlp_types if t in GROUPED_MLP_TYPES})
+    if not grouped:
+        return
+    group = config.group_size
+    for flag in ("per_device_train_batch_size", "per_device_eval_batch_size"):
+        batch = getattr(training_args, flag)
+        if batch % group:
+            raise UserError(
+                f"--{flag} {batch} is not a multiple of group_size {group}: {'/'.join(grouped)} layers mix the "
+                f"tokens of {group} sequences of each per-device micro-batch; use {max(group, batch // group * group)}"
+                f" or {(batch // group + 1) * group} (or another multiple of {group})"
+            )
+
+
+def resolve_block_size(config: MoTConfig, data_args: DataArguments) -> int:
+    block_size = data_args.block_size or config.max_position_embeddings
+    if block_size > config.max_position_embeddings:
+        raise UserError(f"--block_size {block_size} exceeds the model's max_position_embeddings "
+                        f"{config.max_position_embeddings}; use at most {config.max_position_embeddings} (or "
+                        f"--max_position_embeddings {block_size} for a freshly initialised model)")
+    if block_size < 2:
+        raise UserError(f"--block_size must be at least 2, got {block_size}")
+    return block_size
+
+
+def load_tokenizer(model_args: ModelArguments, config: MoTConfig, raw, data_args: DataArguments):
+    """The tokenizer named by --tokenizer, the one saved with --init_from, or one trained on the training text."""
+    from transformers import AutoTokenizer
+
+    from .data import iter_texts
+    from .tokenization import train_bpe_tokenizer
+
+    if model_args.tokenizer and model_args.train_tokenizer:
+        raise UserError("give either --tokenizer or --train_tokenizer, not both")
+    name = model_args.tokenizer
+    if name is None and model_args.train_tokenizer is None and model_args.init_from:
+        if any(Path(model_args.init_from, f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+            name = model_args.init_from
+    if name is not None:
+        try:
+            return AutoTokenizer.from_pretrained(name)
+        except Exception as error:  # missing folder, offline Hub, broken files: one message for the user
+            raise UserError(f"could not load tokenizer {name!r}: {error}") from error
+    vocab_size = model_args.train_tokenizer or config.vocab_size
+    logger.warning(f"training a {vocab_size}-token byte-level BPE tokenizer on the training text")
+    try:
+        return train_bpe_tokenizer(iter_texts(raw.train, data_args.text_column, data_args.tokenizer_training_chars),
+                                   vocab_size=vocab_size, show_progress=True)
+    except ValueError as error:
+        raise UserError(f"--train_tokenizer: {error}") from error
+
+
+def build_model(model_args: ModelArguments, config: MoTConfig, tokenizer):
+    from transformers import set_seed
+
+    from .modeling_mot import MoTForCausalLM
+
+    if model_args.init_from:
+        if len(tokenizer) > config.vocab_size:
+            raise UserError(f"the tokenizer has {len(tokenizer)} tokens but the model in {model_args.init_from} only "
+                            f"{config.vocab_size}; use the tokenizer it was trained with")
+        try:
+            model = MoTForCausalLM.from_pretrained(model_args.init_from, config=config)
+        except (OSError, ValueError, RuntimeError) as error:
+            raise UserError(f"could not load the model in {model_args.init_from!r}: {error}") from error
+    else:
+        if model_args.vocab_size is None:
+            config.vocab_size = len(tokenizer)
+        elif config.vocab_size < len(tokenizer):
+            raise UserError(f"--vocab_size {config.vocab_size} is smaller than the tokenizer ({len(tokenizer)} tokens)")
+        config.bos_token_id = tokenizer.bos_token_id
+        config.eos_token_id = tokenizer.eos_token_id
+        config.pad_token_id = tokenizer.pad_token_id
+        set_seed(0)  # fixed init, identical on every process; the training seed is --seed
+        model = MoTForCausalLM(config)
+    if model_args.bf16_weights:
+        model = model.to(torch.bfloat16)
+    return model
+
+
+def parse_args(argv: list[str] | None) -> tuple[ModelArguments, DataArguments, MoTTrainingArguments]:
+    parser = HfArgumentParser((ModelArguments, DataArguments, MoTTrainingArguments), prog="mot train",
+                              description="Pretrain a Mixture of Tokens model with Hugging Face Trainer.")
+    try:
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as error:  # TrainingArguments.__post_init__ rejects inconsistent flags
+        raise UserError(str(error)) from error
+    return model_args, data_args, training_args
+
+
+def resolve_resume(training_args: TrainingArguments) -> str | None:
+    """`--resume_from_checkpoint PATH` or `last`/`true` (the last checkpoint in --output_dir)."""
+    value = training_args.resume_from_checkpoint
+    if value is None or str(value).lower() in ("false", "no", ""):
+        return None
+    if str(value).lower() in ("last", "true", "yes", "1"):
+        last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        if last is None:
+            raise UserError(f"--resume_from_checkpoint {value}: no checkpoint-N folder in {training_args.output_dir}")
+        return last
+    if not (Path(value) / "trainer_state.json").is_file():
+        raise UserError(f"--resume_from_checkpoint {value!r} is not a Trainer checkpoint (no trainer_state.json)")
+    return str(value)
+
+
+def check_output_dir(training_args: MoTTrainingArguments, resume: str | None) -> None:
+    if not training_args.output_dir:
+        raise UserError("--output_dir is required: the folder that will hold the trained model")
+    out = Path(training_args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output_dir {str(out)!r} exists and is a file")
+    if out.is_dir() and any(out.iterdir()) and resume is None and not training_args.overwrite_output_dir:
+        raise UserError(f"--output_dir {str(out)!r} already exists and is not empty; pass --overwrite_output_dir to "
+                        "replace it or --resume_from_checkpoint last to continue its run")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def run_training(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: MoTTrainingArguments,
+    model=None,
+    tokenizer=None,
+    init_optimizer_from: str | os.PathLike | None = None,
+) -> TrainingOutcome:
+    """Train and write a complete model folder to `training_args.output_dir`. Reusable by other commands.
+
+    `model`/`tokenizer`: use these instead of building them from `model_args` (e.g. a converted model).
+    `init_optimizer_from`: a Trainer checkpoint (or run folder) whose optimizer state and LR-schedule position
+    this run continues (overrides `model_args.init_optimizer_from`); see `MoTTrainer`.
+    Raises `UserError` for bad input, before anything is written.
+    """
+    resume = resolve_resume(training_args)
+    check_output_dir(training_args, resume)
+    config = model.config if model is not None else build_config(model_args)
+    check_group_contract(config, training_args)
+    block_size = resolve_block_size(config, data_args)
+    if data_args.streaming and training_args.max_steps <= 0:
+        raise UserError("--streaming needs --max_steps (a stream has no known length)")
+    optimizer_source = init_optimizer_from or model_args.init_optimizer_from
+    if optimizer_source is not None:
+        found = find_optimizer_checkpoint(optimizer_source)
+        if found is None:
+            raise UserError(f"--init_optimizer_from {str(optimizer_source)!r}: no Trainer checkpoint with "
+                            "optimizer.pt there")
+        optimizer_source = found
+
+    raw = load_raw_text(data_args)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(model_args, config, raw, data_args)
+    if model is None:
+        model = build_model(model_args, config, tokenizer)
+    with training_args.main_process_first(desc="tokenising and packing"):
+        train_blocks = limit_blocks(pack_blocks(raw.train, tokenizer, data_args, block_size, raw.rows_are_lines,
+                                                "training text"), data_args.max_train_blocks)
+        eval_blocks = None if raw.validation is None else limit_blocks(
+            pack_blocks(raw.validation, tokenizer, data_args, block_size, raw.rows_are_lines, "validation text"),
+            data_args.max_eval_blocks)
+    num_train_blocks = require_blocks(train_blocks, raw.source, block_size, "training")
+    if eval_blocks is not None:
+        require_blocks(eval_blocks, raw.source, block_size, "validation")
+    else:
+        training_args.eval_strategy = IntervalStrategy.NO
+
+    out = Path(training_args.output_dir)
+    if out.exists() and resume is None and training_args.overwrite_output_dir and training_args.should_save:
+        shutil.rmtree(out)
+    created_output = not out.exists()
+    trainer = MoTTrainer(
+        model=model, args=training_args, train_dataset=train_blocks, eval_dataset=eval_blocks,
+        data_collator=collate_blocks, processing_class=tokenizer, init_optimizer_from=optimizer_source,
+        plots_at_end=False,  # drawn by finalize_output_folder, after the final evaluation
+    )
+    try:
+        train_result = trainer.train(resume_from_checkpoint=resume)
+        metrics = dict(train_result.metrics)
+        if eval_blocks is not None:
+            metrics.update(trainer.evaluate())
+    except BaseException:
+        # Keep checkpoints (they are what --resume_from_checkpoint needs); drop a folder holding nothing useful.
+        if created_output and training_args.should_save and out.is_dir() and get_last_checkpoint(str(out)) is None:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    metrics.update(train_blocks=num_train_blocks, block_size=block_size, data_source=raw.source,
+                   num_parameters=sum(p.numel() for p in model.parameters()), world_size=training_args.world_size,
+                   tokens_per_step=block_size * training_args.per_device_train_batch_size
+                   * training_args.gradient_accumulation_steps * training_args.world_size)
+    if training_args.should_save:
+        finalize_output_folder(trainer, out, metrics, {
+            "model_args": asdict(model_args), "data_args": asdict(data_args),
+            "training_args": json.loads(training_args.to_json_string()),
+            "init_optimizer_from": None if optimizer_source is None else str(optimizer_source),
+        })
+    trainer.accelerator.wait_for_everyone()
+    return TrainingOutcome(output_dir=out, metrics=metrics, trainer=trainer)
+
+
+def finalize_output_folder(trainer: Trainer, out: Path, metrics: dict, arguments: dict) -> None:
+    """Write the finished model folder: weights, config (with auto_map), generation config, tokenizer, both code
+    files, training arguments, results and plots. Everything is written into a staging folder first and then
+    moved into `out` file by file, config.json last, so a folder with a config.json is a complete model.
+
+    This is the single place where the output folder is finalised: anything else that belongs in the published
+    folder (e.g. the model card) is added to `staging` below.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".final-", suffix=".partial", dir=out))
+    try:
+        trainer.model.config.output_routing_stats = False
+        trainer.save_model(str(staging))  # model.safetensors, config, generation config, code, tokenizer, args
+        write_training_plots(trainer.state.log_history, staging)
+        (staging / RESULTS_FILE).write_text(json.dumps(metrics, indent=2, default=str) + "\n", encoding="utf-8")
+        (staging / ARGUMENTS_FILE).write_text(json.dumps(arguments, indent=2, default=str) + "\n", encoding="utf-8")
+        # ---- FINALISE HOOK: the model card (`mot card` refresh, issue 6) is rendered into `staging` here. ----
+        names = sorted(p.name for p in staging.iterdir())
+        for name in sorted(names, key=lambda n: n == "config.json"):  # config.json last: marks completion
+            os.replace(staging / name, out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    model_args, data_args, training_args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    outcome = run_training(model_args, data_args, training_args)
+    if training_args.should_log:
+        loss = outcome.eval_loss
+        summary = "no validation set" if loss is None else f"final eval loss {loss:.4f}"
+        print(f"\nmot train: {summary}; model saved to {outcome.output_dir.resolve()}", flush=True)
+    return 0
+
+
+def _console_entry() -> int:
+    try:
+        return main()
+    except UserError as error:
+        print(f"mot train: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(_console_entry())
