@@ -174,6 +174,9 @@ class _Handler(BaseHTTPRequestHandler):
         with self.state.lock:
             self.state.requests.append((self.command, path))
         try:
+            # Read the whole body before answering, even when the answer is an error: a body left unread on a
+            # kept-alive connection would be parsed as the next request.
+            self.body = self._body()
             for method, pattern, handler in ROUTES:
                 match = re.fullmatch(pattern, path)
                 if method == self.command and match:
@@ -181,7 +184,8 @@ class _Handler(BaseHTTPRequestHandler):
             with self.state.lock:
                 self.state.unhandled.append((self.command, path))
             self._error(404, f"no route for {self.command} {path}")
-        except ValueError as error:
+        except ValueError as error:  # malformed or oversized request
+            self.close_connection = True
             self._error(400, str(error))
 
     do_GET = do_HEAD = do_POST = do_PUT = _dispatch
@@ -205,7 +209,7 @@ class _Handler(BaseHTTPRequestHandler):
     def create_repo(self, query) -> None:
         if not self._authorized():
             return
-        payload = json.loads(self._body())
+        payload = json.loads(self.body)
         repo_id = f"{payload.get('organization') or USER}/{payload['name']}"
         with self.state.lock:
             if repo_id in self.state.repos:
@@ -218,7 +222,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(200, {"url": f"{self.state.url}/{repo_id}", "name": repo_id, "id": repo_id})
 
     def validate_yaml(self, query) -> None:
-        payload = json.loads(self._body())
+        payload = json.loads(self.body)
         if not isinstance(payload.get("content"), str):
             return self._json(400, {"errors": [{"message": "content must be a string"}]})
         self._json(200, {"errors": [], "warnings": []})
@@ -226,7 +230,7 @@ class _Handler(BaseHTTPRequestHandler):
     def preupload(self, query, repo, revision) -> None:
         if not self._authorized() or self._repo(repo, revision) is None:
             return
-        files = json.loads(self._body())["files"]
+        files = json.loads(self.body)["files"]
         answer = [{"path": f["path"], "shouldIgnore": False, "oid": None,
                    "uploadMode": "lfs" if f["path"].endswith(LFS_SUFFIXES) or f["size"] >= LFS_MIN_SIZE else "regular"}
                   for f in files]
@@ -235,7 +239,7 @@ class _Handler(BaseHTTPRequestHandler):
     def lfs_batch(self, query, repo) -> None:
         if not self._authorized() or self._repo(repo) is None:
             return
-        payload = json.loads(self._body())
+        payload = json.loads(self.body)
         if payload.get("operation") != "upload" or "basic" not in payload.get("transfers", ["basic"]):
             raise ValueError("only the LFS 'basic' upload transfer is supported")
         objects = []
@@ -251,7 +255,7 @@ class _Handler(BaseHTTPRequestHandler):
                    content_type="application/vnd.git-lfs+json")
 
     def lfs_upload(self, query, oid) -> None:
-        content = self._body()
+        content = self.body
         if hashlib.sha256(content).hexdigest() != oid:
             raise ValueError(f"uploaded content does not match its sha256 {oid}")
         with self.state.lock:
@@ -259,7 +263,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200)
 
     def lfs_verify(self, query) -> None:
-        payload = json.loads(self._body())
+        payload = json.loads(self.body)
         content = self.state.lfs_objects.get(payload["oid"])
         if content is None or len(content) != payload["size"]:
             return self._error(404, f"LFS object {payload['oid']} was not uploaded")
@@ -272,7 +276,7 @@ class _Handler(BaseHTTPRequestHandler):
         if found is None:
             return
         repo_state, parent = found
-        lines = [json.loads(line) for line in self._body().splitlines() if line.strip()]
+        lines = [json.loads(line) for line in self.body.splitlines() if line.strip()]
         files = dict(repo_state.commits[parent])
         lfs_paths = set(repo_state.lfs_paths[parent])
         summary = ""
