@@ -101,6 +101,15 @@ def _completed_config(model_dir: Path) -> bytes | None:
     return (json.dumps(raw, indent=2, sort_keys=True) + "\n").encode()
 
 
+def _without_local_paths(record):
+    """A JSON record minus `*_path` entries (at any depth): the author's file system has no place on the Hub."""
+    if isinstance(record, dict):
+        return {k: _without_local_paths(v) for k, v in record.items() if not str(k).endswith("_path")}
+    if isinstance(record, list):
+        return [_without_local_paths(v) for v in record]
+    return record
+
+
 def plan_upload(model_dir: str | Path) -> UploadPlan:
     """Validate a model folder and list what a push uploads. Raises `UserError` before any network call."""
     model_dir = Path(model_dir)
@@ -132,6 +141,9 @@ def plan_upload(model_dir: str | Path) -> UploadPlan:
         if path.is_file() and any(fnmatch.fnmatchcase(relative, p) and relative.count("/") == p.count("/")
                                   for p in OTHER_PATTERNS):
             files.setdefault(relative, path)
+    if "conversion.json" in files:  # `mot convert` records where its source lived locally
+        record = json.loads(files.pop("conversion.json").read_text(encoding="utf-8"))
+        contents["conversion.json"] = (json.dumps(_without_local_paths(record), indent=2) + "\n").encode()
     return UploadPlan(files, contents)
 
 

@@ -350,3 +350,14 @@ def test_push_to_a_branch_of_a_private_repo_and_pull_errors(model_dir, tmp_path,
     assert mot(["pull", "not a repo", str(tmp_path / "out")]) == 2
     assert "invalid repo id 'not a repo'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # nothing half-downloaded
+
+
+def test_conversion_record_is_uploaded_without_local_paths(model_dir, tmp_path):
+    folder = _without(model_dir, tmp_path)
+    (folder / "conversion.json").write_text(json.dumps({
+        "base_model": "org/tiny-mot", "base_model_path": "/home/someone/tiny-mot",
+        "base_model_lineage": {"base_model": "org/older", "base_model_path": "/home/someone/older"}}))
+    plan = plan_upload(folder)
+    assert json.loads(plan.contents["conversion.json"]) == {
+        "base_model": "org/tiny-mot", "base_model_lineage": {"base_model": "org/older"}}
+    assert "conversion.json" not in plan.files and "optimizer.pt" not in plan.paths()
