@@ -110,6 +110,8 @@ def resolve_local_files(spec: str) -> tuple[str, list[str]]:
         raise UserError(f"unsupported data file {str(path)!r}; supported suffixes: {', '.join(LOCAL_FORMATS)}")
     if len(builders) > 1:
         raise UserError(f"folder {spec!r} mixes formats ({', '.join(sorted(builders))}); use one kind of file")
+    if all(p.stat().st_size == 0 for p in files):
+        raise UserError(f"dataset {spec!r} is empty: it has no rows of text")
     return builders.pop(), [str(p) for p in files]
 
 

@@ -184,7 +184,12 @@ class MoTTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.telemetry = RoutingTelemetryCallback(write_plots_at_end=plots_at_end)
         self.callback_handler.callbacks.insert(0, self.telemetry)
-        self.init_optimizer_from = None if init_optimizer_from is None else Path(init_optimizer_from)
+        self.init_optimizer_from = None
+        if init_optimizer_from is not None:
+            self.init_optimizer_from = find_optimizer_checkpoint(init_optimizer_from)
+            if self.init_optimizer_from is None:
+                raise UserError(f"--init_optimizer_from {str(init_optimizer_from)!r}: no Trainer checkpoint with "
+                                "optimizer.pt there")
         self._staging_run_dir: str | None = None
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
@@ -416,12 +421,14 @@ def run_training(
     model=None,
     tokenizer=None,
     init_optimizer_from: str | os.PathLike | None = None,
+    callbacks: list | None = None,
 ) -> TrainingOutcome:
     """Train and write a complete model folder to `training_args.output_dir`. Reusable by other commands.
 
     `model`/`tokenizer`: use these instead of building them from `model_args` (e.g. a converted model).
     `init_optimizer_from`: a Trainer checkpoint (or run folder) whose optimizer state and LR-schedule position
     this run continues (overrides `model_args.init_optimizer_from`); see `MoTTrainer`.
+    `callbacks`: extra `TrainerCallback`s.
     Raises `UserError` for bad input, before anything is written.
     """
     resume = resolve_resume(training_args)
@@ -432,12 +439,9 @@ def run_training(
     if data_args.streaming and training_args.max_steps <= 0:
         raise UserError("--streaming needs --max_steps (a stream has no known length)")
     optimizer_source = init_optimizer_from or model_args.init_optimizer_from
-    if optimizer_source is not None:
-        found = find_optimizer_checkpoint(optimizer_source)
-        if found is None:
-            raise UserError(f"--init_optimizer_from {str(optimizer_source)!r}: no Trainer checkpoint with "
-                            "optimizer.pt there")
-        optimizer_source = found
+    if optimizer_source is not None and find_optimizer_checkpoint(optimizer_source) is None:
+        raise UserError(f"--init_optimizer_from {str(optimizer_source)!r}: no Trainer checkpoint with optimizer.pt "
+                        "there")
 
     raw = load_raw_text(data_args)
     if tokenizer is None:
@@ -464,6 +468,7 @@ def run_training(
         model=model, args=training_args, train_dataset=train_blocks, eval_dataset=eval_blocks,
         data_collator=collate_blocks, processing_class=tokenizer, init_optimizer_from=optimizer_source,
         plots_at_end=False,  # drawn by finalize_output_folder, after the final evaluation
+        callbacks=callbacks,
     )
     try:
         train_result = trainer.train(resume_from_checkpoint=resume)
@@ -483,7 +488,7 @@ def run_training(
         finalize_output_folder(trainer, out, metrics, {
             "model_args": asdict(model_args), "data_args": asdict(data_args),
             "training_args": json.loads(training_args.to_json_string()),
-            "init_optimizer_from": None if optimizer_source is None else str(optimizer_source),
+            "init_optimizer_from": None if trainer.init_optimizer_from is None else str(trainer.init_optimizer_from),
         })
     trainer.accelerator.wait_for_everyone()
     return TrainingOutcome(output_dir=out, metrics=metrics, trainer=trainer)
