@@ -199,5 +199,115 @@ def convert_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+# Settings of the source run that the transition keeps unless given on the command line: the optimizer and the
+# learning-rate schedule it continues, the batch shape, and the training data.
+CONTINUED_TRAINING_ARGS = (
+    "learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "weight_decay", "max_grad_norm",
+    "adam_beta1", "adam_beta2", "adam_epsilon", "optim", "per_device_train_batch_size",
+    "gradient_accumulation_steps", "per_device_eval_batch_size",
+)
+RESERVED_TRAIN_FLAGS = ("output_dir", "max_steps", "init_from", "init_optimizer_from", "preset", "config",
+                        "resume_from_checkpoint", "num_train_epochs", "overwrite_output_dir")
+
+
+def _given_flags(argv: list[str]) -> set[str]:
+    """Names of the `--flag` options in `argv` (dashes read as underscores, `--a=b` included)."""
+    return {item[2:].split("=", 1)[0].replace("-", "_") for item in argv if item.startswith("--")}
+
+
+def _inherit_source_settings(src: Path, given: set[str], data_args, training_args) -> list[str]:
+    """Copy the source run's optimizer, schedule, batch and data settings that the user did not give."""
+    from .train import ARGUMENTS_FILE
+
+    recorded = src / ARGUMENTS_FILE
+    if not recorded.is_file():
+        return []
+    arguments = json.loads(recorded.read_text(encoding="utf-8"))
+    inherited = []
+    sources = [(training_args, arguments.get("training_args") or {}, CONTINUED_TRAINING_ARGS),
+               (data_args, arguments.get("data_args") or {}, tuple(arguments.get("data_args") or {}))]
+    for target, values, names in sources:
+        for name in names:
+            if name in values and name not in given and hasattr(target, name):
+                setattr(target, name, values[name])
+                inherited.append(name)
+    return inherited
+
+
+def transition(argv: list[str]):
+    """`mot transition`: convert SRC to Token Choice and train it `--steps` more steps into DST.
+
+    Returns the `TrainingOutcome` of the training run plus the optimizer checkpoint that was continued (or None).
+    """
+    from transformers import AutoTokenizer
+
+    from .train import checkpoint_global_step, find_optimizer_checkpoint, parse_args, run_training
+
+    parser = argparse.ArgumentParser(
+        prog="mot transition",
+        description="Transition tuning: convert a MoT model to Token Choice and continue training it, keeping the "
+                    "optimizer state and learning-rate schedule of the source run's last Trainer checkpoint. "
+                    "Any other `mot train` flag (data, batch size, logging, ...) may follow; by default the "
+                    "source run's data, batch and optimizer settings are reused.",
+    )
+    _add_conversion_arguments(parser)
+    parser.add_argument("--steps", type=int, required=True,
+                        help="training steps after the switch (the paper: 10%% of the MoT run)")
+    args, train_argv = parser.parse_known_args(argv)
+    reserved = sorted(_given_flags(train_argv) & set(RESERVED_TRAIN_FLAGS))
+    if reserved:
+        raise UserError(f"--{reserved[0]} is set by mot transition itself (SRC, DST and --steps); remove it")
+    if args.steps <= 0:
+        raise UserError(f"--steps must be a positive number of training steps, got {args.steps}")
+    src, dst = Path(args.src), Path(args.dst)
+    source_config = _load_source_config(src)
+    if "mot" not in source_config.mlp_types:
+        raise UserError(f"{str(src)!r} has no MoT layers (mlp_types {source_config.mlp_types}); transition tuning "
+                        "starts from a Mixture of Tokens model")
+    target_config = converted_config(source_config, "token_choice", args.top_k, args.capacity_factor)
+    if dst.exists() and not args.overwrite:
+        raise UserError(f"{dst} already exists; pass --overwrite to replace it")
+    if src.resolve() == dst.resolve():
+        raise UserError("SRC and DST are the same folder; write the transition-tuned model to a new folder")
+
+    model_args, data_args, training_args = parse_args(
+        train_argv + ["--output_dir", str(dst), "--max_steps", str(args.steps)]
+        + (["--overwrite_output_dir"] if args.overwrite else [])
+    )
+    inherited = _inherit_source_settings(src, _given_flags(train_argv), data_args, training_args)
+    checkpoint = find_optimizer_checkpoint(src)
+    if checkpoint is None:
+        print(f"mot transition: no Trainer checkpoint with optimizer.pt in {src}: starting a fresh optimizer and "
+              "learning-rate schedule", file=sys.stderr)
+    else:
+        print(f"mot transition: continuing the optimizer state and learning-rate schedule of {checkpoint} "
+              f"(step {checkpoint_global_step(checkpoint)})", file=sys.stderr)
+    if inherited:
+        print(f"mot transition: reusing the source run's {', '.join(inherited)}", file=sys.stderr)
+
+    model, set_aside = load_converted_model(src, target_config)
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    outcome = run_training(model_args, data_args, training_args, model=model, tokenizer=tokenizer,
+                           init_optimizer_from=checkpoint)
+    if training_args.should_save:
+        from safetensors.torch import save_file
+
+        if set_aside:
+            save_file({name: tensor.contiguous() for name, tensor in set_aside.items()}, dst / SET_ASIDE_FILE)
+        lineage = _lineage(str(src), src, source_config, target_config, {
+            "method": "transition",
+            "transition_steps": args.steps,
+            "optimizer_continued_from": None if checkpoint is None else checkpoint.name,
+            "source_steps": None if checkpoint is None else checkpoint_global_step(checkpoint),
+        })
+        (dst / CONVERSION_FILE).write_text(json.dumps(lineage, indent=2) + "\n")
+        write_card(dst)
+    return outcome, checkpoint
+
+
 def transition_main(argv: list[str] | None = None) -> int:
-    raise UserError("mot transition is not available yet")
+    outcome, _ = transition(sys.argv[1:] if argv is None else argv)
+    loss = outcome.eval_loss
+    summary = "" if loss is None else f"; final eval loss {loss:.4f}"
+    print(f"mot transition: Token Choice model saved to {outcome.output_dir}{summary}")
+    return 0
