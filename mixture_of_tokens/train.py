@@ -460,6 +460,11 @@ def run_training(
     else:
         training_args.eval_strategy = IntervalStrategy.NO
 
+    if training_args.ddp_find_unused_parameters is None:
+        # Every parameter takes part in every step, except a uniform-routing MoT's frozen controller; telling DDP
+        # saves it a traversal of the autograd graph per step.
+        training_args.ddp_find_unused_parameters = "mot" in config.mlp_types and config.mot_routing == "uniform"
+
     out = Path(training_args.output_dir)
     if out.exists() and resume is None and training_args.overwrite_output_dir and training_args.should_save:
         shutil.rmtree(out)

@@ -356,8 +356,10 @@ def test_two_process_cpu_run(tmp_path, launcher):
     if launcher == "torchrun":
         command = [str(bin_dir / "torchrun"), "--nproc_per_node", "2", "--master_port", "29531", *train]
     else:
-        command = [str(bin_dir / "accelerate"), "launch", "--num_processes", "2", "--cpu", "--main_process_port",
-                   "29532", *train]
+        # accelerate's --cpu launches one process; its torch.distributed launcher (--multi_gpu) runs CPU workers
+        # too when the script itself is told --use_cpu.
+        command = [str(bin_dir / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+                   "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29532", *train]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
