@@ -1,0 +1,109 @@
+"""Forward+backward time of each feed-forward type at equal FLOPs per token (the paper's Medium sizes).
+
+    python bench/layer.py --out bench/results/layer.json
+
+Dense: d=512, d_ff=2048. MoT: G=32, E=32, f=2048 (flop-matched: E*f/G = d_ff). Token Choice and Expert Choice
+use the same E and f with one expert per token. Input: 32 x 256 tokens. The types are timed in interleaved
+rounds and the median of each is reported, so a background load slows all of them alike and the ratios stay
+meaningful on a shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from mixture_of_tokens import MoTConfig
+from mixture_of_tokens.modeling_mot import FEED_FORWARD_CLASSES, MoTPreTrainedModel
+
+FFN_TYPES = ["dense", "mot", "token_choice", "expert_choice"]
+
+
+def build_layer(ffn_type: str, config: MoTConfig, device: str) -> torch.nn.Module:
+    layer = FEED_FORWARD_CLASSES[ffn_type](config)
+    # Initialise as the model does (truncated normal, std sqrt(0.1 / fan_in)).
+    initialiser = MoTPreTrainedModel.__new__(MoTPreTrainedModel)
+    initialiser.config = config
+    for module in layer.modules():
+        initialiser._init_weights(module)
+    return layer.to(device).train()
+
+
+def time_step(layer, inputs, dtype, device) -> float:
+    autocast = torch.autocast(device_type=device, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    with autocast:
+        output, _ = layer(inputs)
+    output.float().square().mean().backward()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def benchmark(dtype: torch.dtype, rounds: int, warmup: int, device: str, batch: int, seq: int) -> dict[str, float]:
+    config = MoTConfig.from_preset("mot-medium-32e")
+    layers = {name: build_layer(name, config, device) for name in FFN_TYPES}
+    inputs = torch.randn(batch, seq, config.hidden_size, device=device, requires_grad=True)
+    times: dict[str, list[float]] = {name: [] for name in FFN_TYPES}
+    for round_index in range(warmup + rounds):
+        for name, layer in layers.items():
+            elapsed = time_step(layer, inputs, dtype, device)
+            layer.zero_grad(set_to_none=True)
+            inputs.grad = None
+            if round_index >= warmup:
+                times[name].append(elapsed)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="bench/results/layer.json", help="where to write the JSON results")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+
+    results: dict = {
+        "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "tokens": args.batch * args.seq,
+        "rounds": args.rounds,
+        "seconds": {},
+    }
+    print(f"feed-forward forward+backward, {args.batch}x{args.seq} tokens, d=512, d_ff=2048, G=32, E=32, f=2048, "
+          f"{args.device}, {results['threads']} threads (median of {args.rounds})")
+    print(f"{'type':<14}{'bf16 ms':>10}{'x dense':>9}{'fp32 ms':>10}{'x dense':>9}")
+    for label, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        results["seconds"][label] = benchmark(dtype, args.rounds, args.warmup, args.device, args.batch, args.seq)
+    for name in FFN_TYPES:
+        row = f"{name:<14}"
+        for label in ("bf16", "fp32"):
+            seconds = results["seconds"][label]
+            row += f"{seconds[name] * 1e3:>10.1f}{seconds[name] / seconds['dense']:>9.2f}"
+        print(row)
+    for label in ("bf16", "fp32"):
+        seconds = results["seconds"][label]
+        for name in FFN_TYPES[1:]:
+            results[f"{name}_over_dense_{label}"] = seconds[name] / seconds["dense"]
+    print(f"mot_over_dense_bf16 = {results['mot_over_dense_bf16']:.3f}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
