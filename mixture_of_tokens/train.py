@@ -456,7 +456,13 @@ def run_training(
             data_args.max_eval_blocks)
     num_train_blocks = require_blocks(train_blocks, raw.source, block_size, "training")
     if eval_blocks is not None:
-        require_blocks(eval_blocks, raw.source, block_size, "validation")
+        num_eval_blocks = require_blocks(eval_blocks, raw.source, block_size, "validation")
+        eval_batch = training_args.per_device_eval_batch_size * training_args.world_size
+        if training_args.dataloader_drop_last and 0 <= num_eval_blocks < eval_batch:
+            raise UserError(f"the validation text gives {num_eval_blocks} blocks of {block_size} tokens, fewer than "
+                            f"one evaluation batch ({eval_batch}), so nothing would be evaluated; raise "
+                            "--validation_split_percentage, give a longer --validation_file or lower "
+                            "--per_device_eval_batch_size")
     else:
         training_args.eval_strategy = IntervalStrategy.NO
 
