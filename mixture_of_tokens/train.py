@@ -125,6 +125,7 @@ class MoTTrainingArguments(TrainingArguments):
     per_device_train_batch_size: int = field(default=32, metadata={
         "help": "Sequences per device per micro-batch; must be a multiple of group_size for MoT/Expert Choice."})
     per_device_eval_batch_size: int = field(default=32, metadata={"help": "Same rule as the training batch."})
+    dataloader_pin_memory: bool = field(default=torch.cuda.is_available(), metadata={"help": "Pin memory (GPU only)."})
     dataloader_drop_last: bool = field(default=True, metadata={"help": "Never form a partial (smaller) group."})
     logging_steps: float = 10
     eval_strategy: IntervalStrategy | str = "steps"
