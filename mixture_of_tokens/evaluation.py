@@ -17,6 +17,7 @@ import math
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -75,8 +76,33 @@ def parse_tasks(text: str) -> list[str]:
     return tasks
 
 
-def build_task_specs(tasks: list[str], task_manager, data_dir: str | None, cache_dir: Path | None = None) -> tuple[list, dict]:
-    """Task specs for `simple_evaluate` and where each task's documents come from.
+# Folder of each paper task inside lm_eval/tasks: indexing only these takes a fraction of a second, where scanning
+# every task lm-eval ships takes many seconds.
+STOCK_TASK_FOLDERS = {"piqa": "piqa", "hellaswag": "hellaswag", "arc_easy": "arc"}
+
+
+@dataclass
+class PreparedTasks:
+    """Validated tasks, ready for `simple_evaluate`; built before the model loads so bad input fails fast."""
+
+    names: list[str]
+    task_manager: object  # lm_eval.tasks.TaskManager
+    specs: list  # task names (Hub data) or stock task configs pointing at local files
+    sources: dict  # task -> where its documents come from
+
+
+def make_task_manager(tasks: list[str]):
+    import lm_eval.tasks
+    from lm_eval.tasks import TaskManager
+
+    if set(tasks) <= set(STOCK_TASK_FOLDERS):
+        root = Path(lm_eval.tasks.__file__).parent
+        return TaskManager(include_defaults=False, include_path=[str(root / STOCK_TASK_FOLDERS[t]) for t in tasks])
+    return TaskManager()
+
+
+def prepare_tasks(tasks: list[str], data_dir: str | None = None, cache_dir: Path | None = None) -> PreparedTasks:
+    """Check the task names (and data files), and build the specs.
 
     Online, a spec is the stock task's name. With `data_dir`, it is the stock task's own YAML (prompt, process_docs,
     metrics) with only the dataset location replaced by the converted local file.
@@ -85,17 +111,20 @@ def build_task_specs(tasks: list[str], task_manager, data_dir: str | None, cache
 
     from . import eval_data
 
+    if data_dir is not None:
+        for task in tasks:
+            if task not in eval_data.LOCAL_TASKS:
+                raise UserError(f"unknown task {task!r} for --data_dir; local tasks are: {', '.join(eval_data.LOCAL_TASKS)}")
+        data_dir = eval_data.check_data_dir(data_dir, tasks)
+    task_manager = make_task_manager(tasks)
     if data_dir is None:
         known = set(task_manager.all_tasks)
         for task in tasks:
             if task not in known:
                 raise UserError(f"unknown task {task!r}; the paper's tasks are {', '.join(DEFAULT_TASKS)} "
                                 "(any lm-eval task name works online; `lm-eval ls tasks` lists them)")
-        return list(tasks), {task: "hub (the stock task's dataset_path)" for task in tasks}
-    for task in tasks:
-        if task not in eval_data.LOCAL_TASKS:
-            raise UserError(f"unknown task {task!r} for --data_dir; local tasks are: {', '.join(eval_data.LOCAL_TASKS)}")
-    data_dir = eval_data.check_data_dir(data_dir, tasks)
+        return PreparedTasks(list(tasks), task_manager, list(tasks),
+                             {task: "hub (the stock task's dataset_path)" for task in tasks})
     specs, sources = [], {}
     for task in tasks:
         data_file = eval_data.prepare_local_file(task, data_dir, cache_dir)
@@ -104,7 +133,7 @@ def build_task_specs(tasks: list[str], task_manager, data_dir: str | None, cache
         specs.append(config)
         sources[task] = {"converted_file": str(data_file),
                          "release_files": [str(data_dir / f) for f in eval_data.LOCAL_TASKS[task].files]}
-    return specs, sources
+    return PreparedTasks(list(tasks), task_manager, specs, sources)
 
 
 def make_lm(model, tokenizer, backend: str, batch_size: int | None):
@@ -118,21 +147,20 @@ def make_lm(model, tokenizer, backend: str, batch_size: int | None):
     return MoTLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
 
 
-def run_tasks(model, tokenizer, tasks: list[str], *, limit: int | None = None, batch_size: int | None = None,
-              data_dir: str | None = None, backend: str = "mot", cache_dir: Path | None = None) -> dict:
+def run_tasks(model, tokenizer, tasks: list[str] | PreparedTasks, *, limit: int | None = None,
+              batch_size: int | None = None, data_dir: str | None = None, backend: str = "mot",
+              cache_dir: Path | None = None) -> dict:
     """Run lm-eval's `simple_evaluate`; return its results dict plus our metadata under `mot_eval`."""
     from lm_eval import evaluator
-    from lm_eval.tasks import TaskManager
 
-    task_manager = TaskManager()
-    specs, sources = build_task_specs(tasks, task_manager, data_dir, cache_dir)
+    prepared = tasks if isinstance(tasks, PreparedTasks) else prepare_tasks(tasks, data_dir, cache_dir)
     lm = make_lm(model, tokenizer, backend, batch_size)
     started = time.perf_counter()
-    results = evaluator.simple_evaluate(model=lm, tasks=specs, limit=limit, task_manager=task_manager,
-                                        log_samples=False)
+    results = evaluator.simple_evaluate(model=lm, tasks=prepared.specs, limit=limit,
+                                        task_manager=prepared.task_manager, log_samples=False)
     results["mot_eval"] = {
         "backend": backend,
-        "data_sources": sources,
+        "data_sources": prepared.sources,
         "wall_time_s": round(time.perf_counter() - started, 2),
         **(lm.mot_metadata() if hasattr(lm, "mot_metadata") else {"batch_size": lm.batch_size}),
     }
@@ -283,18 +311,16 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None and value <= 0:
             raise UserError(f"--{name} must be a positive integer, got {value}")
     tasks = parse_tasks(args.tasks) if args.tasks is not None else ([] if args.perplexity else list(DEFAULT_TASKS))
-    if args.data_dir is not None:
-        from .eval_data import check_data_dir
-
-        check_data_dir(args.data_dir, tasks)  # fail before loading the model
+    # Everything that can be wrong with the input is checked before the model loads.
+    prepared = prepare_tasks(tasks, args.data_dir, args.cache_dir) if tasks else None
     if args.perplexity is not None and not Path(args.perplexity).is_file():
         raise UserError(f"--perplexity file {args.perplexity} does not exist")
     model, tokenizer = load_model_and_tokenizer(args.model, mot_routing=args.mot_routing, device=args.device)
 
     results = None
-    if tasks:
-        results = run_tasks(model, tokenizer, tasks, limit=args.limit, batch_size=args.batch_size,
-                            data_dir=args.data_dir, backend=args.backend, cache_dir=args.cache_dir)
+    if prepared is not None:
+        results = run_tasks(model, tokenizer, prepared, limit=args.limit, batch_size=args.batch_size,
+                            backend=args.backend)
         results["mot_eval"]["model"] = str(args.model)
         from lm_eval.utils import make_table
 
@@ -323,4 +349,4 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["main", "load_model_and_tokenizer", "run_tasks", "perplexity", "build_task_specs", "DEFAULT_TASKS"]
+__all__ = ["main", "load_model_and_tokenizer", "run_tasks", "perplexity", "prepare_tasks", "DEFAULT_TASKS"]

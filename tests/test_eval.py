@@ -12,7 +12,7 @@ import torch
 
 from mixture_of_tokens import cli
 from mixture_of_tokens.eval_data import convert_arc, convert_hellaswag, convert_piqa
-from mixture_of_tokens.evaluation import load_model_and_tokenizer, run_tasks
+from mixture_of_tokens.evaluation import load_model_and_tokenizer, prepare_tasks, run_tasks
 
 TASKS = ["piqa", "hellaswag", "arc_easy"]
 LIMIT = 20
@@ -26,10 +26,9 @@ def _offline(monkeypatch, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def task_manager():
-    from lm_eval.tasks import TaskManager
-
-    return TaskManager()
+def local_tasks(shared_data, tmp_path_factory):
+    """The three stock tasks on the converted release files (built once, shared by the runs below)."""
+    return prepare_tasks(TASKS, str(shared_data), cache_dir=tmp_path_factory.mktemp("converted"))
 
 
 def accuracies(results: dict) -> dict[tuple[str, str], float]:
@@ -63,13 +62,10 @@ def test_converters_reproduce_hub_fields(shared_data):
     assert arc[0]["choices"]["label"] == ["A", "B", "C", "D"] and arc[0]["answerKey"] == "A"
 
 
-def test_stock_tasks_read_local_files(shared_data, task_manager, tmp_path):
+def test_stock_tasks_read_local_files(local_tasks):
     """The stock YAMLs (prompts, hellaswag's process_docs, targets) applied to the converted documents."""
-    from mixture_of_tokens.evaluation import build_task_specs
-
-    specs, sources = build_task_specs(TASKS, task_manager, str(shared_data), cache_dir=tmp_path)
-    assert all(source["converted_file"].startswith(str(tmp_path)) for source in sources.values())
-    tasks = task_manager.load(specs)["tasks"]
+    assert all(source["release_files"] for source in local_tasks.sources.values())
+    tasks = local_tasks.task_manager.load(local_tasks.specs)["tasks"]
     piqa = tasks["piqa"].validation_docs()[1]
     assert tasks["piqa"].doc_to_text(piqa) == "Question: dresser\nAnswer:"
     assert tasks["piqa"].doc_to_choice(piqa) == [PIQA_LINE_2["sol1"], PIQA_LINE_2["sol2"]]
@@ -110,10 +106,11 @@ def test_mot_runs_all_tasks_and_records_groups(mot_run):
     assert mot_run["config"]["limit"] == LIMIT
 
 
-def test_mot_task_scores_do_not_depend_on_other_tasks(mot_run, trained_tiny_mot, shared_data):
+def test_mot_task_scores_do_not_depend_on_other_tasks(mot_run, trained_tiny_mot, shared_data, tmp_path):
     """Batches are formed per task, so piqa alone scores exactly as piqa inside the three-task run."""
     model, tokenizer = load_model_and_tokenizer(trained_tiny_mot)
-    alone = run_tasks(model, tokenizer, ["piqa"], limit=LIMIT, batch_size=8, data_dir=str(shared_data))
+    alone = run_tasks(model, tokenizer, ["piqa"], limit=LIMIT, batch_size=8, data_dir=str(shared_data),
+                      cache_dir=tmp_path)
     assert alone["results"]["piqa"] == mot_run["results"]["piqa"]
 
 
@@ -150,16 +147,17 @@ def test_discrete_routing_option(trained_tiny_mot, shared_data, tmp_path):
 
 
 @pytest.mark.parametrize("mlp_type", ["dense", "token_choice"])
-def test_batch_independent_models_match_stock_hf(trained_tiny_mot, shared_data, mlp_type):
+def test_batch_independent_models_match_stock_hf(trained_tiny_mot, shared_data, tmp_path, mlp_type):
     """The MoT checkpoint read as dense / Token Choice (same parameter names): batch size 1 and 8 and the stock
     `hf` lm-eval model all give identical scores."""
     # A dense block has no router/w1/w2, so the "dense" variant's last two FFNs are freshly initialised: fine here,
     # where only batch independence is tested.
     overrides = {"mlp_types": ["dense", "dense", mlp_type, mlp_type]}
     model, tokenizer = load_model_and_tokenizer(trained_tiny_mot, config_overrides=overrides)
+    # piqa and arc_easy keep the three runs short (hellaswag's long contexts at batch size 1 cost most).
+    prepared = prepare_tasks(["piqa", "arc_easy"], str(shared_data), cache_dir=tmp_path)
     runs = {
-        (backend, batch): run_tasks(model, tokenizer, TASKS, limit=LIMIT, batch_size=batch,
-                                    data_dir=str(shared_data), backend=backend)
+        (backend, batch): run_tasks(model, tokenizer, prepared, limit=LIMIT, batch_size=batch, backend=backend)
         for backend, batch in (("mot", 1), ("mot", 8), ("hf", 8))
     }
     reference = accuracies(runs[("hf", 8)])
