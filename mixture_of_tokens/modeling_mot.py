@@ -401,7 +401,8 @@ class TokenChoice(RoutedFeedForward):
         expert_inputs[slot] = tokens[token[fits]]
         expert_outputs = self.run_experts(expert_inputs.view(self.num_experts, capacity, -1))
         weighted = expert_outputs.view(-1, tokens.shape[1])[slot] * gate[fits, None].to(tokens.dtype)
-        output.index_add_(0, token[fits], weighted)
+        # index_put_(accumulate=True), not index_add_: the latter is orders of magnitude slower on CPU (torch 2.13).
+        output.index_put_((token[fits],), weighted, accumulate=True)
         return 1.0 - fits.float().mean() if fits.numel() else torch.zeros(())
 
     def _dispatch_dropless(self, tokens, output, expert, token, gate) -> None:
@@ -414,7 +415,7 @@ class TokenChoice(RoutedFeedForward):
                 chosen = order[start : start + count]
                 rows = token[chosen]
                 result = self.run_one_expert(expert_id, tokens[rows]) * gate[chosen, None].to(tokens.dtype)
-                output.index_add_(0, rows, result)
+                output.index_put_((rows,), result, accumulate=True)
                 start += count
 
 
