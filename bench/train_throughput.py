@@ -55,10 +55,10 @@ def measure(preset: str, args) -> dict:
         training_args = MoTTrainingArguments(
             output_dir=scratch, max_steps=steps, per_device_train_batch_size=args.batch, bf16=args.bf16,
             eval_strategy="no", save_strategy="no", logging_steps=10**9, report_to="none", disable_tqdm=True,
-            dataloader_num_workers=0, warmup_steps=0, seed=0,
+            dataloader_num_workers=0, warmup_steps=0, seed=0, use_cpu=not torch.cuda.is_available(),
         )
         trainer = MoTTrainer(model=model, args=training_args, train_dataset=data, data_collator=collate_blocks,
-                             callbacks=[clock])
+                             callbacks=[clock], plots_at_end=False)
         trainer.train()
     timed = clock.times[args.warmup - 1 :] if args.warmup else [clock.times[0]] + clock.times
     elapsed = timed[-1] - timed[0]
