@@ -445,6 +445,10 @@ def run_training(
                         "there")
 
     raw = load_raw_text(data_args)
+    if tokenizer is None and resume is not None and (Path(resume) / "tokenizer.json").is_file():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(resume)  # the run's own tokenizer: never retrained on resume
     if tokenizer is None:
         tokenizer = load_tokenizer(model_args, config, raw, data_args)
     if model is None:
