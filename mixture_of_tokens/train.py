@@ -26,6 +26,7 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy, get_last_checkpoint, rotate_checkpoints
 from transformers.utils import logging
 
+from .cards import refresh_card
 from .configuration_mot import PRESETS, MoTConfig
 from .data import DataArguments, collate_blocks, limit_blocks, load_raw_text, pack_blocks, require_blocks
 from .telemetry import RoutingTelemetryCallback, write_training_plots
@@ -526,12 +527,13 @@ def finalize_output_folder(trainer: Trainer, out: Path, metrics: dict, arguments
         write_training_plots(trainer.state.log_history, staging)
         (staging / RESULTS_FILE).write_text(json.dumps(metrics, indent=2, default=str) + "\n", encoding="utf-8")
         (staging / ARGUMENTS_FILE).write_text(json.dumps(arguments, indent=2, default=str) + "\n", encoding="utf-8")
-        # ---- FINALISE HOOK: the model card (`mot card` refresh, issue 6) is rendered into `staging` here. ----
         names = sorted(p.name for p in staging.iterdir())
         for name in sorted(names, key=lambda n: n == "config.json"):  # config.json last: marks completion
             os.replace(staging / name, out / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    # The card is titled after the folder, so it is rendered in place; it only reads the files moved in above.
+    refresh_card(out)
 
 
 def main(argv: list[str] | None = None) -> int:
