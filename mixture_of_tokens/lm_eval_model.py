@@ -30,6 +30,9 @@ import torch.nn.functional as F
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 BATCH_DEPENDENT_MLP_TYPES = ("mot", "expert_choice")
 
@@ -107,6 +110,7 @@ class MoTLM(HFLM):
         return results
 
     def _loglikelihood_tokens(self, requests: Sequence, disable_tqdm: bool = False, override_bs: int | None = None):
+        requests = [self._fit_window(request) for request in requests]
         if not self.batch_dependent:
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
         batch_size = override_bs or self.batch_size
@@ -122,12 +126,23 @@ class MoTLM(HFLM):
                 self.cache_hook.add_partial("loglikelihood", request, answer)
         return answers
 
+    def _fit_window(self, request):
+        """A continuation longer than the context window cannot be scored whole (HFLM stops with an assertion);
+        score its last `max_length` tokens, each with the full window before it, and say so."""
+        text, context, continuation = request
+        if len(continuation) <= self.max_length:
+            return request
+        logger.warning_once(f"Some continuations exceed the model's context of {self.max_length} tokens; only their "
+                            f"last {self.max_length} tokens are scored.")
+        cut = len(continuation) - self.max_length
+        return text, context + continuation[:cut], continuation[cut:]
+
     def _score_batch(self, batch: Sequence) -> list[tuple[float, bool]]:
         """Log-probability and greedy match of each continuation, one right-padded, masked forward pass."""
         rows = []
         for _, context, continuation in batch:
-            if not context or not continuation or len(continuation) > self.max_length:
-                raise ValueError("a loglikelihood request needs a non-empty context and a continuation that fits")
+            if not context or not continuation:
+                raise ValueError("a loglikelihood request needs a non-empty context and continuation")
             # As HFLM: truncate from the left to max_length + 1 tokens, feed all but the last.
             rows.append((context + continuation)[-(self.max_length + 1):][:-1])
         width = max(map(len, rows))
