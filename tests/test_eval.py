@@ -236,3 +236,16 @@ def test_bad_inputs_give_one_clear_error(trained_tiny_mot, shared_data, tmp_path
     missing = tmp_path / "no_model_here"
     err = run_cli_error([str(missing), "--tasks", "piqa", "--data_dir", str(shared_data)], capsys)
     assert str(missing) in err and "does not exist" in err
+
+
+def test_continuation_longer_than_the_context_window(trained_tiny_mot, novels_text):
+    """HFLM stops with an assertion here; MoTLM scores the continuation's last max_length tokens."""
+    from mixture_of_tokens.lm_eval_model import MoTLM
+
+    model, tokenizer = load_model_and_tokenizer(trained_tiny_mot)
+    lm = MoTLM(model, tokenizer=tokenizer, batch_size=8)
+    ids = tokenizer(novels_text[:5000], add_special_tokens=False)["input_ids"][:150]
+    too_long = (("", ""), ids[:5], ids[5:])  # 145 continuation tokens, max_length is 128
+    fitted = (("", ""), ids[:17], ids[17:])
+    (long_score, _), (fitted_score, _) = lm._loglikelihood_tokens([too_long, fitted], disable_tqdm=True)
+    assert math.isfinite(long_score) and long_score == pytest.approx(fitted_score, abs=1e-4)
