@@ -104,6 +104,10 @@ def test_end_to_end_on_novels_eval_loss_drops_and_folder_is_hub_ready(tmp_path, 
     assert entropies and all(0 <= value <= math.log(4) + 1e-6 for value in entropies)
     assert not any("routing/layer_0/mixing_entropy" in entry for entry in history)  # dense block
 
+    # The model card was rendered from the finished folder and says the model depends on the batch.
+    card = (out / "README.md").read_text()
+    assert "batch" in card.lower() and "mot" in card.lower()
+
 
 class StopAtStep(TrainerCallback):
     """Simulates a crash (an exception) right after optimizer step `step`, before that step's checkpoint."""
