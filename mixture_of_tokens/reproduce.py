@@ -89,7 +89,7 @@ def make_budget(scale: int, smoke: bool, steps: int | None = None, zero_shot_lim
     else:
         budget = Budget(steps=200 * scale, hidden_size=128 * scale, num_layers=4, num_heads=4 * scale,
                         d_ff=256 * scale, block_size=min(64 * scale, 256), vocab_size=min(2048 * scale, 8192),
-                        batch_size=32, eval_every=20 * scale, eval_blocks=64, zero_shot_limit=100 * scale)
+                        batch_size=32, eval_every=20 * scale, eval_blocks=64, zero_shot_limit=50 * scale)
     changes = {}
     if steps is not None:
         changes.update(steps=steps, eval_every=max(1, steps // 10))
@@ -574,7 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "or $MOT_SHARED_DATA)")
     parser.add_argument("--steps", type=int, default=None, help="override the number of training steps per run")
     parser.add_argument("--zero_shot_limit", type=int, default=None,
-                        help="documents per zero-shot task (default 100 x scale; smoke 2)")
+                        help="documents per zero-shot task (default 50 x scale; smoke 2)")
     docs = parser.add_mutually_exclusive_group()
     docs.add_argument("--update_docs", dest="update_docs", action="store_true", default=None,
                       help="copy results.md and its plots to docs/ (default: only with the default --output_dir)")
