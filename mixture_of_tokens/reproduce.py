@@ -81,15 +81,16 @@ class Budget:
 
 
 def make_budget(scale: int, smoke: bool, steps: int | None = None, zero_shot_limit: int | None = None) -> Budget:
-    """The default: a 4-block model of width 128 for ~60 minutes on a shared 2-core CPU; `scale` multiplies width,
+    """The default: a 4-block model of width 128, 400 steps per run (under an hour in all on a shared 2-core CPU);
+    `scale` multiplies width,
     steps, context (up to the paper's 256) and vocabulary (up to 8192)."""
     if smoke:
         budget = Budget(steps=4, hidden_size=32, num_layers=2, num_heads=2, d_ff=64, block_size=16, vocab_size=512,
                         batch_size=32, eval_every=2, eval_blocks=32, zero_shot_limit=2)
     else:
-        budget = Budget(steps=200 * scale, hidden_size=128 * scale, num_layers=4, num_heads=4 * scale,
+        budget = Budget(steps=400 * scale, hidden_size=128 * scale, num_layers=4, num_heads=4 * scale,
                         d_ff=256 * scale, block_size=min(64 * scale, 256), vocab_size=min(2048 * scale, 8192),
-                        batch_size=32, eval_every=20 * scale, eval_blocks=64, zero_shot_limit=50 * scale)
+                        batch_size=32, eval_every=40 * scale, eval_blocks=64, zero_shot_limit=50 * scale)
     changes = {}
     if steps is not None:
         changes.update(steps=steps, eval_every=max(1, steps // 10))
@@ -422,8 +423,12 @@ def write_plots(results: dict, folder: Path) -> list[str]:
 # ------------------------------------------------------------------------------------------------ report
 def _fmt(value, digits=3, suffix=""):
     if value is None:
-        return "not reached"
+        return "n/a"
     return f"{value:.{digits}f}{suffix}" if isinstance(value, float) else f"{value}{suffix}"
+
+
+def _reached(amount, ratio, digits, suffix=""):
+    return "not reached" if amount is None else f"{_fmt(amount, digits, suffix)} ({_fmt(ratio)})"
 
 
 def render_markdown(results: dict) -> str:
@@ -473,8 +478,8 @@ def render_markdown(results: dict) -> str:
         c = comparison[name]
         lines.append(
             f"| {name} | {run['description']} | {run['num_parameters'] / 1e6:.2f}M | {run['final_eval_loss']:.4f} | "
-            f"{_fmt(c['steps_to_dense_final_loss'], 0)} ({_fmt(c['steps_ratio'])}) | "
-            f"{_fmt(c['time_to_dense_final_loss_s'], 0, ' s')} ({_fmt(c['time_ratio'])}) | "
+            f"{_reached(c['steps_to_dense_final_loss'], c['steps_ratio'], 0)} | "
+            f"{_reached(c['time_to_dense_final_loss_s'], c['time_ratio'], 0, ' s')} | "
             f"{c['seconds_per_step_ratio']:.2f}x |")
     lines += ["", "![eval loss vs step](results/loss_vs_step.png)", "",
               "![eval loss vs time](results/loss_vs_time.png)", "", "## bf16-only vs full-precision weights", "",
@@ -580,10 +585,16 @@ def build_parser() -> argparse.ArgumentParser:
                       help="copy results.md and its plots to docs/ (default: only with the default --output_dir)")
     docs.add_argument("--no_update_docs", dest="update_docs", action="store_false")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_dir")
+    parser.add_argument("--report_only", action="store_true",
+                        help="train nothing: redraw the plots and results.md from --output_dir's results.json")
     return parser
 
 
 def check_arguments(args) -> None:
+    if args.report_only:
+        if not (args.output_dir / "results.json").is_file():
+            raise UserError(f"--report_only: no results.json in {args.output_dir}; run the reproduction first")
+        return
     if args.scale < 1:
         raise UserError(f"--scale must be a positive integer, got {args.scale}")
     for name in ("steps", "zero_shot_limit"):
@@ -614,6 +625,10 @@ def main(argv: list[str] | None = None) -> int:
     args.data_dir = (args.data_dir or default_data_dir()).resolve()
     check_arguments(args)
     update_docs = args.update_docs if args.update_docs is not None else (default_output and not args.smoke)
+    if args.report_only:
+        results = json.loads((args.output_dir / "results.json").read_text(encoding="utf-8"))
+        write_report(results, args.output_dir, update_docs)
+        return 0
     budget = make_budget(args.scale, args.smoke, args.steps, args.zero_shot_limit)
     started = time.perf_counter()
     load_start = _load_average()
@@ -661,18 +676,23 @@ def main(argv: list[str] | None = None) -> int:
         "zero_shot": scores,
         "caveats": caveats(budget, args.smoke),
     }
-    results["plots"] = [f"{PLOTS_FOLDER}/{name}" for name in write_plots(results, out / PLOTS_FOLDER)]
     results["total_seconds"] = round(time.perf_counter() - started, 1)
     results["environment"] = {**environment(device), "load_average_start": load_start,
                               "load_average_end": _load_average()}
+    write_report(results, out, update_docs)
+    progress(f"finished in {results['total_seconds'] / 60:.1f} min")
+    return 0
+
+
+def write_report(results: dict, out: Path, update_docs: bool) -> None:
+    """Plots, results.json and results.md in `out` (and a copy of results.md and the plots in docs/)."""
+    results["plots"] = [f"{PLOTS_FOLDER}/{name}" for name in write_plots(results, out / PLOTS_FOLDER)]
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     (out / "results.md").write_text(render_markdown(results), encoding="utf-8")
-    progress(f"wrote {out / 'results.json'}, {out / 'results.md'} and {len(results['plots'])} plots "
-             f"in {results['total_seconds'] / 60:.1f} min")
+    progress(f"wrote {out / 'results.json'}, {out / 'results.md'} and {len(results['plots'])} plots")
     if update_docs:
         copy_to_docs(out)
         progress(f"copied results.md and plots to {DOCS_DIR}")
-    return 0
 
 
 def copy_to_docs(out: Path) -> None:

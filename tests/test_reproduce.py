@@ -99,6 +99,16 @@ def test_results_markdown_tables(smoke_run):
     assert "Where this differs from the paper" in text
 
 
+def test_report_only_redraws_plots_and_markdown_from_results_json(smoke_run):
+    original = (smoke_run / "results.md").read_text()
+    (smoke_run / "results.md").unlink()
+    for name in PLOT_FILES:
+        (smoke_run / "results" / name).unlink()
+    assert reproduce(["--report_only", "--output_dir", str(smoke_run)]) == 0
+    assert (smoke_run / "results.md").read_text() == original
+    assert all((smoke_run / "results" / name).is_file() for name in PLOT_FILES)
+
+
 def test_first_crossing_interpolates_and_reports_never():
     curve = [{"step": 10, "eval_loss": 5.0, "train_seconds": 1.0},
              {"step": 20, "eval_loss": 4.0, "train_seconds": 3.0}]
@@ -121,6 +131,8 @@ def test_bad_arguments_give_one_clear_error(argv, message, tmp_path, shared_data
 def test_missing_data_and_non_empty_output_are_refused(tmp_path, shared_data, capsys):
     assert mot(["reproduce", "--smoke", "--output_dir", str(tmp_path / "x"), "--data_dir", str(tmp_path)]) == 2
     assert "no novels corpus" in capsys.readouterr().err
+    assert mot(["reproduce", "--report_only", "--output_dir", str(tmp_path / "none")]) == 2
+    assert "no results.json" in capsys.readouterr().err
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("x")
     assert mot(["reproduce", "--smoke", "--output_dir", str(tmp_path / "full"), "--data_dir", str(shared_data)]) == 2
