@@ -154,36 +154,6 @@ def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
     return tensor.dtype
 
 
-class ReluExperts(torch.autograd.Function):
-    """`relu(x @ W1) @ W2` for all experts at once (`x [E, N, d]`, `W1 [E, d, f]`, `W2 [E, f, d]`), all three
-    in one dtype (callers cast; autograd then turns the weight gradients back into the parameters' dtype).
-
-    Why not plain autograd: bmm's backward multiplies by the *transposed* weights, and CPU bmm copies a
-    transposed operand into a contiguous one — a weight-sized copy (E*d*f elements) per matmul. Here the
-    backward runs in the transposed problem instead (`dx^T = W1 dh^T`), so only activations (E*N*d or E*N*f,
-    N = tokens per expert) are ever transposed, and the ReLU output is the only hidden tensor kept.
-    """
-
-    @staticmethod
-    def forward(ctx, x, w1, w2):
-        with torch.autocast(x.device.type, enabled=False):  # callers chose the dtype
-            hidden = torch.bmm(x, w1).relu_()  # [E, N, f]
-            ctx.save_for_backward(x, hidden, w1, w2)
-            return torch.bmm(hidden, w2)  # [E, N, d]
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        x, hidden, w1, w2 = ctx.saved_tensors
-        grad_output = grad_output.to(x.dtype)
-        hidden_t = hidden.transpose(1, 2).contiguous()  # [E, f, N]
-        grad_w2 = torch.bmm(hidden_t, grad_output)  # [E, f, N] @ [E, N, d]
-        grad_hidden_t = torch.bmm(w2, grad_output.transpose(1, 2).contiguous())  # [E, f, d] @ [E, d, N]
-        grad_hidden_t = torch.ops.aten.threshold_backward(grad_hidden_t, hidden_t, 0)  # ReLU'
-        grad_x_t = torch.bmm(w1, grad_hidden_t)  # [E, d, f] @ [E, f, N] -> [E, d, N]
-        grad_w1 = torch.bmm(x.transpose(1, 2).contiguous(), grad_hidden_t.transpose(1, 2).contiguous())  # [E, d, f]
-        return grad_x_t.transpose(1, 2), grad_w1, grad_w2
-
-
 def group_rows(
     hidden_states: torch.Tensor, token_mask: torch.Tensor | None, group_size: int
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -232,9 +202,6 @@ class RoutedFeedForward(nn.Module):
 
     def run_experts(self, expert_inputs: torch.Tensor) -> torch.Tensor:
         """`[E, N, d]` -> `[E, N, d]`: expert `e` processes row block `e`."""
-        if self.config.hidden_act == "relu":
-            dtype = _compute_dtype(expert_inputs)
-            return ReluExperts.apply(expert_inputs.to(dtype), self.w1.to(dtype), self.w2.to(dtype))
         return torch.bmm(self.act(torch.bmm(expert_inputs, self.w1)), self.w2)
 
     def run_one_expert(self, expert: int, inputs: torch.Tensor) -> torch.Tensor:
@@ -300,17 +267,17 @@ class MixtureOfTokens(RoutedFeedForward):
         # Cast once (autocast would cast again for every matmul that reads the tokens).
         hidden_states = hidden_states.to(_compute_dtype(hidden_states))
         grouped, group_mask = group_rows(hidden_states, token_mask, self.group_size)  # [n, G, S, d]
-        num_groups, group_size = grouped.shape[:2]
+        num_groups = grouped.shape[0]
         weights = self.mixing_weights(grouped, group_mask)  # [n, G, S, E], fp32 under autocast
 
-        # One small matrix product per (group, position) p = (n, s):
-        tokens = grouped.transpose(1, 2).reshape(num_groups * seq_len, group_size, hidden_size)  # [p, G, d]
-        mixing = weights.to(grouped.dtype).permute(0, 2, 3, 1).reshape(-1, self.num_experts, group_size)  # [p, E, G]
-        merged = torch.bmm(mixing, tokens)  # merge: [p, E, G] @ [p, G, d] -> [p, E, d]
-        processed = self.run_experts(merged.transpose(0, 1))  # [E, p, d]
-        output = torch.bmm(mixing.transpose(1, 2), processed.transpose(0, 1))  # emit: [p, G, E] @ [p, E, d]
-        # [p, G, d] = [n, S, G, d] -> [n, G, S, d] -> [B, S, d]
-        output = output.view(num_groups, seq_len, group_size, hidden_size).transpose(1, 2)
+        # einsum, not hand-written bmm calls: it hands bmm contiguous operands, forward and backward (CPU bmm
+        # falls back to a per-matrix loop for unusually strided fp32 operands).
+        mixing = weights.to(grouped.dtype)
+        # Merge: one token per (group, position, expert). [n, G, S, E] x [n, G, S, d] -> [E, n*S, d]
+        merged = torch.einsum("ngse,ngsd->ensd", mixing, grouped).reshape(self.num_experts, -1, hidden_size)
+        processed = self.run_experts(merged).view(self.num_experts, num_groups, seq_len, hidden_size)
+        # Emit with the same weights: [n, G, S, E] x [E, n, S, d] -> [n, G, S, d] -> [B, S, d]
+        output = torch.einsum("ngse,ensd->ngsd", mixing, processed)
         output = output.reshape(-1, seq_len, hidden_size)[:batch_size]
 
         stats = None
