@@ -154,6 +154,24 @@ def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
     return tensor.dtype
 
 
+class ContiguousTranspose(torch.autograd.Function):
+    """`x.transpose(dim0, dim1).contiguous()` whose gradient is made contiguous once, too.
+
+    Plain autograd hands the transposed *view* of the gradient back, and each batched matmul that consumes it in
+    its backward (usually two) copies it again; MoT's layout changes between token-major, position-major and
+    expert-major would otherwise cost several extra activation-sized copies per step.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor, dim0, dim1):
+        ctx.dims = (dim0, dim1)
+        return tensor.transpose(dim0, dim1).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return grad_output.transpose(*ctx.dims).contiguous(), None, None
+
+
 def group_rows(
     hidden_states: torch.Tensor, token_mask: torch.Tensor | None, group_size: int
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -242,12 +260,16 @@ class MixtureOfTokens(RoutedFeedForward):
         return self.log_temperature.clamp_min(MIN_LOG_TEMPERATURE).exp()
 
     def mixing_weights(self, grouped: torch.Tensor, group_mask: torch.Tensor | None) -> torch.Tensor:
-        """`[n, G, S, d]` -> weights `[n, G, S, E]`, normalised over the group axis (dim 1)."""
+        """Tokens with the group on dim 1 (`[p, G, d]` or `[n, G, S, d]`) -> weights with E last, normalised over
+        the group (dim 1)."""
         if self.routing == "uniform":
             # The paper's "uniform routing" ablation: a controller frozen at zero.
             logits = grouped.new_zeros(*grouped.shape[:-1], self.num_experts)
         else:
-            logits = (grouped @ self.router) / self.temperature()
+            logits = grouped @ self.router
+            temperature = self.temperature()
+            if not (isinstance(temperature, float) and temperature == 1.0):  # the paper's fixed T = 1
+                logits = logits / temperature
         if group_mask is not None:
             # A padded token must take no part in any mixture: a very negative logit (not -inf, which would make
             # an all-padding group NaN) and, below, a weight multiplied by zero.
@@ -267,18 +289,21 @@ class MixtureOfTokens(RoutedFeedForward):
         # Cast once (autocast would cast again for every matmul that reads the tokens).
         hidden_states = hidden_states.to(_compute_dtype(hidden_states))
         grouped, group_mask = group_rows(hidden_states, token_mask, self.group_size)  # [n, G, S, d]
-        num_groups = grouped.shape[0]
-        weights = self.mixing_weights(grouped, group_mask)  # [n, G, S, E], fp32 under autocast
-
-        # einsum, not hand-written bmm calls: it hands bmm contiguous operands, forward and backward (CPU bmm
-        # falls back to a per-matrix loop for unusually strided fp32 operands).
-        mixing = weights.to(grouped.dtype)
-        # Merge: one token per (group, position, expert). [n, G, S, E] x [n, G, S, d] -> [E, n*S, d]
-        merged = torch.einsum("ngse,ngsd->ensd", mixing, grouped).reshape(self.num_experts, -1, hidden_size)
-        processed = self.run_experts(merged).view(self.num_experts, num_groups, seq_len, hidden_size)
-        # Emit with the same weights: [n, G, S, E] x [E, n, S, d] -> [n, G, S, d] -> [B, S, d]
-        output = torch.einsum("ngse,ensd->ngsd", mixing, processed)
-        output = output.reshape(-1, seq_len, hidden_size)[:batch_size]
+        num_groups, group_size = grouped.shape[:2]
+        # Position-major: one [G, d] matrix per (group, position) p. Everything below is then a contiguous or
+        # plainly transposed operand of a batched matmul (permuting the small weight tensors in the other
+        # layout is a cache-hostile gather that costs more than this one copy of the tokens).
+        tokens = ContiguousTranspose.apply(grouped, 1, 2).view(-1, group_size, hidden_size)  # [p, G, d]
+        if group_mask is not None:
+            group_mask = group_mask.transpose(1, 2).reshape(-1, group_size, 1)  # [p, G, 1]
+        weights = self.mixing_weights(tokens, group_mask)  # [p, G, E], softmax over G; fp32 under autocast
+        mixing = weights.to(tokens.dtype)
+        merged = torch.bmm(mixing.transpose(1, 2), tokens)  # merge: [p, E, G] @ [p, G, d] -> [p, E, d]
+        processed = self.run_experts(ContiguousTranspose.apply(merged, 0, 1))  # [E, p, d]
+        output = torch.bmm(mixing, ContiguousTranspose.apply(processed, 0, 1))  # emit: [p, G, E] @ [p, E, d]
+        # [p, G, d] = [n, S, G, d] -> [n, G, S, d] -> [B, S, d]
+        output = ContiguousTranspose.apply(output.view(num_groups, seq_len, group_size, hidden_size), 1, 2)
+        output = output.view(-1, seq_len, hidden_size)[:batch_size]
 
         stats = None
         if output_stats:
