@@ -334,6 +334,7 @@ def render_card(model_dir: str | Path, *, repo_id: str | None = None, model_name
     # `mot convert` records the source's feed-forward types: a Token Choice model whose source had MoT layers
     # was transition-tuned from a Mixture of Tokens model.
     from_mot = "mot" in (conversion.get("base_model_mlp_types") or [])
+    tuned = conversion.get("method") != "convert"  # `mot convert` alone changes only the config
     conversion_text = None
     if conversion:
         # Local paths (`*_path`) would leak the author's file system into a public card.
@@ -351,6 +352,7 @@ def render_card(model_dir: str | Path, *, repo_id: str | None = None, model_name
         training=training_section(model_dir),
         conversion=conversion_text,
         from_mot=from_mot,
+        tuned=tuned,
         base_model=base_model,
         evaluation={"rows": [{"task": KNOWN_TASKS.get(r.task, (0, 0, 0, r.task))[3], "metric": r.metric,
                               "value": f"{r.value:.4f}"} for r in rows],

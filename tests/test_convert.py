@@ -49,7 +49,8 @@ def test_conversion_changes_only_the_config(trained_tiny_mot, token_choice_folde
     lineage = json.loads((token_choice_folder / CONVERSION_FILE).read_text())
     assert lineage["base_model"] == str(trained_tiny_mot)
     assert lineage["base_model_mlp_types"] == source_types
-    assert (token_choice_folder / "README.md").is_file()  # the model card
+    card = (token_choice_folder / "README.md").read_text()  # the model card: converted, not yet tuned
+    assert "converted (not yet transition-tuned)" in " ".join(card.split())
 
     back = tmp_path / "back"
     assert mot(["convert", str(token_choice_folder), str(back), "--to", "mot"]) == 0
@@ -203,7 +204,8 @@ def test_transition_without_checkpoint_starts_fresh_and_says_so(trained_tiny_mot
     train_text.write_text(novels_text[:40_000], encoding="utf-8")
     capsys.readouterr()
     assert mot(["transition", str(trained_tiny_mot), str(tmp_path / "tc"), "--steps", "2",
-                "--dataset", str(train_text), "--per_device_train_batch_size", "8", "--block_size", "32",
+                "--dataset", str(train_text), "--per_device_train_batch_size", "8",
+                "--per_device_eval_batch_size", "8", "--block_size", "32",
                 "--eval_strategy", "no", "--report_to", "none", "--disable_tqdm", "true",
                 "--dataloader_num_workers", "0"]) == 0
     assert "starting a fresh optimizer" in capsys.readouterr().err
