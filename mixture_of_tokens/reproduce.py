@@ -284,6 +284,37 @@ def transition_run(source_dir: Path, budget: Budget, runs_dir: Path) -> dict:
             "final_eval_loss": outcome.eval_loss, "curve": sorted(unique.values(), key=lambda p: p["step"])}
 
 
+class RunRecords:
+    """Each finished step's result as a JSON file, so `--resume` can finish an interrupted reproduction."""
+
+    def __init__(self, folder: Path, budget: Budget):
+        self.folder = folder
+        self.budget = asdict(budget)
+
+    def budget_matches(self) -> bool:
+        path = self.folder / "budget.json"
+        return path.is_file() and json.loads(path.read_text(encoding="utf-8")) == self.budget
+
+    def start(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / "budget.json").write_text(json.dumps(self.budget, indent=2) + "\n", encoding="utf-8")
+
+    def names(self) -> list[str]:
+        return sorted(p.stem for p in self.folder.glob("*.json") if p.stem != "budget")
+
+    def has(self, name: str) -> bool:
+        return (self.folder / f"{name}.json").is_file()
+
+    def get(self, name: str) -> dict:
+        return json.loads((self.folder / f"{name}.json").read_text(encoding="utf-8"))
+
+    def put(self, name: str, record: dict) -> dict:
+        temporary = self.folder / f".{name}.json.partial"
+        temporary.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        os.replace(temporary, self.folder / f"{name}.json")
+        return record
+
+
 # ------------------------------------------------------------------------------------------------ analysis
 def first_crossing(curve: list[dict], target: float, key: str) -> float | None:
     """The (linearly interpolated) value of `key` where the eval loss first reaches `target`; None if never."""
@@ -327,11 +358,11 @@ def transition_summary(source: dict, transition_result: dict) -> dict:
     at_switch = curve[0]["eval_loss"] if curve and curve[0]["step"] == 0 else None
     final = transition_result["final_eval_loss"]
     mot_final = source["final_eval_loss"]
-    jump = None if at_switch is None else at_switch - mot_final
-    recovered = None if not jump or jump <= 0 else (at_switch - final) / jump
-    return {"mot_final_loss": mot_final, "loss_right_after_switch": at_switch, "jump": jump,
+    recovered_at = first_crossing([p for p in curve if p["step"] > 0], mot_final, "step")
+    return {"mot_final_loss": mot_final, "loss_right_after_switch": at_switch,
+            "jump": None if at_switch is None else round(at_switch - mot_final, 5),
             "final_loss": final, "extra_steps": transition_result["steps"], "source_steps": source["steps"],
-            "fraction_of_jump_recovered": None if recovered is None else round(recovered, 3)}
+            "steps_to_recover_mot_final_loss": None if recovered_at is None else round(recovered_at, 1)}
 
 
 def zero_shot(model_dir: Path, data_dir: Path, limit: int, output: Path) -> dict:
@@ -428,7 +459,9 @@ def _fmt(value, digits=3, suffix=""):
 
 
 def _reached(amount, ratio, digits, suffix=""):
-    return "not reached" if amount is None else f"{_fmt(amount, digits, suffix)} ({_fmt(ratio)})"
+    if amount is None:
+        return "not reached"
+    return _fmt(amount, digits, suffix) + ("" if ratio is None else f" ({_fmt(ratio)})")
 
 
 def render_markdown(results: dict) -> str:
@@ -495,8 +528,10 @@ def render_markdown(results: dict) -> str:
         "",
         f"MoT final loss {t['mot_final_loss']:.4f}; right after converting to Token Choice (dropless eval) "
         f"{_fmt(t['loss_right_after_switch'], 4)} (jump {_fmt(t['jump'], 4)}); after {t['extra_steps']} extra steps "
-        f"(+{100 * t['extra_steps'] / t['source_steps']:.0f}%) {t['final_loss']:.4f}; fraction of the jump recovered: "
-        f"{_fmt(t['fraction_of_jump_recovered'])}. Optimizer state and LR schedule continued from the MoT run.",
+        f"(+{100 * t['extra_steps'] / t['source_steps']:.0f}%) {t['final_loss']:.4f}. The Token Choice model is back "
+        f"at the MoT final loss after {_reached(t['steps_to_recover_mot_final_loss'], None, 0, ' steps')} of tuning "
+        "(first evaluation at or below it, interpolated). Optimizer state and LR schedule are continued from the MoT "
+        "run; note that the MoT model itself would also have improved somewhat with the same extra steps.",
         "",
         "![transition](results/transition.png)",
         "",
@@ -585,6 +620,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="copy results.md and its plots to docs/ (default: only with the default --output_dir)")
     docs.add_argument("--no_update_docs", dest="update_docs", action="store_false")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_dir")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the finished runs recorded in --output_dir (same budget) and do only the rest")
     parser.add_argument("--report_only", action="store_true",
                         help="train nothing: redraw the plots and results.md from --output_dir's results.json")
     return parser
@@ -605,8 +642,9 @@ def check_arguments(args) -> None:
         raise UserError("--smoke and --scale exclude each other: the smoke run has its own tiny size")
     if args.output_dir.exists() and not args.output_dir.is_dir():
         raise UserError(f"--output_dir {args.output_dir} exists and is a file")
-    if args.output_dir.is_dir() and any(args.output_dir.iterdir()) and not args.overwrite:
-        raise UserError(f"--output_dir {args.output_dir} is not empty; pass --overwrite to replace its results")
+    if args.output_dir.is_dir() and any(args.output_dir.iterdir()) and not (args.overwrite or args.resume):
+        raise UserError(f"--output_dir {args.output_dir} is not empty; pass --overwrite to replace its results or "
+                        "--resume to finish an interrupted reproduction")
     if not (args.data_dir / CORPUS).is_file():
         raise UserError(f"no novels corpus at {args.data_dir / CORPUS}; pass --data_dir pointing at shared/data")
     from . import eval_data
@@ -633,33 +671,46 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     load_start = _load_average()
     out = args.output_dir
-    if out.exists():
+    records = RunRecords(out / "run_records", budget)
+    if args.resume and records.budget_matches():
+        progress(f"resuming: keeping {', '.join(records.names()) or 'no finished run'}")
+    elif out.exists():
         shutil.rmtree(out)
-    out.mkdir(parents=True)
+    records.start()
 
     progress(f"budget: {budget}")
-    train_file, valid_file = prepare_data(args.data_dir, out / "data", budget)
-    tokenizer_dir = train_shared_tokenizer(train_file, out / "tokenizer", budget.vocab_size)
+    train_file, valid_file, tokenizer_dir = out / "data" / "train.txt", out / "data" / "valid.txt", out / "tokenizer"
+    if not (records.names() and (tokenizer_dir / "tokenizer.json").is_file() and valid_file.is_file()):
+        train_file, valid_file = prepare_data(args.data_dir, out / "data", budget)
+        tokenizer_dir = train_shared_tokenizer(train_file, tokenizer_dir, budget.vocab_size)
     progress(f"data and a {budget.vocab_size}-token tokenizer ready in {out}")
     common = common_train_flags(budget, train_file, valid_file, tokenizer_dir)
     runs_dir = out / "runs"
     runs: dict[str, dict] = {}
     for index, spec in enumerate(RUNS, start=1):
+        if records.has(spec.name):
+            runs[spec.name] = records.get(spec.name)
+            continue
         progress(f"run {index}/{len(RUNS)} {spec.name}: {spec.description}, {budget.steps} steps")
-        runs[spec.name] = train_run(spec, budget, common, runs_dir, save_checkpoint=spec.name == TRANSITION_SOURCE)
+        runs[spec.name] = records.put(spec.name, train_run(spec, budget, common, runs_dir,
+                                                           save_checkpoint=spec.name == TRANSITION_SOURCE))
         elapsed = time.perf_counter() - started
         progress(f"{spec.name}: final eval loss {runs[spec.name]['final_eval_loss']:.4f}, "
                  f"{runs[spec.name]['train_seconds']:.0f} s training; {elapsed / 60:.1f} min elapsed, about "
                  f"{elapsed / index * (len(RUNS) - index) / 60:.0f} min of training left")
     progress(f"transition tuning {TRANSITION_SOURCE} -> Token Choice (+{TRANSITION_FRACTION:.0%} steps)")
-    transition_result = transition_run(runs_dir / TRANSITION_SOURCE, budget, runs_dir)
+    transition_result = (records.get(TRANSITION) if records.has(TRANSITION) else
+                         records.put(TRANSITION, transition_run(runs_dir / TRANSITION_SOURCE, budget, runs_dir)))
 
     zero_shot_models = [spec.name for spec in RUNS if spec.zero_shot] + [TRANSITION]
     scores = {}
     for index, name in enumerate(zero_shot_models, start=1):
-        progress(f"zero-shot {index}/{len(zero_shot_models)}: {name} (limit {budget.zero_shot_limit})")
-        scores[name] = zero_shot(runs_dir / name, args.data_dir, budget.zero_shot_limit,
-                                 out / "zero_shot" / f"{name}.json")
+        key = f"zero_shot_{name}"
+        if not records.has(key):
+            progress(f"zero-shot {index}/{len(zero_shot_models)}: {name} (limit {budget.zero_shot_limit})")
+            records.put(key, zero_shot(runs_dir / name, args.data_dir, budget.zero_shot_limit,
+                                       out / "zero_shot" / f"{name}.json"))
+        scores[name] = records.get(key)
 
     device = "cuda" if _cuda() else "cpu"
     results = {
@@ -669,10 +720,7 @@ def main(argv: list[str] | None = None) -> int:
         "precision_reference": ("fp32 weights with bf16 autocast" if device == "cuda" else
                                 "fp32 weights without autocast (CPU: `mot train`'s default; bf16 autocast is off)"),
         "runs": runs,
-        "dense_comparison": compare_with_dense(runs),
-        "bf16": bf16_comparison(runs),
         "transition": transition_result,
-        "transition_summary": transition_summary(runs[TRANSITION_SOURCE], transition_result),
         "zero_shot": scores,
         "caveats": caveats(budget, args.smoke),
     }
@@ -685,7 +733,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_report(results: dict, out: Path, update_docs: bool) -> None:
-    """Plots, results.json and results.md in `out` (and a copy of results.md and the plots in docs/)."""
+    """The comparisons, plots, results.json and results.md in `out` (and a copy of results.md and the plots in
+    docs/). Everything derived is recomputed from the runs, so `--report_only` picks up changes of the analysis."""
+    runs = results["runs"]
+    results["dense_comparison"] = compare_with_dense(runs)
+    results["bf16"] = bf16_comparison(runs)
+    results["transition_summary"] = transition_summary(runs[TRANSITION_SOURCE], results["transition"])
     results["plots"] = [f"{PLOTS_FOLDER}/{name}" for name in write_plots(results, out / PLOTS_FOLDER)]
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     (out / "results.md").write_text(render_markdown(results), encoding="utf-8")

@@ -109,6 +109,16 @@ def test_report_only_redraws_plots_and_markdown_from_results_json(smoke_run):
     assert all((smoke_run / "results" / name).is_file() for name in PLOT_FILES)
 
 
+def test_resume_keeps_finished_runs(smoke_run, shared_data):
+    before = json.loads((smoke_run / "results.json").read_text())
+    model_file = Path(before["runs"]["dense"]["model_dir"]) / "model.safetensors"
+    stamp = model_file.stat().st_mtime_ns
+    assert reproduce(["--smoke", "--resume", "--output_dir", str(smoke_run), "--data_dir", str(shared_data)]) == 0
+    after = json.loads((smoke_run / "results.json").read_text())
+    assert after["runs"] == before["runs"] and after["zero_shot"] == before["zero_shot"]
+    assert model_file.stat().st_mtime_ns == stamp  # nothing was retrained
+
+
 def test_first_crossing_interpolates_and_reports_never():
     curve = [{"step": 10, "eval_loss": 5.0, "train_seconds": 1.0},
              {"step": 20, "eval_loss": 4.0, "train_seconds": 3.0}]
