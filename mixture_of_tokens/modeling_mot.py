@@ -220,7 +220,10 @@ class RoutedFeedForward(nn.Module):
 
     def run_experts(self, expert_inputs: torch.Tensor) -> torch.Tensor:
         """`[E, N, d]` -> `[E, N, d]`: expert `e` processes row block `e`."""
-        return torch.bmm(self.act(torch.bmm(expert_inputs, self.w1)), self.w2)
+        hidden = torch.bmm(expert_inputs, self.w1)  # [E, N, f]
+        # ReLU in place: bmm keeps its inputs, not its output, for backward, so this saves an [E, N, f] tensor.
+        hidden = hidden.relu_() if isinstance(self.act, nn.ReLU) else self.act(hidden)
+        return torch.bmm(hidden, self.w2)
 
     def run_one_expert(self, expert: int, inputs: torch.Tensor) -> torch.Tensor:
         """`[N, d]` -> `[N, d]` through expert `expert` alone."""
