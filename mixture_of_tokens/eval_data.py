@@ -17,12 +17,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .utils import UserError
+from .utils import UserError, atomic_write_text
 
 
 def _read_jsonl(path: Path) -> Iterator[dict]:
@@ -143,16 +142,7 @@ def _fingerprint(paths: list[Path]) -> str:
 
 
 def _write_jsonl_atomically(docs: list[dict], destination: Path) -> None:
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".partial", dir=destination.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            for doc in docs:
-                stream.write(json.dumps(doc, ensure_ascii=False) + "\n")
-        os.replace(staging, destination)
-    except BaseException:
-        Path(staging).unlink(missing_ok=True)
-        raise
+    atomic_write_text(destination, "".join(json.dumps(doc, ensure_ascii=False) + "\n" for doc in docs))
 
 
 def prepare_local_file(task: str, data_dir: Path, cache_dir: Path | None = None) -> Path:

@@ -14,8 +14,6 @@ import datetime
 import importlib.util
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .utils import UserError
+from .utils import UserError, atomic_write_text
 
 DEFAULT_TASKS = ("piqa", "hellaswag", "arc_easy")
 EVAL_RESULTS_FILE = "eval_results.json"  # next to the weights; the model card (mot card) reads it
@@ -216,17 +214,7 @@ def _to_json(data) -> str:
 
 def write_json_atomically(data, destination) -> None:
     """Write the whole file under a temporary name, then rename: a crash never leaves half a JSON file."""
-    destination = Path(destination)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    text = _to_json(data)
-    handle, staging = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".partial", dir=destination.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text + "\n")
-        os.replace(staging, destination)
-    except BaseException:
-        Path(staging).unlink(missing_ok=True)
-        raise
+    atomic_write_text(destination, _to_json(data) + "\n")
 
 
 # The settings a score depends on: scores from runs that differ in any of them are never mixed in one file.

@@ -32,7 +32,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .utils import UserError
+from .utils import UserError, atomic_write_text
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT_DIR = REPO_ROOT / "runs" / "reproduce"
@@ -309,9 +309,7 @@ class RunRecords:
         return json.loads((self.folder / f"{name}.json").read_text(encoding="utf-8"))
 
     def put(self, name: str, record: dict) -> dict:
-        temporary = self.folder / f".{name}.json.partial"
-        temporary.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        os.replace(temporary, self.folder / f"{name}.json")
+        atomic_write_text(self.folder / f"{name}.json", json.dumps(record, indent=2) + "\n")
         return record
 
 

@@ -38,3 +38,18 @@ def atomic_directory(destination: str | os.PathLike, overwrite: bool = False) ->
         shutil.rmtree(retired, ignore_errors=True)
     else:
         os.replace(staging, destination)
+
+
+def atomic_write_text(destination: str | os.PathLike, text: str) -> Path:
+    """Write `text` under a temporary name beside `destination`, then rename: a crash never leaves half a file."""
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    handle, staging = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".partial", dir=destination.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+        os.replace(staging, destination)
+    except BaseException:
+        Path(staging).unlink(missing_ok=True)
+        raise
+    return destination
