@@ -598,8 +598,7 @@ class MoTModel(MoTPreTrainedModel):
             if bool(token_mask.all()):
                 token_mask = None
         if position_ids is None:
-            if token_mask is not None or (attention_mask is not None and attention_mask.dim() == 2
-                                          and not bool(attention_mask.all())):
+            if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
                 # Left padding: count real tokens only (the same rule as `generate()`).
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -seq_len:]
             else:
