@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import math
 import time
@@ -254,12 +253,9 @@ def store_for_card(model_dir, record: dict) -> Path:
     merged_results = {**stored.get("results", {}), **record["results"]} if same_settings else dict(record["results"])
     merged_meta = {**old_meta, **new_meta} if same_settings else new_meta
     write_json_atomically({"results": merged_results, "metadata": merged_meta}, path)
-    # Card hook: `mot card` (mixture_of_tokens.cards, issue 6) renders README.md from eval_results.json. It is
-    # called only where that module is installed, so scores are stored even without it.
-    if importlib.util.find_spec("mixture_of_tokens.cards") is not None:
-        from .cards import refresh_card
+    from .cards import refresh_card  # the card reads eval_results.json into its table and model-index
 
-        print(f"refreshed the model card {refresh_card(model_dir)}")
+    print(f"refreshed the model card {refresh_card(model_dir)}")
     return path
 
 
