@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from mixture_of_tokens import MoTConfig
+from mixture_of_tokens.cpu_memory import retain_freed_cpu_memory
 from mixture_of_tokens.modeling_mot import FEED_FORWARD_CLASSES, MoTPreTrainedModel
 
 FFN_TYPES = ["dense", "mot", "token_choice", "expert_choice"]
@@ -81,9 +82,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--system_malloc", action="store_true",
+                        help="leave glibc malloc as it is (by default freed memory is kept for reuse, as `mot train` "
+                             "does on CPU; see mixture_of_tokens/cpu_memory.py)")
     parser.add_argument("--precisions", nargs="+", choices=list(PRECISIONS), default=list(PRECISIONS))
     args = parser.parse_args()
     torch.manual_seed(0)
+    retained = args.device == "cpu" and not args.system_malloc and retain_freed_cpu_memory()
 
     results: dict = {
         "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
@@ -92,10 +97,11 @@ def main() -> None:
         "torch": torch.__version__,
         "tokens": args.batch * args.seq,
         "rounds": args.rounds,
+        "retain_freed_cpu_memory": retained,
         "seconds": {},
     }
     print(f"feed-forward forward+backward, {args.batch}x{args.seq} tokens, d=512, d_ff=2048, G=32, E=32, f=2048, "
-          f"{args.device}, {results['threads']} threads (median of {args.rounds})")
+          f"{args.device}, {results['threads']} threads (median of {args.rounds}), freed memory retained: {retained}")
     for label in args.precisions:
         results["seconds"][label] = benchmark(label, args.rounds, args.warmup, args.device, args.batch, args.seq)
     print(f"{'type':<14}" + "".join(f"{label + ' ms':>20}{'x dense':>9}" for label in args.precisions))

@@ -23,6 +23,7 @@ from datasets import Dataset
 from transformers import TrainerCallback
 
 from mixture_of_tokens import MoTConfig, MoTForCausalLM
+from mixture_of_tokens.cpu_memory import retain_freed_cpu_memory
 from mixture_of_tokens.data import collate_blocks
 from mixture_of_tokens.train import MoTTrainer, MoTTrainingArguments
 
@@ -48,12 +49,14 @@ def measure(preset: str, args) -> dict:
     torch.manual_seed(0)
     model = MoTForCausalLM(config)
     steps = args.warmup + args.steps
-    tokens = torch.randint(0, config.vocab_size, (steps * args.batch, args.seq_len), generator=torch.Generator().manual_seed(0))
+    sequences_per_step = args.batch * args.grad_accum
+    tokens = torch.randint(0, config.vocab_size, (steps * sequences_per_step, args.seq_len), generator=torch.Generator().manual_seed(0))
     data = Dataset.from_dict({"input_ids": tokens.tolist()})
     clock = StepClock()
     with tempfile.TemporaryDirectory() as scratch:
         training_args = MoTTrainingArguments(
             output_dir=scratch, max_steps=steps, per_device_train_batch_size=args.batch, bf16=args.bf16,
+            gradient_accumulation_steps=args.grad_accum,
             eval_strategy="no", save_strategy="no", logging_steps=10**9, report_to="none", disable_tqdm=True,
             dataloader_num_workers=0, warmup_steps=0, seed=0, use_cpu=not torch.cuda.is_available(),
         )
@@ -68,7 +71,7 @@ def measure(preset: str, args) -> dict:
         "parameters": sum(p.numel() for p in model.parameters()),
         "timed_steps": timed_steps,
         "seconds_per_step": elapsed / timed_steps,
-        "tokens_per_second": timed_steps * args.batch * args.seq_len / elapsed,
+        "tokens_per_second": timed_steps * sequences_per_step * args.seq_len / elapsed,
     }
 
 
@@ -82,7 +85,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bf16", type=lambda v: v.lower() in ("1", "true", "yes"), default=True,
                         help="bf16 autocast (default true, as in the paper)")
     parser.add_argument("--json", default="bench/results/train_throughput.json")
+    parser.add_argument("--grad_accum", type=int, default=1,
+                        help="micro-batches per optimizer step (the paper steps on 256 x 256 tokens)")
+    parser.add_argument("--system_malloc", action="store_true",
+                        help="leave glibc malloc as it is (by default freed memory is kept for reuse on CPU, as "
+                             "`mot train` does)")
     args = parser.parse_args(argv)
+    if not torch.cuda.is_available() and not args.system_malloc:
+        retain_freed_cpu_memory()
 
     rows = []
     for pair in args.pairs:
@@ -92,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += results
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
     header = f"{'preset':<20} {'params':>10} {'s/step':>9} {'tokens/s':>11} {'vs dense':>9}"
-    print(f"training throughput: batch {args.batch} x {args.seq_len} tokens, bf16 autocast {args.bf16}, {device}")
+    print(f"training throughput: batch {args.batch} x {args.seq_len} tokens x {args.grad_accum} micro-batches per "
+          f"step, bf16 autocast {args.bf16}, {device}")
     print(header)
     print("-" * len(header))
     for row in rows:

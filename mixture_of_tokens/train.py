@@ -28,6 +28,7 @@ from transformers.utils import logging
 
 from .cards import refresh_card
 from .configuration_mot import PRESETS, MoTConfig
+from .cpu_memory import retain_freed_cpu_memory
 from .data import DataArguments, collate_blocks, limit_blocks, load_raw_text, pack_blocks, require_blocks
 from .telemetry import RoutingTelemetryCallback, write_training_plots
 from .utils import UserError
@@ -134,6 +135,10 @@ class MoTTrainingArguments(TrainingArguments):
     save_steps: float = 500
     save_total_limit: int | None = 2
     prediction_loss_only: bool = True
+    retain_freed_cpu_memory: bool = field(default=True, metadata={"help": (
+        "On CPU, keep freed memory in the process instead of page-faulting large tensors afresh every step "
+        "(glibc malloc only; ~20% faster MoT steps; the process keeps its peak memory). See cpu_memory.py."
+    )})
 
 
 @dataclass
@@ -435,6 +440,8 @@ def run_training(
     """
     resume = resolve_resume(training_args)
     check_output_dir(training_args, resume)
+    if training_args.retain_freed_cpu_memory and training_args.device.type == "cpu":
+        retain_freed_cpu_memory()
     config = model.config if model is not None else build_config(model_args)
     check_group_contract(config, training_args)
     block_size = resolve_block_size(config, data_args)
