@@ -72,6 +72,9 @@ class MoTConfig(PreTrainedConfig):
         init_scale: weights are drawn from a truncated normal with std `sqrt(init_scale / fan_in)`.
         layer_norm_eps: epsilon of the LayerNorms.
         output_routing_stats: return per-layer routing statistics from every forward.
+        chunked_lm_loss: while training with `labels`, compute the language-modelling loss a chunk of tokens
+            at a time without materialising the full logits (`outputs.logits` is then None): the same loss and
+            gradients in a fraction of the memory and time. False: always return the logits.
     """
 
     model_type = "mot"
@@ -98,6 +101,7 @@ class MoTConfig(PreTrainedConfig):
     init_scale: float = 0.1
     layer_norm_eps: float = 1e-5
     output_routing_stats: bool = False
+    chunked_lm_loss: bool = True
     use_cache: bool = True
     tie_word_embeddings: bool = False
     pad_token_id: int | None = None
@@ -171,6 +175,8 @@ class MoTConfig(PreTrainedConfig):
                 raise ValueError(f"{name} must be a non-negative number, got {value!r}")
         if not (isinstance(self.init_scale, (int, float)) and self.init_scale > 0):
             raise ValueError(f"init_scale must be positive, got {self.init_scale!r}")
+        if not isinstance(self.chunked_lm_loss, bool):
+            raise ValueError(f"chunked_lm_loss must be true or false, got {self.chunked_lm_loss!r}")
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"hidden_act must be one of {', '.join(ACTIVATIONS)}, got {self.hidden_act!r}")
 

@@ -649,6 +649,60 @@ class MoTModel(MoTPreTrainedModel):
         )
 
 
+# fp32 logits held at once by the chunked loss: 256 MiB (1335 tokens of GPT-2's 50257-token vocabulary).
+LM_LOSS_CHUNK_ELEMENTS = 2**26
+
+
+class ChunkedLMLoss(torch.autograd.Function):
+    """Summed cross-entropy of the logits `hidden @ weight.T` against `targets` (-100: ignored), computed a chunk
+    of tokens at a time so the full `[tokens, vocab]` logits never exist.
+
+    The plain path holds them several times over in fp32 (logits, log-softmax, its gradient: ~5 GB for 32 x 256
+    tokens of GPT-2's vocabulary) and makes as many memory-bound passes over them. Here each chunk's logits give
+    its loss and, at once, its gradients for `hidden` and `weight`; backward only scales them by the incoming
+    gradient. The FLOPs are the plain path's: one logits matmul and two gradient matmuls per token.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, compute_dtype):
+        # hidden [N, d], weight [V, d], targets [N]
+        num_tokens, vocab_size = hidden.shape[0], weight.shape[0]
+        chunk = max(1, LM_LOSS_CHUNK_ELEMENTS // vocab_size)
+        need_weight_grad = ctx.needs_input_grad[1]
+        with torch.autocast(hidden.device.type, enabled=False):
+            weight_compute = weight.to(compute_dtype)
+            loss = hidden.new_zeros((), dtype=torch.float32)
+            grad_hidden = torch.empty_like(hidden)
+            grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight_grad else None
+            for start in range(0, num_tokens, chunk):
+                tokens = hidden[start : start + chunk].to(compute_dtype)  # [n, d]
+                chunk_targets = targets[start : start + chunk]
+                valid = chunk_targets != -100
+                safe_targets = chunk_targets.clamp_min(0).unsqueeze(1)  # [n, 1]
+                logits = (tokens @ weight_compute.T).float()  # [n, V]
+                log_normaliser = torch.logsumexp(logits, dim=1)  # [n]
+                loss += ((log_normaliser - logits.gather(1, safe_targets).squeeze(1)) * valid).sum()
+                # d loss / d logits = softmax - one_hot(target) on valid rows, zero on ignored ones: an infinite
+                # normaliser makes an ignored row's softmax exactly zero in the same pass (in place, no new buffer).
+                log_normaliser = log_normaliser.masked_fill(~valid, math.inf)
+                grad_logits = logits.sub_(log_normaliser.unsqueeze(1)).exp_()
+                grad_logits.scatter_add_(1, safe_targets, -valid.unsqueeze(1).float())
+                grad_logits = grad_logits.to(compute_dtype)
+                grad_hidden[start : start + chunk] = grad_logits @ weight_compute
+                if need_weight_grad:
+                    grad_weight += grad_logits.T @ tokens  # [V, n] @ [n, d], accumulated over chunks in fp32
+        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
+        return grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight, None, None
+
+
 class MoTForCausalLM(MoTPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -670,6 +724,21 @@ class MoTForCausalLM(MoTPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
+    def chunked_lm_loss(self, hidden_states, labels, num_items_in_batch=None, shift_labels=None, **kwargs):
+        """The loss `self.loss_function` gives for `self.lm_head(hidden_states)`, through `ChunkedLMLoss`."""
+        if shift_labels is None:
+            # Position t predicts labels[t + 1]; the last position predicts nothing.
+            shift_labels = F.pad(labels, (0, 1), value=-100)[..., 1:]
+        targets = shift_labels.reshape(-1).to(hidden_states.device)
+        hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
+        weight = self.lm_head.weight
+        compute_dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(
+            hidden.device.type) else weight.dtype
+        loss_sum = ChunkedLMLoss.apply(hidden, weight, targets, compute_dtype)
+        if num_items_in_batch is None:
+            return loss_sum / (targets != -100).sum()
+        return loss_sum / torch.as_tensor(num_items_in_batch, device=loss_sum.device)
+
     @can_return_tuple
     def forward(
         self,
@@ -689,6 +758,9 @@ class MoTForCausalLM(MoTPreTrainedModel, GenerationMixin):
         r"""
         labels: token ids for the language-modelling loss (shifted inside; -100 is ignored).
         output_routing_stats: return per-block routing statistics (`routing_stats`).
+
+        While training with `labels` and `config.chunked_lm_loss` (the default), the loss is computed without
+        materialising the logits and `logits` is None (see `ChunkedLMLoss`).
 
         While training, the Token Choice router losses (`aux_loss`) are added to `loss`. Under gradient
         accumulation (Trainer passes `num_items_in_batch`), they are weighted by this micro-batch's share of the
@@ -711,11 +783,16 @@ class MoTForCausalLM(MoTPreTrainedModel, GenerationMixin):
             hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states
         else:
             hidden_states = hidden_states[:, logits_to_keep]
-        logits = self.lm_head(hidden_states)
-
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
+        logits = loss = None
+        chunked = (labels is not None and self.training and self.config.chunked_lm_loss and torch.is_grad_enabled()
+                   and isinstance(logits_to_keep, int) and logits_to_keep == 0)
+        if chunked:
+            loss = self.chunked_lm_loss(hidden_states, labels, **kwargs)
+        else:
+            logits = self.lm_head(hidden_states)
+            if labels is not None:
+                loss = self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
+        if loss is not None:
             if self.training and outputs.aux_loss is not None:
                 share = 1.0
                 num_items_in_batch = kwargs.get("num_items_in_batch")

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import mixture_of_tokens  # noqa: F401  (registers the Auto classes)
-from mixture_of_tokens import MoTConfig, MoTForCausalLM
+from mixture_of_tokens import MoTConfig, MoTForCausalLM, modeling_mot
 from mixture_of_tokens.modeling_mot import ExpertChoice, MixtureOfTokens, TokenChoice
 
 VOCAB = 97
@@ -253,6 +253,68 @@ def test_gradient_checkpointing_gives_the_same_gradients(ffn):
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("tie_word_embeddings", [False, True])
+def test_chunked_training_loss_equals_the_plain_loss(monkeypatch, tie_word_embeddings):
+    """Same loss and gradients as transformers' loss on full logits: ignored labels, several chunks with a ragged
+    last one, `num_items_in_batch` (gradient accumulation), `shift_labels`, tied embeddings, a frozen head."""
+    monkeypatch.setattr(modeling_mot, "LM_LOSS_CHUNK_ELEMENTS", 7 * VOCAB)  # 7 tokens per chunk: 80 = 11*7 + 3
+    model = small_model(tie_word_embeddings=tie_word_embeddings).train()
+    ids = random_ids(8, 10)
+    labels = ids.clone()
+    labels[2, :4] = -100
+    labels[5] = -100
+
+    def run(chunked, **kwargs):
+        model.config.chunked_lm_loss = chunked
+        model.zero_grad()
+        output = model(ids, labels=labels, **kwargs)
+        output.loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        return output, grads
+
+    for kwargs in ({}, {"num_items_in_batch": torch.tensor(300)}, {"shift_labels": labels.roll(-1, dims=1)}):
+        plain, plain_grads = run(False, **kwargs)
+        chunked, chunked_grads = run(True, **kwargs)
+        assert plain.logits is not None and chunked.logits is None
+        torch.testing.assert_close(chunked.loss, plain.loss, rtol=1e-6, atol=1e-6)
+        assert plain_grads.keys() == chunked_grads.keys()
+        for name in plain_grads:
+            torch.testing.assert_close(chunked_grads[name], plain_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+    model.lm_head.weight.requires_grad_(False)
+    if not tie_word_embeddings:  # frozen head: no weight gradient is computed, the rest still matches
+        plain, plain_grads = run(False)
+        chunked, chunked_grads = run(True)
+        assert "lm_head.weight" not in chunked_grads
+        for name in plain_grads:
+            torch.testing.assert_close(chunked_grads[name], plain_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_logits_are_returned_whenever_the_plain_loss_is_used():
+    model = small_model().train()
+    ids = random_ids(4, 6)
+    assert model(ids, labels=ids).logits is None  # training with labels: chunked loss
+    assert model(ids).logits.shape == (4, 6, VOCAB)  # no labels
+    with torch.no_grad():
+        assert model(ids, labels=ids).logits is not None  # no gradients wanted
+    model.eval()
+    assert model(ids, labels=ids).logits is not None  # evaluation (Trainer.evaluate, lm-eval)
+    model.train()
+    model.config.chunked_lm_loss = False
+    assert model(ids, labels=ids).logits is not None
+
+
+def test_chunked_loss_under_bf16_autocast_matches_the_plain_loss():
+    model = small_model().train()
+    ids = random_ids(8, 10)
+    losses = {}
+    for chunked in (False, True):
+        model.config.chunked_lm_loss = chunked
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            losses[chunked] = model(ids, labels=ids).loss
+    torch.testing.assert_close(losses[True], losses[False], rtol=1e-2, atol=1e-2)
+
+
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_attention_implementations_agree(attn):
     config = small_config("mot")
@@ -391,6 +453,7 @@ def test_presets_match_the_papers_parameter_counts():
         (dict(learnable_temperature="per_token"), "learnable_temperature must be one of"),
         (dict(capacity_factor=0), "capacity_factor must be positive"),
         (dict(hidden_act="nope"), "hidden_act must be one of"),
+        (dict(chunked_lm_loss="yes"), "chunked_lm_loss must be true or false"),
     ],
 )
 def test_bad_configurations_raise_one_clear_error(overrides, message):
