@@ -43,7 +43,7 @@ CONFIG_OVERRIDES = (
     "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
     "max_position_embeddings", "mlp_types", "group_size", "num_experts", "expert_size", "mot_temperature",
     "learnable_temperature", "mot_routing", "num_experts_per_tok", "capacity_factor", "router_aux_loss_coef",
-    "router_z_loss_coef", "hidden_act",
+    "router_z_loss_coef", "hidden_act", "chunked_lm_loss",
 )
 STAGING_CHECKPOINTS = ".checkpoint-staging"  # Trainer writes a checkpoint here, then it is renamed into place
 RESULTS_FILE = "train_results.json"
@@ -96,6 +96,10 @@ class ModelArguments:
     router_aux_loss_coef: float | None = None
     router_z_loss_coef: float | None = None
     hidden_act: str | None = None
+    chunked_lm_loss: bool | None = field(default=None, metadata={"help": (
+        "Compute the training loss without the full logits (config default: true); false if a callback needs "
+        "outputs.logits in training."
+    )})
 
     def config_overrides(self) -> dict:
         overrides = {name: getattr(self, name) for name in CONFIG_OVERRIDES if getattr(self, name) is not None}

@@ -372,3 +372,14 @@ def test_two_process_cpu_run(tmp_path, launcher):
     assert sorted(p.name for p in out.glob("rng_state*")) == []  # RNG states live in the checkpoint
     assert {p.name for p in (out / "checkpoint-3").glob("rng_state_*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}
     assert (out / "model.safetensors").is_file()
+
+
+def test_speed_switches_parse_and_reach_the_config(tmp_path):
+    """`--chunked_lm_loss false` reaches the model config; `--retain_freed_cpu_memory` is a training argument."""
+    model_args, _, training_args = parse_args(small_run(tmp_path / "out", None, "--chunked_lm_loss", "false",
+                                                        "--retain_freed_cpu_memory", "false"))
+    assert model_args.config_overrides()["chunked_lm_loss"] is False
+    assert training_args.retain_freed_cpu_memory is False
+    model_args, _, training_args = parse_args(small_run(tmp_path / "out", None))
+    assert "chunked_lm_loss" not in model_args.config_overrides()
+    assert training_args.retain_freed_cpu_memory is True
