@@ -667,16 +667,16 @@ class ChunkedLMLoss(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, compute_dtype):
         # hidden [N, d], weight [V, d], targets [N]
         num_tokens, vocab_size = hidden.shape[0], weight.shape[0]
-        chunk = max(1, LM_LOSS_CHUNK_ELEMENTS // vocab_size)
+        chunk_tokens = max(1, LM_LOSS_CHUNK_ELEMENTS // vocab_size)
         need_weight_grad = ctx.needs_input_grad[1]
         with torch.autocast(hidden.device.type, enabled=False):
             weight_compute = weight.to(compute_dtype)
             loss = hidden.new_zeros((), dtype=torch.float32)
             grad_hidden = torch.empty_like(hidden)
             grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight_grad else None
-            for start in range(0, num_tokens, chunk):
-                tokens = hidden[start : start + chunk].to(compute_dtype)  # [n, d]
-                chunk_targets = targets[start : start + chunk]
+            for start in range(0, num_tokens, chunk_tokens):
+                tokens = hidden[start : start + chunk_tokens].to(compute_dtype)  # [n, d]
+                chunk_targets = targets[start : start + chunk_tokens]
                 valid = chunk_targets != -100
                 safe_targets = chunk_targets.clamp_min(0).unsqueeze(1)  # [n, 1]
                 logits = (tokens @ weight_compute.T).float()  # [n, V]
@@ -688,7 +688,7 @@ class ChunkedLMLoss(torch.autograd.Function):
                 grad_logits = logits.sub_(log_normaliser.unsqueeze(1)).exp_()
                 grad_logits.scatter_add_(1, safe_targets, -valid.unsqueeze(1).float())
                 grad_logits = grad_logits.to(compute_dtype)
-                grad_hidden[start : start + chunk] = grad_logits @ weight_compute
+                grad_hidden[start : start + chunk_tokens] = grad_logits @ weight_compute
                 if need_weight_grad:
                     grad_weight += grad_logits.T @ tokens  # [V, n] @ [n, d], accumulated over chunks in fp32
         ctx.weight_dtype = weight.dtype
