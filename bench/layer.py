@@ -50,6 +50,20 @@ def time_step(layer, inputs, autocast_dtype, device) -> float:
     return time.perf_counter() - start
 
 
+def interleaved_medians(layers: dict, inputs, autocast_dtype, device, rounds: int, warmup: int) -> dict[str, float]:
+    """Median seconds per forward+backward of each layer, timed in interleaved rounds (a background load then
+    slows all of them alike); gradients are cleared after every step."""
+    times: dict[str, list[float]] = {name: [] for name in layers}
+    for round_index in range(warmup + rounds):
+        for name, layer in layers.items():
+            elapsed = time_step(layer, inputs, autocast_dtype, device)
+            layer.zero_grad(set_to_none=True)
+            inputs.grad = None
+            if round_index >= warmup:
+                times[name].append(elapsed)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 # label -> (dtype of weights and inputs, autocast dtype)
 PRECISIONS = {
     "bf16": (torch.bfloat16, None),  # weights in bf16: the paper's bf16-only setting (`mot train --bf16_weights`)
@@ -63,15 +77,7 @@ def benchmark(precision: str, rounds: int, warmup: int, device: str, batch: int,
     config = MoTConfig.from_preset("mot-medium-32e")
     layers = {name: build_layer(name, config, device).to(dtype) for name in FFN_TYPES}
     inputs = torch.randn(batch, seq, config.hidden_size, device=device, dtype=dtype, requires_grad=True)
-    times: dict[str, list[float]] = {name: [] for name in FFN_TYPES}
-    for round_index in range(warmup + rounds):
-        for name, layer in layers.items():
-            elapsed = time_step(layer, inputs, autocast_dtype, device)
-            layer.zero_grad(set_to_none=True)
-            inputs.grad = None
-            if round_index >= warmup:
-                times[name].append(elapsed)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return interleaved_medians(layers, inputs, autocast_dtype, device, rounds, warmup)
 
 
 def main() -> None:

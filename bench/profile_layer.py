@@ -13,22 +13,26 @@ retained-memory allocator setting; times are per step.
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
-from layer import FFN_TYPES, PRECISIONS, build_layer, time_step
+from layer import FFN_TYPES, PRECISIONS, build_layer, interleaved_medians, time_step
 from torch.profiler import profile
 
 from mixture_of_tokens import MoTConfig
 from mixture_of_tokens.cpu_memory import retain_freed_cpu_memory
 
 
-def run_step(layer, inputs, autocast_dtype, device) -> float:
-    elapsed = time_step(layer, inputs, autocast_dtype, device)
-    if isinstance(layer, torch.nn.Module):
-        layer.zero_grad(set_to_none=True)
+class LossOnly(torch.nn.Module):
+    """An identity layer: timing it measures only the benchmark's own loss and its backward."""
+
+    def forward(self, hidden_states):
+        return hidden_states * 1.0, None
+
+
+def run_step(layer, inputs, autocast_dtype, device) -> None:
+    time_step(layer, inputs, autocast_dtype, device)
+    layer.zero_grad(set_to_none=True)
     inputs.grad = None
-    return elapsed
 
 
 def print_breakdown(config: MoTConfig, inputs, autocast_dtype, args) -> None:
@@ -36,18 +40,13 @@ def print_breakdown(config: MoTConfig, inputs, autocast_dtype, args) -> None:
     mixing_only = build_layer("mot", config, args.device).to(inputs.dtype)
     mixing_only.run_experts = lambda expert_inputs: expert_inputs * 1.0
     layers = {
-        "loss only (identity layer)": lambda hidden_states: (hidden_states * 1.0, None),
+        "loss only (identity layer)": LossOnly(),
         "MoT mixing (experts = identity)": mixing_only,
         "MoT": build_layer("mot", config, args.device).to(inputs.dtype),
         "dense": build_layer("dense", config, args.device).to(inputs.dtype),
     }
-    times: dict[str, list[float]] = {name: [] for name in layers}
-    for round_index in range(args.warmup + args.steps):
-        for name, layer in layers.items():
-            elapsed = run_step(layer, inputs, autocast_dtype, args.device)
-            if round_index >= args.warmup:
-                times[name].append(elapsed)
-    median = {name: statistics.median(values) * 1e3 for name, values in times.items()}
+    seconds = interleaved_medians(layers, inputs, autocast_dtype, args.device, args.steps, args.warmup)
+    median = {name: value * 1e3 for name, value in seconds.items()}
     loss = median["loss only (identity layer)"]
     mixing = median["MoT mixing (experts = identity)"] - loss
     print(f"wall-clock breakdown ({args.precision}, {args.device}, median of {args.steps}), ms per step:")
