@@ -71,6 +71,10 @@ def print_kernels(config: MoTConfig, args) -> None:
     tokens = 32 * 256
     positions = tokens // group_size
 
+    def synchronize():  # CUDA kernels run asynchronously: wait for them before reading the clock
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+
     def randn(*shape):
         return torch.randn(*shape, dtype=dtype, device=args.device)
 
@@ -106,8 +110,10 @@ def print_kernels(config: MoTConfig, args) -> None:
     times: dict[str, list[float]] = {name: [] for name in kernels}
     for round_index in range(args.warmup + 4 * args.steps):
         for name, (kernel, _) in kernels.items():
+            synchronize()
             start = time.perf_counter()
             kernel()
+            synchronize()
             if round_index >= args.warmup:
                 times[name].append(time.perf_counter() - start)
     print(f"single kernels (bf16, {args.device}, median of {4 * args.steps}); GB/s = the bytes each must read "
