@@ -732,9 +732,7 @@ class MoTForCausalLM(MoTPreTrainedModel, GenerationMixin):
         targets = shift_labels.reshape(-1).to(hidden_states.device)
         hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
         weight = self.lm_head.weight
-        compute_dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(
-            hidden.device.type) else weight.dtype
-        loss_sum = ChunkedLMLoss.apply(hidden, weight, targets, compute_dtype)
+        loss_sum = ChunkedLMLoss.apply(hidden, weight, targets, _compute_dtype(weight))
         if num_items_in_batch is None:
             return loss_sum / (targets != -100).sum()
         return loss_sum / torch.as_tensor(num_items_in_batch, device=loss_sum.device)
