@@ -172,6 +172,78 @@ class ContiguousTranspose(torch.autograd.Function):
         return grad_output.transpose(*ctx.dims).contiguous(), None, None
 
 
+def drop_group_padding(hidden_states: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Undo `group_rows`' padding: `[n * G, S, d]` -> `[batch_size, S, d]`. Slices only when there is padding, since
+    a slice's backward builds a zero gradient for the whole padded batch and copies into it."""
+    return hidden_states if hidden_states.shape[0] == batch_size else hidden_states[:batch_size]
+
+
+def fused_cpu_mixing_kernels(grouped: torch.Tensor, num_experts: int):
+    """The fused CPU mixing kernels of the `mixture_of_tokens` package (`cpu_mixing.py`) when they apply to these
+    `[n, G, S, d]` tokens, else None.
+
+    They are optional: this file also travels to the Hub as custom code, where the package may be missing, and then
+    the layer uses batched matmuls, which compute the same thing.
+    """
+    group_size, hidden_size = grouped.shape[1], grouped.shape[3]
+    if (
+        grouped.device.type != "cpu"
+        or grouped.dtype not in (torch.bfloat16, torch.float32)
+        or group_size % 4
+        or num_experts % 4
+        or hidden_size % 64
+        or torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+    ):
+        return None
+    try:
+        from mixture_of_tokens.cpu_mixing import load_kernels
+    except ImportError:
+        return None
+    return load_kernels()
+
+
+class FusedMixing(torch.autograd.Function):
+    """The mixing through the fused CPU kernels, in either direction, with weights `[n, G, S, E]`:
+    - merge (`to_experts=True`): tokens `[n, G, S, d]` -> expert rows `[E, n*S, d]`, row `(e, p)` being
+      `sum_g w[g, e] token g` of block `p = (n, s)`;
+    - emit (`to_experts=False`): the transpose, token `g` of block `p` receiving `sum_e w[g, e] row (e, p)`.
+    The gradient of either is the other applied to the output's gradient, plus the weights' gradient (the dot
+    product of each token with each expert row of its block), which the same pass computes.
+    """
+
+    @staticmethod
+    def forward(ctx, source, weights, kernels, to_experts):
+        weights_fp32 = weights.float().contiguous()
+        if to_experts:
+            num_groups, _, seq_len, hidden_size = source.shape
+            output = source.new_empty(weights.shape[-1], num_groups * seq_len, hidden_size)
+            kernels.mix(source, output, weights_fp32, True)
+        else:
+            output = source.new_empty(*weights.shape[:-1], source.shape[-1])
+            kernels.mix(output, source, weights_fp32, False)
+        ctx.save_for_backward(source, weights_fp32)
+        ctx.kernels, ctx.to_experts, ctx.weights_dtype = kernels, to_experts, weights.dtype
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        source, weights_fp32 = ctx.saved_tensors
+        grad_output = grad_output.contiguous()
+        # (token-major, expert-major) operands of the weights' gradient
+        dot_tokens, dot_rows = (source, grad_output) if ctx.to_experts else (grad_output, source)
+        grad_source = torch.empty_like(source) if ctx.needs_input_grad[0] else None
+        grad_weights = torch.empty_like(weights_fp32) if ctx.needs_input_grad[1] else None
+        if grad_source is not None:
+            tokens, rows = (grad_source, grad_output) if ctx.to_experts else (grad_output, grad_source)
+            ctx.kernels.mix(tokens, rows, weights_fp32, not ctx.to_experts, dot_tokens, dot_rows, grad_weights)
+        elif grad_weights is not None:
+            ctx.kernels.dots(dot_tokens, dot_rows, grad_weights)
+        if grad_weights is not None:
+            grad_weights = grad_weights.to(ctx.weights_dtype)
+        return grad_source, grad_weights, None, None
+
+
 def group_rows(
     hidden_states: torch.Tensor, token_mask: torch.Tensor | None, group_size: int
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -293,6 +365,14 @@ class MixtureOfTokens(RoutedFeedForward):
         hidden_states = hidden_states.to(_compute_dtype(hidden_states))
         grouped, group_mask = group_rows(hidden_states, token_mask, self.group_size)  # [n, G, S, d]
         num_groups, group_size = grouped.shape[:2]
+        kernels = fused_cpu_mixing_kernels(grouped, self.num_experts)
+        if kernels is not None:
+            # One pass each way between the token-major tokens and the expert-major rows (cpu_mixing.py).
+            weights = self.mixing_weights(grouped, group_mask)  # [n, G, S, E], softmax over G
+            merged = FusedMixing.apply(grouped.contiguous(), weights, kernels, True)  # [E, n*S, d]
+            output = FusedMixing.apply(self.run_experts(merged), weights, kernels, False)  # [n, G, S, d]
+            output = drop_group_padding(output.view(-1, seq_len, hidden_size), batch_size)
+            return output, FeedForwardOutput(stats=self.mixing_stats(weights) if output_stats else None)
         # Position-major: one [G, d] matrix per (group, position) p. Everything below is then a contiguous or
         # plainly transposed operand of a batched matmul (permuting the small weight tensors in the other
         # layout is a cache-hostile gather that costs more than this one copy of the tokens).
@@ -306,20 +386,20 @@ class MixtureOfTokens(RoutedFeedForward):
         output = torch.bmm(mixing, ContiguousTranspose.apply(processed, 0, 1))  # emit: [p, G, E] @ [p, E, d]
         # [p, G, d] = [n, S, G, d] -> [n, G, S, d] -> [B, S, d]
         output = ContiguousTranspose.apply(output.view(num_groups, seq_len, group_size, hidden_size), 1, 2)
-        output = output.view(-1, seq_len, hidden_size)[:batch_size]
+        output = drop_group_padding(output.view(-1, seq_len, hidden_size), batch_size)
 
-        stats = None
-        if output_stats:
-            with torch.no_grad():
-                probs = weights.float()
-                temperature = self.temperature()
-                stats = {
-                    # entropy of each expert's mixture over the group, averaged over experts and groups
-                    "mixing_entropy": _entropy(probs, dim=1).mean(),
-                    "max_weight": probs.amax(dim=1).mean(),
-                    "temperature": torch.as_tensor(temperature, dtype=torch.float32).detach().mean(),
-                }
-        return output, FeedForwardOutput(stats=stats)
+        return output, FeedForwardOutput(stats=self.mixing_stats(weights) if output_stats else None)
+
+    @torch.no_grad()
+    def mixing_stats(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Routing statistics of weights with the group on dim 1."""
+        probs = weights.float()
+        return {
+            # entropy of each expert's mixture over the group, averaged over experts and groups
+            "mixing_entropy": _entropy(probs, dim=1).mean(),
+            "max_weight": probs.amax(dim=1).mean(),
+            "temperature": torch.as_tensor(self.temperature(), dtype=torch.float32).detach().mean(),
+        }
 
 
 class TokenChoice(RoutedFeedForward):
@@ -449,7 +529,7 @@ class ExpertChoice(RoutedFeedForward):
             2, flat_choice.expand(-1, -1, -1, hidden_size),
             expert_outputs.reshape(num_groups, seq_len, -1, hidden_size),
         )  # [n, S, G, d]
-        output = output.transpose(1, 2).reshape(-1, seq_len, hidden_size)[:batch_size]
+        output = drop_group_padding(output.transpose(1, 2).reshape(-1, seq_len, hidden_size), batch_size)
 
         stats = None
         if output_stats:

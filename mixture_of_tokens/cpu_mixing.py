@@ -1,0 +1,86 @@
+"""Fused CPU kernels for the MoT mixing (merge, emit and their gradients), compiled on first use.
+
+On a CPU the mixing around the experts is memory-bound: with batched matmuls each of the merge and the emit reads
+the activations once for a layout copy, once for a small [32 x 32] @ [32 x d] product whose oneDNN kernel runs at
+a quarter of its peak, and once more for the copy back, forward and backward. `csrc/mixing_cpu.cpp` does each of
+them in one pass that reads one layout and writes the other (see its header); docs/performance.md has the figures.
+
+The kernels are optional. They are built with `torch.utils.cpp_extension` (a C++ compiler and `ninja`, ~30 s the
+first time, cached under `TORCH_EXTENSIONS_DIR` after that) when a MoT layer first runs on a CPU; without a
+compiler, or with `MOT_CPU_KERNELS=0`, the layer uses the batched matmuls instead and computes the same thing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "mixing_cpu.cpp"
+DISABLE_VARIABLE = "MOT_CPU_KERNELS"
+
+_lock = threading.Lock()
+_attempted = False
+_kernels: ModuleType | None = None
+
+
+def kernels_enabled() -> bool:
+    return os.environ.get(DISABLE_VARIABLE, "1").lower() not in ("0", "false", "no", "off")
+
+
+def _extension_name() -> str:
+    # -march=native builds for this CPU, against this torch's C++ ABI: name the build after both, so a cache shared
+    # between machines (a network home) or torch versions never hands one of them a binary built for another.
+    capability = torch.backends.cpu.get_cpu_capability().lower()
+    torch_version = "".join(character if character.isalnum() else "_" for character in torch.__version__)
+    return f"mot_mixing_cpu_{capability}_torch{torch_version}"
+
+
+def _put_ninja_on_path() -> None:
+    # torch runs `ninja` from PATH; the `ninja` wheel installs it next to the interpreter, which is not on PATH
+    # when the virtualenv's python is run without activating it.
+    try:
+        import ninja
+    except ImportError:
+        return
+    if ninja.BIN_DIR not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
+def load_kernels(verbose: bool = False) -> ModuleType | None:
+    """The compiled kernels, building them on the first call; None when disabled or when the build fails."""
+    global _attempted, _kernels
+    if not kernels_enabled():
+        return None
+    with _lock:
+        if _attempted:
+            return _kernels
+        _attempted = True
+        try:
+            from torch.utils.cpp_extension import load
+
+            _put_ninja_on_path()
+            logger.info("Building the MoT CPU mixing kernels (once; cached afterwards)...")
+            _kernels = load(
+                name=_extension_name(),
+                sources=[str(SOURCE)],
+                extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                extra_ldflags=["-fopenmp"],
+                verbose=verbose,
+            )
+        except Exception as error:  # no compiler, no ninja, an unsupported platform: fall back, but say so
+            logger.warning(
+                "Could not build the MoT CPU mixing kernels (%s: %s); MoT layers on CPU use batched matmuls "
+                "instead (same results, slower). Set %s=0 to skip this attempt.",
+                type(error).__name__,
+                str(error).strip().splitlines()[-1] if str(error).strip() else "",
+                DISABLE_VARIABLE,
+            )
+            _kernels = None
+        return _kernels
