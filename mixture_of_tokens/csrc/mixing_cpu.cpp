@@ -72,11 +72,55 @@ inline void store_row(const float* src, at::BFloat16* dst, int64_t width) {
 }
 inline void store_row(const float* src, float* dst, int64_t width) { std::memcpy(dst, src, width * 4); }
 
+// Rows of one block, addressed as base + index * stride (in elements).
+template <typename scalar_t>
+struct Rows {
+  scalar_t* base;
+  int64_t stride;
+  scalar_t* operator[](int64_t index) const { return base + index * stride; }
+};
+
+// Prefetches the next block's input rows a few cache lines at a time from inside the compute loops, so that memory
+// transfers overlap the arithmetic: the hardware prefetchers do not follow 32-64 strided row streams, and a burst
+// of hundreds of prefetches at once only stalls the core until they land.
+class Prefetcher {
+ public:
+  void clear() { num_streams_ = stream_ = row_ = offset_ = 0; }
+  template <typename scalar_t>
+  void add(Rows<scalar_t> rows, int64_t num_rows, int64_t width) {
+    streams_[num_streams_++] = {reinterpret_cast<const char*>(rows.base), rows.stride * int64_t(sizeof(scalar_t)),
+                                num_rows, width * int64_t(sizeof(scalar_t))};
+  }
+  // Called once per register tile of the compute loops.
+  void step() {
+    for (int line = 0; line < kLinesPerStep && stream_ < num_streams_; ++line) {
+      const Stream& stream = streams_[stream_];
+      __builtin_prefetch(stream.base + row_ * stream.stride_bytes + offset_);
+      offset_ += 64;
+      if (offset_ >= stream.row_bytes) {
+        offset_ = 0;
+        if (++row_ == stream.num_rows) row_ = 0, ++stream_;
+      }
+    }
+  }
+
+ private:
+  static constexpr int kLinesPerStep = 8;  // 64 tiles per block and 512 lines (32 KiB) per input tensor
+  struct Stream {
+    const char* base;
+    int64_t stride_bytes, num_rows, row_bytes;
+  };
+  Stream streams_[3];
+  int num_streams_ = 0, stream_ = 0;
+  int64_t row_ = 0, offset_ = 0;
+};
+
 // out[o, :] = sum_r coef[o, r] rows[r, :] for rows [R, width] and coef [O, R] in fp32; O % 4 == 0, width % 64 == 0.
 void mix_block_fp32(const float* rows, int64_t num_rows, const float* coef, int64_t num_out, int64_t width,
-                    float* out) {
+                    float* out, Prefetcher& prefetch) {
   for (int64_t o0 = 0; o0 < num_out; o0 += kBlock) {
     for (int64_t k0 = 0; k0 < width; k0 += kBlock * kLanes) {
+      prefetch.step();
       Lanes16 acc[kBlock][kBlock] = {};
       for (int64_t r = 0; r < num_rows; ++r) {
         Lanes16 x[kBlock];
@@ -97,9 +141,10 @@ void mix_block_fp32(const float* rows, int64_t num_rows, const float* coef, int6
 
 // out[a, b] = rows_a[a, :] . rows_b[b, :] in fp32; A % 4 == 0, B % 4 == 0, width % 16 == 0.
 void dot_block_fp32(const float* rows_a, int64_t num_a, const float* rows_b, int64_t num_b, int64_t width,
-                    float* out) {
+                    float* out, Prefetcher& prefetch) {
   for (int64_t a0 = 0; a0 < num_a; a0 += kBlock) {
     for (int64_t b0 = 0; b0 < num_b; b0 += kBlock) {
+      prefetch.step();
       Lanes16 acc[kBlock][kBlock] = {};
       for (int64_t k = 0; k < width; k += kLanes) {
         Lanes16 a[kBlock], b[kBlock];
@@ -124,22 +169,6 @@ void dot_block_fp32(const float* rows_a, int64_t num_a, const float* rows_b, int
   }
 }
 
-// Rows of one block, addressed as base + index * stride (in elements).
-template <typename scalar_t>
-struct Rows {
-  scalar_t* base;
-  int64_t stride;
-  scalar_t* operator[](int64_t index) const { return base + index * stride; }
-};
-
-template <typename scalar_t>
-inline void prefetch_rows(Rows<scalar_t> rows, int64_t num_rows, int64_t width) {
-  const int64_t bytes = width * int64_t(sizeof(scalar_t));
-  for (int64_t r = 0; r < num_rows; ++r) {
-    const char* row = reinterpret_cast<const char*>(rows[r]);
-    for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(row + offset);
-  }
-}
 
 // One block of mix through fp32 buffers: load the input rows, combine, store. `weights` are the block's G rows of
 // E mixing weights; with to_experts the inputs are its G tokens and the outputs its E expert rows, else the reverse.
@@ -147,7 +176,7 @@ template <typename scalar_t>
 struct MixFp32 {
   std::vector<float> rows, out, coef;
   void operator()(Rows<const scalar_t> in, int64_t num_in, Rows<const float> weights, bool to_experts,
-                  Rows<scalar_t> dst, int64_t num_out, int64_t width) {
+                  Rows<scalar_t> dst, int64_t num_out, int64_t width, Prefetcher& prefetch) {
     rows.resize(num_in * width);
     out.resize(num_out * width);
     coef.resize(num_out * num_in);
@@ -155,7 +184,7 @@ struct MixFp32 {
     for (int64_t o = 0; o < num_out; ++o)
       for (int64_t r = 0; r < num_in; ++r) coef[o * num_in + r] = to_experts ? weights[r][o] : weights[o][r];
     for (int64_t r = 0; r < num_in; ++r) load_row(in[r], rows.data() + r * width, width);
-    mix_block_fp32(rows.data(), num_in, coef.data(), num_out, width, out.data());
+    mix_block_fp32(rows.data(), num_in, coef.data(), num_out, width, out.data(), prefetch);
     for (int64_t o = 0; o < num_out; ++o) store_row(out.data() + o * width, dst[o], width);
   }
 };
@@ -164,12 +193,12 @@ template <typename scalar_t>
 struct DotFp32 {
   std::vector<float> rows_a, rows_b;
   void operator()(Rows<const scalar_t> a, int64_t num_a, Rows<const scalar_t> b, int64_t num_b, int64_t width,
-                  float* out) {
+                  float* out, Prefetcher& prefetch) {
     rows_a.resize(num_a * width);
     rows_b.resize(num_b * width);
     for (int64_t i = 0; i < num_a; ++i) load_row(a[i], rows_a.data() + i * width, width);
     for (int64_t j = 0; j < num_b; ++j) load_row(b[j], rows_b.data() + j * width, width);
-    dot_block_fp32(rows_a.data(), num_a, rows_b.data(), num_b, width, out);
+    dot_block_fp32(rows_a.data(), num_a, rows_b.data(), num_b, width, out, prefetch);
   }
 };
 
@@ -209,7 +238,7 @@ struct MixBf16 {
   std::vector<uint16_t> weights_bf16;  // [G, E]
   std::vector<uint32_t> coef_pairs;  // [num_in / 2, num_out]: (coef[o, 2h], coef[o, 2h+1]) as two bf16
   void operator()(Rows<const at::BFloat16> in, int64_t num_in, Rows<const float> weights, bool to_experts,
-                  Rows<at::BFloat16> dst, int64_t num_out, int64_t width) {
+                  Rows<at::BFloat16> dst, int64_t num_out, int64_t width, Prefetcher& prefetch) {
     const int64_t num_pairs = num_in / 2;
     const int64_t group_size = to_experts ? num_in : num_out, num_experts = to_experts ? num_out : num_in;
     pairs.resize(num_pairs * 2 * width);
@@ -233,6 +262,7 @@ struct MixBf16 {
 
     for (int64_t o0 = 0; o0 < num_out; o0 += kBlock) {
       for (int64_t k0 = 0; k0 < width; k0 += kBlock * kLanes) {
+        prefetch.step();
         __m512 acc[kBlock][kBlock];
         for (int i = 0; i < kBlock; ++i)
           for (int j = 0; j < kBlock; ++j) acc[i][j] = _mm512_setzero_ps();
@@ -263,10 +293,11 @@ struct MixBf16 {
 
 struct DotBf16 {
   void operator()(Rows<const at::BFloat16> a, int64_t num_a, Rows<const at::BFloat16> b, int64_t num_b,
-                  int64_t width, float* out) {
+                  int64_t width, float* out, Prefetcher& prefetch) {
     // Here the pairs are consecutive features of each row: the rows need no interleaving.
     for (int64_t a0 = 0; a0 < num_a; a0 += kBlock) {
       for (int64_t b0 = 0; b0 < num_b; b0 += kBlock) {
+        prefetch.step();
         __m512 acc[kBlock][kBlock];
         for (int i = 0; i < kBlock; ++i)
           for (int j = 0; j < kBlock; ++j) acc[i][j] = _mm512_setzero_ps();
@@ -353,6 +384,7 @@ void mixing_pass(const at::Tensor& tokens, const at::Tensor& expert_rows, const 
     at::parallel_for(0, num_blocks, 4, [&](int64_t begin, int64_t end) {
       typename Kernels<scalar_t>::Mix mix_block;
       typename Kernels<scalar_t>::Dot dot_block;
+      Prefetcher prefetch;
       std::vector<float> products(G * E);
       for (int64_t block = begin; block < end; ++block) {
         const int64_t group = block / S, position = block % S;
@@ -360,26 +392,26 @@ void mixing_pass(const at::Tensor& tokens, const at::Tensor& expert_rows, const 
         // Rows of this block in the token-major and the expert-major layout.
         auto token_rows = [&](auto* data, int64_t offset) { return Rows{data + (first_token + offset) * d, S * d}; };
         auto expert_block = [&](auto* data, int64_t offset) { return Rows{data + (block + offset) * d, num_blocks * d}; };
-        if (block + 1 < end) {
-          // The next block's inputs: 32 rows of 1 KiB from each tensor read are more streams than the hardware
-          // prefetchers follow.
-          if (do_mix && to_experts) prefetch_rows(token_rows(token_data, 1), G, d);
-          if (do_mix && !to_experts) prefetch_rows(expert_block(expert_data, 1), E, d);
-          if (dot_out) {
-            prefetch_rows(token_rows(dot_token_data, 1), G, d);
-            prefetch_rows(expert_block(dot_row_data, 1), E, d);
+        prefetch.clear();
+        if (block + 1 < end) {  // the next block's inputs
+          if (do_mix && to_experts) prefetch.add(token_rows(token_data, 1), G, d);
+          if (do_mix && !to_experts) prefetch.add(expert_block(expert_data, 1), E, d);
+          if (dot_out) {  // in a backward pass one of these is the mix's input, queued already
+            const void* mix_input = !do_mix ? nullptr : to_experts ? static_cast<const void*>(token_data) : expert_data;
+            if (dot_token_data != mix_input) prefetch.add(token_rows(dot_token_data, 1), G, d);
+            if (dot_row_data != mix_input) prefetch.add(expert_block(dot_row_data, 1), E, d);
           }
         }
         const Rows<const float> block_weights{w + first_token * E, S * E};
         if (do_mix && to_experts) {
           mix_block(token_rows(static_cast<const scalar_t*>(token_data), 0), G, block_weights, true,
-                    expert_block(expert_data, 0), E, d);
+                    expert_block(expert_data, 0), E, d, prefetch);
         } else if (do_mix) {
           mix_block(expert_block(static_cast<const scalar_t*>(expert_data), 0), E, block_weights, false,
-                    token_rows(token_data, 0), G, d);
+                    token_rows(token_data, 0), G, d, prefetch);
         }
         if (dot_out) {
-          dot_block(token_rows(dot_token_data, 0), G, expert_block(dot_row_data, 0), E, d, products.data());
+          dot_block(token_rows(dot_token_data, 0), G, expert_block(dot_row_data, 0), E, d, products.data(), prefetch);
           for (int64_t g = 0; g < G; ++g)
             std::memcpy(dot_result + (first_token + g * S) * E, products.data() + g * E, E * sizeof(float));
         }
