@@ -12,8 +12,10 @@ compiler, or with `MOT_CPU_KERNELS=0`, the layer uses the batched matmuls instea
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import platform
 import threading
 from pathlib import Path
 from types import ModuleType
@@ -34,12 +36,23 @@ def kernels_enabled() -> bool:
     return os.environ.get(DISABLE_VARIABLE, "1").lower() not in ("0", "false", "no", "off")
 
 
+def _cpu_fingerprint() -> str:
+    """A short hash of this CPU's instruction-set flags (Linux), else of what `platform` reports."""
+    description = platform.machine() + platform.processor()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            description = next((line for line in cpuinfo if line.startswith(("flags", "Features"))), description)
+    except OSError:
+        pass
+    return hashlib.sha1(" ".join(sorted(description.split())).encode()).hexdigest()[:10]
+
+
 def _extension_name() -> str:
-    # -march=native builds for this CPU, against this torch's C++ ABI: name the build after both, so a cache shared
-    # between machines (a network home) or torch versions never hands one of them a binary built for another.
-    capability = torch.backends.cpu.get_cpu_capability().lower()
+    # -march=native builds for this CPU, against this torch's C++ ABI: name the build after both, so that a cache
+    # shared between machines (a network home on a cluster) or torch versions never hands one of them a binary
+    # built for another (an AVX512-BF16 build would crash on a CPU without it).
     torch_version = "".join(character if character.isalnum() else "_" for character in torch.__version__)
-    return f"mot_mixing_cpu_{capability}_torch{torch_version}"
+    return f"mot_mixing_cpu_{_cpu_fingerprint()}_torch{torch_version}"
 
 
 def _put_ninja_on_path() -> None:
@@ -53,6 +66,31 @@ def _put_ninja_on_path() -> None:
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
+def _is_built(name: str) -> bool:
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return any(Path(_get_build_directory(name, verbose=False)).glob(f"{name}*.so"))
+    except Exception:  # a private helper of torch's: if it moves, just say we are building
+        return False
+
+
+def build(name: str, extra_cflags: tuple[str, ...] = (), verbose: bool = False) -> ModuleType:
+    """Compile (or load the cached build of) the kernels for this CPU; raises when that fails."""
+    from torch.utils.cpp_extension import load
+
+    _put_ninja_on_path()
+    if not _is_built(name):  # a one-off pause of ~30 s deserves a word
+        logger.warning("Building the fused MoT CPU mixing kernels (once per machine, ~30 s)...")
+    return load(
+        name=name,
+        sources=[str(SOURCE)],
+        extra_cflags=["-O3", "-march=native", "-fopenmp", *extra_cflags],
+        extra_ldflags=["-fopenmp"],
+        verbose=verbose,
+    )
+
+
 def load_kernels(verbose: bool = False) -> ModuleType | None:
     """The compiled kernels, building them on the first call; None when disabled or when the build fails."""
     global _attempted, _kernels
@@ -63,17 +101,7 @@ def load_kernels(verbose: bool = False) -> ModuleType | None:
             return _kernels
         _attempted = True
         try:
-            from torch.utils.cpp_extension import load
-
-            _put_ninja_on_path()
-            logger.info("Building the MoT CPU mixing kernels (once; cached afterwards)...")
-            _kernels = load(
-                name=_extension_name(),
-                sources=[str(SOURCE)],
-                extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                extra_ldflags=["-fopenmp"],
-                verbose=verbose,
-            )
+            _kernels = build(_extension_name(), verbose=verbose)
         except Exception as error:  # no compiler, no ninja, an unsupported platform: fall back, but say so
             logger.warning(
                 "Could not build the MoT CPU mixing kernels (%s: %s); MoT layers on CPU use batched matmuls "

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import platform
 
 import pytest
 import torch
@@ -20,6 +22,26 @@ def kernels():
             pytest.fail(message + "; under CI=true they must")
         pytest.skip(message)
     return loaded
+
+
+@pytest.fixture(scope="module")
+def portable_kernels(kernels):
+    """The build a CPU without AVX512-BF16 gets (GCC/Clang vectors, bf16 converted to fp32), built here too."""
+    if not kernels.uses_avx512_bf16():
+        return kernels
+    portable = cpu_mixing.build(cpu_mixing._extension_name() + "_portable", extra_cflags=("-mno-avx512bf16",))
+    assert not portable.uses_avx512_bf16()
+    return portable
+
+
+def cpu_flags() -> set[str]:
+    with open("/proc/cpuinfo") as cpuinfo:
+        return set(next(line for line in cpuinfo if line.startswith("flags")).split(":", 1)[1].split())
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.machine() != "x86_64", reason="reads x86 /proc/cpuinfo")
+def test_avx512_bf16_path_is_built_where_the_cpu_has_it(kernels):
+    assert kernels.uses_avx512_bf16() == ({"avx512_bf16", "avx512bw"} <= cpu_flags())
 
 
 def reference_merge(tokens, weights):
@@ -40,9 +62,11 @@ def reference_dots(tokens, expert_rows, weights_shape):
     return torch.einsum("ngsd,ensd->ngse", tokens.double(), rows)
 
 
+@pytest.mark.parametrize("build", ["native", "portable"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("shape", [(1, 8, 5, 64, 4), (3, 4, 7, 128, 12), (2, 32, 3, 64, 32)])
-def test_kernels_match_einsum(kernels, dtype, shape):
+def test_kernels_match_einsum(request, build, dtype, shape):
+    kernels = request.getfixturevalue("kernels" if build == "native" else "portable_kernels")
     n, G, S, d, E = shape
     tokens = torch.randn(n, G, S, d).to(dtype)
     expert_rows = torch.randn(E, n * S, d).to(dtype)
@@ -83,6 +107,23 @@ def test_kernels_reject_bad_input(kernels):
         kernels.mix(tokens, torch.empty(4, 3, 64), weights, True)
 
 
+def test_failed_build_falls_back_with_a_warning(kernels, monkeypatch, tmp_path, caplog):
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(cpu_mixing, "SOURCE", broken)
+    monkeypatch.setattr(cpu_mixing, "_extension_name", lambda: "mot_mixing_broken_for_test")
+    monkeypatch.setattr(cpu_mixing, "_attempted", False)
+    monkeypatch.setattr(cpu_mixing, "_kernels", None)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
+    with caplog.at_level(logging.WARNING, logger=cpu_mixing.__name__):
+        assert cpu_mixing.load_kernels() is None
+        assert cpu_mixing.load_kernels() is None  # tried once per process, not at every layer call
+    assert caplog.text.count("Could not build the MoT CPU mixing kernels") == 1
+    layer = mot_layer()
+    output, _ = layer(torch.randn(8, 3, 64))  # the layer still runs, on batched matmuls
+    assert output.shape == (8, 3, 64) and "FusedMixingBackward" not in autograd_node_names(output)
+
+
 def mot_layer(**overrides) -> MixtureOfTokens:
     config = MoTConfig(hidden_size=64, group_size=8, num_experts=8, expert_size=32, **overrides)
     torch.manual_seed(0)
@@ -92,20 +133,23 @@ def mot_layer(**overrides) -> MixtureOfTokens:
     return layer
 
 
-def forward_backward(layer, inputs, token_mask, use_kernels, monkeypatch, output_stats=False):
-    monkeypatch.setenv(cpu_mixing.DISABLE_VARIABLE, "1" if use_kernels else "0")
-    inputs = inputs.detach().requires_grad_()
-    layer.zero_grad(set_to_none=True)
-    output, extra = layer(inputs, token_mask=token_mask, output_stats=output_stats)
-    # Both paths must actually have run: the fused one leaves its own autograd nodes in the graph.
+def autograd_node_names(output: torch.Tensor) -> set[str]:
     seen, pending = set(), [output.grad_fn]
     while pending:
         node = pending.pop()
         if node is not None and node not in seen:
             seen.add(node)
             pending.extend(next_node for next_node, _ in node.next_functions)
-    graph_names = {type(node).__name__ for node in seen}
-    assert ("FusedMixingBackward" in graph_names) == use_kernels
+    return {type(node).__name__ for node in seen}
+
+
+def forward_backward(layer, inputs, token_mask, use_kernels, monkeypatch, output_stats=False):
+    monkeypatch.setenv(cpu_mixing.DISABLE_VARIABLE, "1" if use_kernels else "0")
+    inputs = inputs.detach().requires_grad_()
+    layer.zero_grad(set_to_none=True)
+    output, extra = layer(inputs, token_mask=token_mask, output_stats=output_stats)
+    # Both paths must actually have run: the fused one leaves its own autograd nodes in the graph.
+    assert ("FusedMixingBackward" in autograd_node_names(output)) == use_kernels
     output.backward(torch.linspace(-1, 1, output.numel()).view_as(output).to(output.dtype))
     grads = {name: parameter.grad.clone() for name, parameter in layer.named_parameters() if parameter.grad is not None}
     return output.detach(), inputs.grad, grads, extra.stats
