@@ -2,7 +2,10 @@
 
 Pairs: tiny-dense vs tiny-mot (flop-matched CPU presets) and transformer-medium vs mot-medium-32e (the paper's).
 Every model trains on the same random-token batches (same micro-batch, same sequence length, bf16 autocast by
-default), the first `--warmup` optimizer steps are not timed. Prints a table and writes JSON.
+default), the first `--warmup` optimizer steps are not timed; a model's time per step is the median of its timed
+steps. With `--repeats N` the dense and MoT models of a pair are trained alternately N times each and the median is
+taken over all their timed steps, so that a busy period of a shared machine does not land on one model only.
+Prints a table and writes JSON.
 
     python bench/train_throughput.py                          # tiny pair + medium pair, small settings
     python bench/train_throughput.py --pairs tiny --steps 20 --batch 32 --seq_len 128
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -64,14 +68,24 @@ def measure(preset: str, args) -> dict:
                              callbacks=[clock], plots_at_end=False)
         trainer.train()
     timed = clock.times[args.warmup - 1 :] if args.warmup else [clock.times[0]] + clock.times
-    elapsed = timed[-1] - timed[0]
-    timed_steps = len(timed) - 1
     return {
         "preset": preset,
         "parameters": sum(p.numel() for p in model.parameters()),
-        "timed_steps": timed_steps,
-        "seconds_per_step": elapsed / timed_steps,
-        "tokens_per_second": timed_steps * sequences_per_step * args.seq_len / elapsed,
+        "step_seconds": [later - earlier for earlier, later in zip(timed[:-1], timed[1:], strict=True)],
+    }
+
+
+def summarize(runs: list[dict], args) -> dict:
+    """One row from the repeated runs of a preset: the median step time over all their timed steps."""
+    step_seconds = [seconds for run in runs for seconds in run["step_seconds"]]
+    seconds_per_step = statistics.median(step_seconds)
+    return {
+        "preset": runs[0]["preset"],
+        "parameters": runs[0]["parameters"],
+        "timed_steps": len(step_seconds),
+        "step_seconds": step_seconds,
+        "seconds_per_step": seconds_per_step,
+        "tokens_per_second": args.batch * args.grad_accum * args.seq_len / seconds_per_step,
     }
 
 
@@ -82,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq_len", type=int, default=64)
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per model")
     parser.add_argument("--warmup", type=int, default=1, help="untimed optimizer steps first")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="train each model of a pair this many times, alternating (median over all of them)")
     parser.add_argument("--bf16", type=lambda v: v.lower() in ("1", "true", "yes"), default=True,
                         help="bf16 autocast (default true, as in the paper)")
     parser.add_argument("--json", default="bench/results/train_throughput.json")
@@ -91,13 +107,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="leave glibc malloc as it is (by default freed memory is kept for reuse on CPU, as "
                              "`mot train` does)")
     args = parser.parse_args(argv)
+    if args.repeats < 1 or args.steps < 1:
+        parser.error(f"--repeats and --steps must be at least 1, got {args.repeats} and {args.steps}")
     if not torch.cuda.is_available() and not args.system_malloc:
         retain_freed_cpu_memory()
 
     rows = []
     for pair in args.pairs:
         dense, mot = PAIRS[pair]
-        results = [measure(dense, args), measure(mot, args)]
+        runs: dict[str, list[dict]] = {dense: [], mot: []}
+        for _ in range(args.repeats):
+            for preset in (dense, mot):
+                runs[preset].append(measure(preset, args))
+        results = [summarize(runs[dense], args), summarize(runs[mot], args)]
         results[1]["relative_to_dense"] = results[1]["tokens_per_second"] / results[0]["tokens_per_second"]
         rows += results
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
