@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
@@ -227,6 +228,7 @@ class FusedMixing(torch.autograd.Function):
         return output
 
     @staticmethod
+    @once_differentiable  # the kernels have no backward of their own: a double backward gets a clear error
     def backward(ctx, grad_output):
         source, weights_fp32 = ctx.saved_tensors
         grad_output = grad_output.contiguous()

@@ -210,6 +210,16 @@ def test_results_do_not_depend_on_thread_count(kernels, monkeypatch):
     assert torch.equal(single[0], several[0]) and torch.equal(single[1], several[1])
 
 
+def test_double_backward_is_refused_clearly(kernels, monkeypatch):
+    monkeypatch.setenv(cpu_mixing.DISABLE_VARIABLE, "1")
+    layer = mot_layer()
+    inputs = torch.randn(8, 3, 64, requires_grad=True)
+    output, _ = layer(inputs)
+    (input_grad,) = torch.autograd.grad(output.square().sum(), inputs, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        input_grad.sum().backward()
+
+
 def test_kernels_only_where_they_apply(kernels, monkeypatch):
     tokens = torch.zeros(1, 8, 2, 64)
     assert fused_cpu_mixing_kernels(tokens, num_experts=8) is kernels
