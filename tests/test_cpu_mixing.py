@@ -29,7 +29,8 @@ def portable_kernels(kernels):
     """The build a CPU without AVX512-BF16 gets (GCC/Clang vectors, bf16 converted to fp32), built here too."""
     if not kernels.uses_avx512_bf16():
         return kernels
-    portable = cpu_mixing.build(cpu_mixing._extension_name() + "_portable", extra_cflags=("-mno-avx512bf16",))
+    # No AVX-512 at all: what the common AVX2 CPUs build.
+    portable = cpu_mixing.build(cpu_mixing._extension_name() + "_portable", extra_cflags=("-mno-avx512f",))
     assert not portable.uses_avx512_bf16()
     return portable
 

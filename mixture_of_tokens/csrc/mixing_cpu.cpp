@@ -44,7 +44,14 @@ inline void store_lanes(float* ptr, Lanes16 value) { std::memcpy(ptr, &value, si
 
 // Keeps a loaded vector in a register: otherwise the compiler re-reads it from memory as an operand of every
 // multiply-add that uses it, and the loop becomes bound by loads instead of multiply-adds.
-inline void keep_in_register(Lanes16& value) { __asm__("" : "+v"(value)); }
+// Only where one register holds all 16 lanes (AVX-512); elsewhere the vector spans several and is left alone.
+inline void keep_in_register(Lanes16& value) {
+#if defined(__AVX512F__)
+  __asm__("" : "+v"(value));
+#else
+  (void)value;
+#endif
+}
 
 inline float bf16_to_float(uint16_t bits) {
   uint32_t widened = uint32_t(bits) << 16;
