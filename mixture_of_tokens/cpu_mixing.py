@@ -96,6 +96,8 @@ def load_kernels(verbose: bool = False) -> ModuleType | None:
     global _attempted, _kernels
     if not kernels_enabled():
         return None
+    if _attempted:  # every MoT layer call asks: answer without the lock once settled
+        return _kernels
     with _lock:
         if _attempted:
             return _kernels
