@@ -101,7 +101,6 @@ def load_kernels(verbose: bool = False) -> ModuleType | None:
     with _lock:
         if _attempted:
             return _kernels
-        _attempted = True
         try:
             _kernels = build(_extension_name(), verbose=verbose)
         except Exception as error:  # no compiler, no ninja, an unsupported platform: fall back, but say so
@@ -113,4 +112,5 @@ def load_kernels(verbose: bool = False) -> ModuleType | None:
                 DISABLE_VARIABLE,
             )
             _kernels = None
+        _attempted = True  # after _kernels is set: the check before the lock must never see a half-done attempt
         return _kernels
