@@ -205,7 +205,7 @@ def fused_cpu_mixing_kernels(grouped: torch.Tensor, num_experts: int):
 
 
 class FusedMixing(torch.autograd.Function):
-    """The mixing through the fused CPU kernels, in either direction, with weights `[n, G, S, E]`:
+    """The mixing through the fused CPU kernels, in either direction, with fp32 weights `[n, G, S, E]`:
     - merge (`to_experts=True`): tokens `[n, G, S, d]` -> expert rows `[E, n*S, d]`, row `(e, p)` being
       `sum_g w[g, e] token g` of block `p = (n, s)`;
     - emit (`to_experts=False`): the transpose, token `g` of block `p` receiving `sum_e w[g, e] row (e, p)`.
@@ -214,17 +214,16 @@ class FusedMixing(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, source, weights, kernels, to_experts):
-        weights_fp32 = weights.float().contiguous()
+    def forward(ctx, source, weights_fp32, kernels, to_experts):
         if to_experts:
             num_groups, _, seq_len, hidden_size = source.shape
-            output = source.new_empty(weights.shape[-1], num_groups * seq_len, hidden_size)
+            output = source.new_empty(weights_fp32.shape[-1], num_groups * seq_len, hidden_size)
             kernels.mix(source, output, weights_fp32, True)
         else:
-            output = source.new_empty(*weights.shape[:-1], source.shape[-1])
+            output = source.new_empty(*weights_fp32.shape[:-1], source.shape[-1])
             kernels.mix(output, source, weights_fp32, False)
         ctx.save_for_backward(source, weights_fp32)
-        ctx.kernels, ctx.to_experts, ctx.weights_dtype = kernels, to_experts, weights.dtype
+        ctx.kernels, ctx.to_experts = kernels, to_experts
         return output
 
     @staticmethod
@@ -241,8 +240,6 @@ class FusedMixing(torch.autograd.Function):
             ctx.kernels.mix(tokens, rows, weights_fp32, not ctx.to_experts, dot_tokens, dot_rows, grad_weights)
         elif grad_weights is not None:
             ctx.kernels.dots(dot_tokens, dot_rows, grad_weights)
-        if grad_weights is not None:
-            grad_weights = grad_weights.to(ctx.weights_dtype)
         return grad_source, grad_weights, None, None
 
 
@@ -371,8 +368,10 @@ class MixtureOfTokens(RoutedFeedForward):
         if kernels is not None:
             # One pass each way between the token-major tokens and the expert-major rows (cpu_mixing.py).
             weights = self.mixing_weights(grouped, group_mask)  # [n, G, S, E], softmax over G
-            merged = FusedMixing.apply(grouped.contiguous(), weights, kernels, True)  # [E, n*S, d]
-            output = FusedMixing.apply(self.run_experts(merged), weights, kernels, False)  # [n, G, S, d]
+            # The kernels take fp32 weights: cast once for both passes (and their gradients once back).
+            weights_fp32 = weights.float().contiguous()
+            merged = FusedMixing.apply(grouped.contiguous(), weights_fp32, kernels, True)  # [E, n*S, d]
+            output = FusedMixing.apply(self.run_experts(merged), weights_fp32, kernels, False)  # [n, G, S, d]
             output = drop_group_padding(output.view(-1, seq_len, hidden_size), batch_size)
             return output, FeedForwardOutput(stats=self.mixing_stats(weights) if output_stats else None)
         # Position-major: one [G, d] matrix per (group, position) p. Everything below is then a contiguous or
