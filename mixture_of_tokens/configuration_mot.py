@@ -72,13 +72,16 @@ class MoTConfig(PreTrainedConfig):
         init_scale: weights are drawn from a truncated normal with std `sqrt(init_scale / fan_in)`.
         layer_norm_eps: epsilon of the LayerNorms.
         output_routing_stats: return per-layer routing statistics from every forward.
+        output_router_logits: return the Token Choice router logits from every forward. The router losses are
+            part of the training loss either way (unlike transformers' MoE models, where they need this flag).
         chunked_lm_loss: while training with `labels`, compute the language-modelling loss a chunk of tokens
             at a time without materialising the full logits (`outputs.logits` is then None): the same loss and
             gradients in a fraction of the memory and time. False: always return the logits.
     """
 
     model_type = "mot"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    # The KV cache in outputs: `cache` from transformers 5.24, `past_key_values` before. Trainer drops it in eval.
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
 
     vocab_size: int = 50257
     hidden_size: int = 512
@@ -101,6 +104,7 @@ class MoTConfig(PreTrainedConfig):
     init_scale: float = 0.1
     layer_norm_eps: float = 1e-5
     output_routing_stats: bool = False
+    output_router_logits: bool = False
     chunked_lm_loss: bool = True
     use_cache: bool = True
     tie_word_embeddings: bool = False
@@ -175,8 +179,9 @@ class MoTConfig(PreTrainedConfig):
                 raise ValueError(f"{name} must be a non-negative number, got {value!r}")
         if not (isinstance(self.init_scale, (int, float)) and self.init_scale > 0):
             raise ValueError(f"init_scale must be positive, got {self.init_scale!r}")
-        if not isinstance(self.chunked_lm_loss, bool):
-            raise ValueError(f"chunked_lm_loss must be true or false, got {self.chunked_lm_loss!r}")
+        for name in ("chunked_lm_loss", "output_routing_stats", "output_router_logits"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"hidden_act must be one of {', '.join(ACTIVATIONS)}, got {self.hidden_act!r}")
 

@@ -17,8 +17,9 @@ travel to the Hub as custom code (`trust_remote_code=True`).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,24 @@ from transformers.utils import can_return_tuple, logging
 from .configuration_mot import MoTConfig
 
 logger = logging.get_logger(__name__)
+
+# transformers 5.24 renamed the KV cache from `past_key_values` to `cache`: in `forward`'s arguments (what
+# `generate()` passes) and in the fields of model outputs. The releases before it use the old name. This file follows
+# the installed release: it takes both argument names and fills the output field that the release declares.
+CACHE_NAME = "cache" if "cache" in {field.name for field in fields(MoeModelOutputWithPast)} else "past_key_values"
+
+
+def merge_cache_arguments(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    """The KV cache given to `forward` under either name (see `CACHE_NAME`); the old name is deprecated where the
+    installed transformers has the new one, as in its own models."""
+    if past_key_values is None:
+        return cache
+    if cache is not None:
+        raise ValueError("pass the KV cache as `cache` or as `past_key_values`, not both")
+    if CACHE_NAME == "cache" and not torch.compiler.is_compiling():
+        warnings.warn("`past_key_values` is deprecated since transformers 5.24: pass the KV cache as `cache`",
+                      FutureWarning, stacklevel=3)
+    return past_key_values
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -113,15 +132,15 @@ class MoTAttention(nn.Module):
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch_size, seq_len, hidden_size = hidden_states.shape
         # [B, S, 3d] -> [3, B, heads, S, head_dim]
         qkv = self.qkv_proj(hidden_states).view(batch_size, seq_len, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
@@ -570,13 +589,11 @@ class MoTBlock(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         token_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         output_routing_stats: bool = False,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None, FeedForwardOutput]:
-        attn_output, attn_weights = self.self_attn(
-            self.attn_norm(hidden_states), attention_mask, past_key_values=past_key_values, **kwargs
-        )
+        attn_output, attn_weights = self.self_attn(self.attn_norm(hidden_states), attention_mask, cache=cache, **kwargs)
         hidden_states = hidden_states + attn_output
         mlp_output, routing = self.mlp(self.mlp_norm(hidden_states), token_mask, output_routing_stats)
         return hidden_states + mlp_output, attn_weights, routing
@@ -588,7 +605,7 @@ class MoTPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["MoTBlock"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_NAME]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
@@ -642,30 +659,42 @@ class MoTModel(MoTPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         output_routing_stats: bool | None = None,
+        output_router_logits: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> MoTModelOutputWithPast:
+        r"""
+        cache: the KV cache (a `Cache`) of earlier tokens; `past_key_values` is its name before transformers 5.24
+            and is still accepted.
+        output_routing_stats: return per-block routing statistics (`routing_stats`).
+        output_router_logits: return the Token Choice router logits (`router_logits`, one `[tokens, E]` tensor per
+            Token Choice block). The router losses do not depend on it: they are always in `aux_loss`.
+        """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        output_hidden_states = bool(output_hidden_states)
-        output_attentions = bool(output_attentions)
-        if output_routing_stats is None:
-            output_routing_stats = self.config.output_routing_stats
+        cache = merge_cache_arguments(cache, past_key_values)
+        # None falls back to the config (the transformers convention), an explicit value wins.
+        config = self.config
+        use_cache = config.use_cache if use_cache is None else use_cache
+        output_attentions = config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        output_routing_stats = config.output_routing_stats if output_routing_stats is None else output_routing_stats
+        output_router_logits = config.output_router_logits if output_router_logits is None else output_router_logits
         if self.gradient_checkpointing and self.training:
             use_cache = False
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=config)
 
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         batch_size, seq_len = inputs_embeds.shape[:2]
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past_length = cache.get_seq_length() if cache is not None else 0
         if past_length + seq_len > self.config.max_position_embeddings:
             raise ValueError(
                 f"sequence length {past_length + seq_len} (cached {past_length} + new {seq_len}) exceeds "
@@ -686,13 +715,8 @@ class MoTModel(MoTPreTrainedModel):
                 position_ids = torch.arange(past_length, past_length + seq_len, device=inputs_embeds.device)
                 position_ids = position_ids.unsqueeze(0)
 
-        causal_mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            position_ids=position_ids,
-        )
+        # The cache goes positionally: its keyword is `cache` from transformers 5.24 and `past_key_values` before.
+        causal_mask = create_causal_mask(config, inputs_embeds, attention_mask, cache, position_ids=position_ids)
         hidden_states = inputs_embeds + self.embed_positions(position_ids)
 
         all_hidden_states = () if output_hidden_states else None
@@ -705,7 +729,7 @@ class MoTModel(MoTPreTrainedModel):
                 hidden_states,
                 attention_mask=causal_mask,
                 token_mask=token_mask,
-                past_key_values=past_key_values,
+                cache=cache,
                 output_routing_stats=output_routing_stats,
                 **kwargs,
             )
@@ -717,13 +741,15 @@ class MoTModel(MoTPreTrainedModel):
             all_hidden_states += (hidden_states,)
 
         aux_losses = [r.aux_loss for r in routing if r.aux_loss is not None]
-        router_logits = tuple(r.router_logits for r in routing if r.router_logits is not None)
+        router_logits = None
+        if output_router_logits:
+            router_logits = tuple(r.router_logits for r in routing if r.router_logits is not None) or None
         return MoTModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
+            **{CACHE_NAME: cache if use_cache else None},
             hidden_states=all_hidden_states,
             attentions=all_attentions,
-            router_logits=router_logits or None,
+            router_logits=router_logits,
             routing_stats=tuple(r.stats for r in routing) if output_routing_stats else None,
             # Averaged over the routed layers, so the coefficient means the same at any depth.
             aux_loss=torch.stack(aux_losses).mean() if aux_losses else None,
@@ -824,19 +850,24 @@ class MoTForCausalLM(MoTPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         output_routing_stats: bool | None = None,
+        output_router_logits: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> MoTCausalLMOutputWithPast:
         r"""
+        cache: the KV cache (a `Cache`) of earlier tokens; `past_key_values` is its name before transformers 5.24
+            and is still accepted.
         labels: token ids for the language-modelling loss (shifted inside; -100 is ignored).
         output_routing_stats: return per-block routing statistics (`routing_stats`).
+        output_router_logits: return the Token Choice router logits (`router_logits`).
 
         While training with `labels` and `config.chunked_lm_loss` (the default), the loss is computed without
         materialising the logits and `logits` is None (see `ChunkedLMLoss`).
@@ -849,12 +880,13 @@ class MoTForCausalLM(MoTPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=merge_cache_arguments(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             output_routing_stats=output_routing_stats,
+            output_router_logits=output_router_logits,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -884,7 +916,7 @@ class MoTForCausalLM(MoTPreTrainedModel, GenerationMixin):
             loss=loss,
             aux_loss=outputs.aux_loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **{CACHE_NAME: outputs.get(CACHE_NAME)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=outputs.router_logits,
