@@ -202,12 +202,15 @@ def fused_cpu_mixing_kernels(grouped: torch.Tensor, num_experts: int):
     """The fused CPU mixing kernels of the `mixture_of_tokens` package (`cpu_mixing.py`) when they apply to these
     `[n, G, S, d]` tokens, else None.
 
-    They are optional: this file also travels to the Hub as custom code, where the package may be missing, and then
-    the layer uses batched matmuls, which compute the same thing.
+    They are optional and used only by the package's own copy of this file. The copy that travels to the Hub as
+    custom code never imports the package, even where it is installed: importing it registers the package's classes
+    with the Auto classes, and the next `from_pretrained` would return them instead of the Hub's. Without the
+    kernels the layer uses batched matmuls, which compute the same thing.
     """
     group_size, hidden_size = grouped.shape[1], grouped.shape[3]
     if (
-        grouped.device.type != "cpu"
+        __package__ != "mixture_of_tokens"
+        or grouped.device.type != "cpu"
         or grouped.dtype not in (torch.bfloat16, torch.float32)
         or group_size % 4
         or num_experts % 4

@@ -19,11 +19,13 @@ if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
   # shellcheck disable=SC2086
   "$VENV/bin/python" -m pip install --quiet ${TORCH_SPEC:-torch==2.13.0}
 fi
+# TRANSFORMERS_SPEC (e.g. "transformers==5.9.0") pins transformers within pyproject's range; CI uses it to test the
+# oldest release the range admits.
 stamp="$VENV/.mot-installed"
-want="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)"
+want="$( (cat "$ROOT/pyproject.toml"; echo "${TRANSFORMERS_SPEC:-}") | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  echo "[setup] installing mixture-of-tokens and its dependencies"
-  "$VENV/bin/python" -m pip install --quiet -e "$ROOT[dev]"
+  echo "[setup] installing mixture-of-tokens and its dependencies${TRANSFORMERS_SPEC:+ with $TRANSFORMERS_SPEC}"
+  "$VENV/bin/python" -m pip install --quiet -e "$ROOT[dev]" ${TRANSFORMERS_SPEC:+"$TRANSFORMERS_SPEC"}
   echo "$want" > "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"

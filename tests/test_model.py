@@ -393,6 +393,39 @@ def test_remote_code_loads_where_the_package_cannot_be_imported(tmp_path):
     assert "REMOTE-OK" in result.stdout
 
 
+def test_remote_code_stays_remote_where_the_package_is_installed(tmp_path):
+    """With the package importable, a model loaded as Hub custom code must not import it (its import registers the
+    package's classes with the Auto classes): every load returns the Hub module's class, after forwards that could
+    take the package's optional CPU kernels (fp32 on the CPU, G, E multiples of 4, d of 64)."""
+    model = small_model("mot", hidden_size=64, group_size=4, num_experts=4)
+    model.save_pretrained(tmp_path / "model")
+    script = textwrap.dedent(
+        f"""
+        import sys
+        import torch
+        from transformers import AutoModelForCausalLM
+        import importlib.util
+        assert importlib.util.find_spec('mixture_of_tokens') is not None, 'the package must be installed here'
+        classes = []
+        for _ in range(2):
+            model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'model')!r}, trust_remote_code=True)
+            with torch.no_grad():
+                model(torch.randint(1, {VOCAB}, (8, 5)))
+            classes.append(type(model))
+        assert classes[0] is classes[1], classes
+        assert classes[0].__module__.startswith('transformers_modules'), classes[0].__module__
+        assert 'mixture_of_tokens' not in sys.modules, 'the Hub copy imported the package'
+        print('REMOTE-STAYS-REMOTE')
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_HOME"] = str(tmp_path / "hf_home")
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "REMOTE-STAYS-REMOTE" in result.stdout
+
+
 @pytest.mark.parametrize("ffn", ["mot", "token_choice", "dense"])
 def test_greedy_generation_with_cache_equals_without(ffn):
     model = small_model(ffn, group_size=4)
