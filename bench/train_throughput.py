@@ -29,7 +29,8 @@ from transformers import TrainerCallback
 from mixture_of_tokens import MoTConfig, MoTForCausalLM
 from mixture_of_tokens.cpu_memory import retain_freed_cpu_memory
 from mixture_of_tokens.data import collate_blocks
-from mixture_of_tokens.train import MoTTrainer, MoTTrainingArguments
+from mixture_of_tokens.train import MoTTrainingArguments
+from mixture_of_tokens.trainer import MoTTrainer
 
 PAIRS = {"tiny": ("tiny-dense", "tiny-mot"), "medium": ("transformer-medium", "mot-medium-32e")}
 

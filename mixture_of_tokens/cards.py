@@ -2,10 +2,13 @@
 
 A card is built from what the folder holds, so it can be refreshed after every step that changes the model:
 - `config.json`: the architecture, parameter counts and FLOPs per token (computed from the config alone);
-- `training_args.json` (and `trainer_state.json`): the training recipe;
+- `training_args.json` (and `trainer_state.json`, or the last `checkpoint-N`'s): the training recipe. `mot train`
+  nests it under `model_args` / `data_args` / `training_args`; flat files of older folders are read too. `mot
+  convert` carries the source's file over (the weights' recipe), `mot transition` writes its own;
 - `eval_results.json`: lm-evaluation-harness results, shown as a table and written to the `model-index` metadata so
   the Hub displays them;
-- `conversion.json` (written by `mot convert`): which model this one was converted from.
+- `conversion.json` (written by `mot convert`): which model this one was converted from. A public card names
+  it only by a Hub repo id, never by a local path ("converted from a local model").
 
 `training_args.bin` is a pickle and is never read: unpickling runs arbitrary code.
 The templates live in `mixture_of_tokens/model_cards/` (one per model family plus shared `_*.md` sections).
@@ -21,7 +24,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .utils import UserError
+from .model_folder import check_config
+from .utils import UserError, atomic_write_text
 
 CARD_FILE = "README.md"
 TRAINING_ARGS_FILE = "training_args.json"
@@ -42,13 +46,19 @@ KNOWN_TASKS = {
 }
 METRIC_NAMES = {"acc": "accuracy", "acc_norm": "normalized accuracy", "perplexity": "perplexity"}
 
-# Training arguments shown in the card (TrainingArguments names first, then names our `mot train` may add).
+# Training arguments shown in the card, in this order, under their `mot train` flag names (so a reader can rerun
+# the recipe). `dataset_name`, `train_file`, `data` and `seq_len` are names older, flat files used.
+# "precision" is not a flag: it sums up bf16, fp16 and bf16_weights (see _precision).
 RECIPE_KEYS = (
-    "dataset", "dataset_name", "train_file", "data", "block_size", "seq_len", "max_steps", "num_train_epochs",
-    "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type",
-    "warmup_steps", "warmup_ratio", "weight_decay", "adam_beta1", "adam_beta2", "max_grad_norm", "optim",
-    "bf16", "fp16", "seed",
+    "dataset", "dataset_name", "dataset_config", "train_file", "data", "block_size", "seq_len", "max_train_blocks",
+    "max_steps", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
+    "learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "warmup_ratio", "weight_decay",
+    "adam_beta1", "adam_beta2", "max_grad_norm", "optim", "precision", "seed",
 )
+PRECISION_FLAGS = ("bf16", "fp16", "bf16_weights")
+# The sections `mot train` nests its arguments under in training_args.json (later sections win on a name clash).
+ARGUMENT_SECTIONS = ("model_args", "data_args", "training_args")
+DATASET_KEYS = ("dataset", "dataset_name", "train_file", "data")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -156,7 +166,11 @@ def architecture_summary(config) -> dict[str, Any]:
         "vocab_size": config.vocab_size,
         "routed_blocks": _block_list(routed) if routed else "",
         "dense_blocks": len(types) - len(routed),
+        # G only means something to layers that group the rows of a batch (MoT, Expert Choice); Token Choice
+        # and dense layers ignore it, so their cards must not show it.
+        "grouped": bool(set(types) & set(BATCH_DEPENDENT_TYPES)),
         "group_size": config.group_size,
+        "top_k_used": bool(set(types) & {"token_choice", "expert_choice"}),
         "num_experts": config.num_experts,
         "expert_size": config.expert_size,
         "intermediate_size": config.intermediate_size,
@@ -189,15 +203,98 @@ def _format_value(value: Any) -> str:
         return f"{value:.4g}"
     if isinstance(value, (list, tuple)):
         return ", ".join(map(str, value))
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_format_value(v)}" for k, v in value.items())
     return str(value)
 
 
-def training_section(model_dir: Path) -> dict[str, Any] | None:
+def read_training_arguments(model_dir: Path) -> tuple[dict[str, Any], bool] | None:
+    """`training_args.json` as one `{name: value}` dict, and whether it is `mot train`'s full record.
+
+    `mot train` nests its arguments under `model_args` / `data_args` / `training_args` and records every one of
+    them (None meaning "the default"); older folders and hand-written files hold the names at the top level.
+    """
     args = _read_json(model_dir / TRAINING_ARGS_FILE)
     if not isinstance(args, dict):
         return None
-    rows = [(key, _format_value(args[key])) for key in RECIPE_KEYS if args.get(key) not in (None, "", [])]
+    sections = [args[name] for name in ARGUMENT_SECTIONS if isinstance(args.get(name), dict)]
+    if not sections:
+        return args, False
+    flat: dict[str, Any] = {}
+    for section in sections:
+        flat.update(section)
+    return flat, True
+
+
+def _public_dataset(spec: str) -> str:
+    """A dataset as a public card may name it: a Hub dataset id as is, local data by its file name only."""
+    from .data import LOCAL_FORMATS
+
+    path = Path(spec).expanduser()
+    local = (path.is_absolute() or spec.startswith((".", "~")) or spec.count("/") > 1 or "\\" in spec
+             or spec.lower().endswith(tuple(LOCAL_FORMATS)) or path.exists())
+    return f"local data `{path.name}`" if local else spec
+
+
+def _precision(values: dict[str, Any]) -> str:
+    """One phrase for three flags (ModelArguments.bf16_weights, TrainingArguments.bf16 and fp16)."""
+    if values.get("bf16_weights"):
+        return "bf16 weights and optimizer state (bf16_weights)"
+    if values.get("bf16"):
+        return "bf16 autocast, fp32 weights (bf16)"
+    if values.get("fp16"):
+        return "fp16 mixed precision, fp32 weights (fp16)"
+    return "fp32"
+
+
+def _recipe_rows(args: dict[str, Any], complete: bool, default_block_size: int) -> list[tuple[str, str]]:
+    from .data import DEFAULT_SOURCE
+
+    values = dict(args)
+    if complete:  # `mot train`'s record: an argument left at None took the default, which the card spells out
+        if values.get("dataset") is None:
+            values["dataset"] = DEFAULT_SOURCE
+        if values.get("block_size") is None:
+            values["block_size"] = default_block_size  # train.resolve_block_size: the model's context
+    for key in DATASET_KEYS:
+        if isinstance(values.get(key), str) and values[key] != DEFAULT_SOURCE:
+            values[key] = _public_dataset(values[key])  # a local path would leak the author's file system
+    if isinstance(values.get("max_steps"), int) and values["max_steps"] > 0:
+        values.pop("num_train_epochs", None)  # Trainer ignores the epoch count when max_steps is set
+    else:
+        values.pop("max_steps", None)  # -1: "not set"
+    if any(flag in values for flag in PRECISION_FLAGS):
+        values["precision"] = _precision(values)
+    rows = []
+    for key in RECIPE_KEYS:
+        value = values.get(key)
+        if value is None or value in ("", [], {}):
+            continue
+        text = _format_value(value)
+        if key == "warmup_steps" and isinstance(value, float) and 0 < value < 1:
+            text += " (a fraction of the steps)"  # TrainingArguments reads warmup_steps < 1 as a ratio
+        rows.append((key, text))
+    return rows
+
+
+def _trainer_state(model_dir: Path) -> Any:
+    """The folder's trainer_state.json, else that of its last `checkpoint-N` (where `mot train` leaves it;
+    Trainer saves a checkpoint at the final step, so the last one describes the whole run)."""
     state = _read_json(model_dir / TRAINER_STATE_FILE)
+    if state is not None:
+        return state
+    checkpoints = [p for p in model_dir.glob("checkpoint-*") if p.name.split("-", 1)[1].isdigit()
+                   and (p / TRAINER_STATE_FILE).is_file()]
+    if not checkpoints:
+        return None
+    last = max(checkpoints, key=lambda p: int(p.name.split("-", 1)[1]))
+    return _read_json(last / TRAINER_STATE_FILE)
+
+
+def training_section(model_dir: Path, default_block_size: int) -> dict[str, Any] | None:
+    arguments = read_training_arguments(model_dir)
+    rows = _recipe_rows(*arguments, default_block_size) if arguments else []
+    state = _trainer_state(model_dir)
     if isinstance(state, dict):
         if isinstance(state.get("global_step"), int):
             rows.append(("steps trained", str(state["global_step"])))
@@ -272,13 +369,68 @@ def _is_hub_repo_id(name: str) -> bool:
     """A base model in the metadata must be a Hub repo id ("org/name"), not a local path."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    if name.count("/") != 1 or Path(name).exists():
+    if name.count("/") != 1 or name.startswith((".", "~")) or Path(name).exists():
         return False
     try:
         validate_repo_id(name)
     except HFValidationError:
         return False
     return True
+
+
+def public_base_model(name: Any) -> str | None:
+    """The base model as a public card may name it: a Hub repo id, or None for a local folder (whose path
+    would leak the author's file system; `mot push` strips it from conversion.json for the same reason)."""
+    return name if isinstance(name, str) and _is_hub_repo_id(name) else None
+
+
+def _trained_as(conversion: dict[str, Any]) -> str | None:
+    """The model whose training a converted model's carried `training_args.json` records: `mot convert` only
+    changes the config, so walk back through plain conversions to the last model that was trained."""
+    record = conversion
+    while isinstance(record.get("base_model_lineage"), dict) and record["base_model_lineage"].get("method") == "convert":
+        record = record["base_model_lineage"]
+    return public_base_model(record.get("base_model"))
+
+
+def training_provenance(conversion: dict[str, Any], has_arguments: bool) -> str | None:
+    """Whose training the recipe describes, for a folder written by `mot convert` or `mot transition`."""
+    method = conversion.get("method")
+    if method == "convert":
+        trained_as = _trained_as(conversion)
+        converted = (f"Trained as `{trained_as}`, then converted" if trained_as
+                     else "Trained as its source, then converted from a local model")
+        text = f"{converted} by `mot convert` (a change of configuration only: no training since)"
+        if has_arguments:
+            return text + ". The recipe below is that training's, carried over with its `training_args.json`."
+        return text + ". The source folder saved no training arguments, so the recipe is not recorded here."
+    if method == "transition":
+        base_model = public_base_model(conversion.get("base_model"))
+        source = f"`{base_model}`" if base_model else "a local model"
+        steps = conversion.get("transition_steps")
+        continued = ""
+        if conversion.get("source_steps") is not None:
+            continued = (f", continuing the optimizer state and learning-rate schedule of its training at step "
+                         f"{conversion['source_steps']}")
+        more = f" {steps} more steps" if isinstance(steps, int) else " further"
+        return (f"Converted from {source} and trained{more} (transition tuning{continued}). The recipe below is "
+                "that continued training's; its data, batch and optimizer settings are the source run's unless "
+                "given on the command line.")
+    return None
+
+
+def conversion_summary(conversion: dict[str, Any]) -> str | None:
+    """The conversion record's scalar entries as one line, minus anything that names a local folder."""
+    if not conversion:
+        return None
+    items = []
+    for key, value in conversion.items():
+        if key.endswith("_path") or not isinstance(value, (str, int, float, bool)):
+            continue
+        if key == "base_model":
+            value = public_base_model(value) or "a local model"
+        items.append(f"{key}: {_format_value(value)}")
+    return ", ".join(items) or None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -310,6 +462,7 @@ def render_card(model_dir: str | Path, *, repo_id: str | None = None, model_name
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise UserError(f"{model_dir} is not a model folder: it has no config.json")
+    check_config(model_dir)  # one line for a config that is not JSON or holds an invalid value
     try:
         config = MoTConfig.from_pretrained(model_dir)
     except (ValueError, OSError) as error:
@@ -327,7 +480,7 @@ def render_card(model_dir: str | Path, *, repo_id: str | None = None, model_name
         library_name="transformers",
         pipeline_tag="text-generation",
         tags=TAGS + (["batch-dependent"] if set(config.mlp_types) & set(BATCH_DEPENDENT_TYPES) else []),
-        base_model=base_model if base_model and _is_hub_repo_id(base_model) else None,
+        base_model=public_base_model(base_model),
         eval_results=eval_results_metadata(rows, model_name) or None,
     )
     name = template_name(config, conversion)
@@ -335,11 +488,7 @@ def render_card(model_dir: str | Path, *, repo_id: str | None = None, model_name
     # was transition-tuned from a Mixture of Tokens model.
     from_mot = "mot" in (conversion.get("base_model_mlp_types") or [])
     tuned = conversion.get("method") != "convert"  # `mot convert` alone changes only the config
-    conversion_text = None
-    if conversion:
-        # Local paths (`*_path`) would leak the author's file system into a public card.
-        conversion_text = ", ".join(f"{k}: {_format_value(v)}" for k, v in conversion.items()
-                                    if isinstance(v, (str, int, float, bool)) and not k.endswith("_path"))
+    training = training_section(model_dir, config.max_position_embeddings)
     environment = jinja2.Environment(loader=jinja2.FunctionLoader(_load_template), keep_trailing_newline=True,
                                      undefined=jinja2.StrictUndefined)
     content = environment.get_template(name).render(
@@ -349,11 +498,12 @@ def render_card(model_dir: str | Path, *, repo_id: str | None = None, model_name
         arch=architecture_summary(config),
         batch_dependent=bool(set(config.mlp_types) & set(BATCH_DEPENDENT_TYPES)),
         group_size=config.group_size,
-        training=training_section(model_dir),
-        conversion=conversion_text,
+        training=training,
+        provenance=training_provenance(conversion, (model_dir / TRAINING_ARGS_FILE).is_file()),
+        conversion=conversion_summary(conversion),
         from_mot=from_mot,
         tuned=tuned,
-        base_model=base_model,
+        base_model=public_base_model(base_model),  # the text names a Hub repo id or no base model at all
         evaluation={"rows": [{"task": KNOWN_TASKS.get(r.task, (0, 0, 0, r.task))[3], "metric": r.metric,
                               "value": f"{r.value:.4f}"} for r in rows],
                     "settings": settings, "source": EVAL_RESULTS_FILE} if rows else None,
@@ -381,11 +531,7 @@ def refresh_card(model_dir: str | Path, *, repo_id: str | None = None, license: 
     Returns the path of the card.
     """
     card = render_card(model_dir, repo_id=repo_id, license=license)
-    path = Path(model_dir) / CARD_FILE
-    temporary = path.with_name(f".{CARD_FILE}.partial")
-    temporary.write_text(str(card), encoding="utf-8")
-    temporary.replace(path)  # a reader never sees half a card
-    return path
+    return atomic_write_text(Path(model_dir) / CARD_FILE, str(card))  # a reader never sees half a card
 
 
 def main(argv: list[str]) -> int:

@@ -16,6 +16,8 @@ import json
 import sys
 from pathlib import Path
 
+from .cards import TRAINING_ARGS_FILE
+from .model_folder import check_config, check_weights
 from .utils import UserError, atomic_directory
 
 CONVERSION_FILE = "conversion.json"
@@ -35,14 +37,13 @@ def _load_source_config(src: str | Path):
     src = Path(src)
     if not src.is_dir():
         raise UserError(f"source model folder {str(src)!r} does not exist")
-    if not (src / "config.json").is_file():
-        raise UserError(f"{str(src)!r} has no config.json; give a folder written by `mot train` or save_pretrained")
-    model_type = json.loads((src / "config.json").read_text()).get("model_type")
+    model_type = check_config(src).get("model_type")  # one line for a config that is not JSON or is invalid
     if model_type != MoTConfig.model_type:
         raise UserError(
             f"{str(src)!r} is a model of type {model_type!r}; only Mixture of Tokens models "
             f"(model_type {MoTConfig.model_type!r}) can be converted"
         )
+    check_weights(src)  # missing, truncated or corrupted weights: one line, before anything is written
     config = AutoConfig.from_pretrained(src)
     if not any(mlp_type in ROUTED_TYPES for mlp_type in config.mlp_types):
         raise UserError(
@@ -148,6 +149,23 @@ def save_model_folder(model, set_aside: dict, tokenizer_src: Path, dst: Path, li
     (dst / CONVERSION_FILE).write_text(json.dumps(lineage, indent=2) + "\n")
 
 
+def _source_training_arguments(src: Path) -> str | None:
+    """The text of the source's `training_args.json` (None without one), checked before anything is written.
+
+    A conversion changes only the config, so the converted weights were trained with the source's recipe: the
+    file travels with them and the card presents it as the source's training (see cards.training_provenance).
+    """
+    path = src / TRAINING_ARGS_FILE
+    if not path.is_file():
+        return None
+    try:
+        text = path.read_text(encoding="utf-8")
+        json.loads(text)
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise UserError(f"{path} is not valid JSON ({error}); fix or delete it, then convert again") from error
+    return text
+
+
 def write_card(dst: Path) -> None:
     """Render the model card once the folder has its final name (the card is titled after the folder)."""
     from .cards import refresh_card
@@ -165,10 +183,13 @@ def convert(src: str | Path, dst: str | Path, to: str = "token_choice", top_k: i
         raise UserError(f"{dst} already exists; pass --overwrite to replace it")
     if Path(src).resolve() == dst.resolve():
         raise UserError("SRC and DST are the same folder; write the converted model to a new folder")
+    training_arguments = _source_training_arguments(Path(src))
     model, set_aside = load_converted_model(src, target_config)
     with atomic_directory(dst, overwrite=overwrite) as staging:
         save_model_folder(model, set_aside, Path(src), staging,
                           _lineage(str(src), Path(src), source_config, target_config, {"method": "convert"}))
+        if training_arguments is not None:
+            (staging / TRAINING_ARGS_FILE).write_text(training_arguments, encoding="utf-8")  # staged: atomic
     write_card(dst)
     return dst
 
@@ -217,12 +238,10 @@ def _given_flags(argv: list[str]) -> set[str]:
 
 def _inherit_source_settings(src: Path, given: set[str], data_args, training_args) -> list[str]:
     """Copy the source run's optimizer, schedule, batch and data settings that the user did not give."""
-    from .train import ARGUMENTS_FILE
-
-    recorded = src / ARGUMENTS_FILE
-    if not recorded.is_file():
+    recorded = _source_training_arguments(src)
+    if recorded is None:
         return []
-    arguments = json.loads(recorded.read_text(encoding="utf-8"))
+    arguments = json.loads(recorded)
     inherited = []
     sources = [(training_args, arguments.get("training_args") or {}, CONTINUED_TRAINING_ARGS),
                (data_args, arguments.get("data_args") or {}, tuple(arguments.get("data_args") or {}))]
@@ -241,7 +260,7 @@ def transition(argv: list[str]):
     """
     from transformers import AutoTokenizer
 
-    from .train import checkpoint_global_step, find_optimizer_checkpoint, parse_args, run_training
+    from .train import parse_args, run_training
 
     parser = argparse.ArgumentParser(
         prog="mot transition",
@@ -275,6 +294,8 @@ def transition(argv: list[str]):
         + (["--overwrite_output_dir"] if args.overwrite else [])
     )
     inherited = _inherit_source_settings(src, _given_flags(train_argv), data_args, training_args)
+    from .trainer import checkpoint_global_step, find_optimizer_checkpoint  # after parsing: Trainer is slow to import
+
     checkpoint = find_optimizer_checkpoint(src)
     if checkpoint is None:
         print(f"mot transition: no Trainer checkpoint with optimizer.pt in {src}: starting a fresh optimizer and "

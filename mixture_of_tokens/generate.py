@@ -37,9 +37,9 @@ def load_model_and_tokenizer(model_path: str | Path, mot_routing: str | None = N
 
     import mixture_of_tokens  # noqa: F401  registers the "mot" model type with the Auto classes
 
-    model_path = Path(model_path)
-    if not (model_path / "config.json").is_file():
-        raise UserError(f"model folder {str(model_path)!r} does not exist or has no config.json")
+    from .model_folder import check_model_folder
+
+    model_path = check_model_folder(model_path)
     overrides = {}
     if mot_routing is not None:
         if mot_routing not in ROUTINGS:

@@ -17,6 +17,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from .model_folder import WEIGHTS_INDEX_FILE, check_config, check_weights
 from .utils import UserError, atomic_directory
 
 CODE_FILES = ("configuration_mot.py", "modeling_mot.py")
@@ -60,22 +61,9 @@ def check_repo_id(repo_id: str) -> str:
 
 
 def _weight_files(model_dir: Path) -> list[str]:
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, TypeError) as error:
-            raise UserError(f"{index} is not a valid safetensors index: {error}") from error
-        missing = [s for s in shards if not (model_dir / s).is_file()]
-        if missing:
-            raise UserError(f"{model_dir} is missing weight shards listed in {index.name}: {', '.join(missing)}")
-        return [index.name, *shards]
-    if (model_dir / "model.safetensors").is_file():
-        return ["model.safetensors"]
-    if (model_dir / "pytorch_model.bin").is_file():
-        raise UserError(f"{model_dir} holds pickled weights (pytorch_model.bin); only safetensors are pushed: "
-                        "re-save the model with save_pretrained(..., safe_serialization=True)")
-    raise UserError(f"{model_dir} is not a model folder: no model.safetensors or model.safetensors.index.json")
+    """The weight files to upload; missing, truncated or corrupted weights fail here, before any network call."""
+    shards = [path.name for path in check_weights(model_dir)]
+    return [WEIGHTS_INDEX_FILE, *shards] if (model_dir / WEIGHTS_INDEX_FILE).is_file() else shards
 
 
 def _completed_config(model_dir: Path) -> bytes | None:
@@ -83,17 +71,10 @@ def _completed_config(model_dir: Path) -> bytes | None:
     from .configuration_mot import MoTConfig
 
     path = model_dir / "config.json"
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise UserError(f"{path} is not valid JSON: {error}") from error
+    raw = check_config(model_dir)  # one line for a config that is not JSON or holds an invalid value
     if raw.get("model_type") != MoTConfig.model_type:
         raise UserError(f"{path} has model_type {raw.get('model_type')!r}; `mot push` uploads "
                         f"{MoTConfig.model_type!r} models only")
-    try:
-        MoTConfig.from_pretrained(model_dir)
-    except (ValueError, TypeError) as error:
-        raise UserError(f"{path} is not a valid Mixture of Tokens config: {error}") from error
     auto_map = dict(raw.get("auto_map") or {})
     if all(auto_map.get(key) == value for key, value in AUTO_MAP.items()):
         return None
@@ -101,13 +82,26 @@ def _completed_config(model_dir: Path) -> bytes | None:
     return (json.dumps(raw, indent=2, sort_keys=True) + "\n").encode()
 
 
-def _without_local_paths(record):
-    """A JSON record minus `*_path` entries (at any depth): the author's file system has no place on the Hub."""
+def _names_a_local_file(value) -> bool:
+    return isinstance(value, str) and bool(value) and (Path(value).is_absolute() or Path(value).exists())
+
+
+def _without_local_paths(record, key: str = ""):
+    """A JSON record without the author's file system (at any depth): `*_path` and `*_dir` entries go, and so does
+    any other string that names a local file or folder, except a dataset, which keeps only its file name (the card
+    shows it so). A Hub id such as `allenai/c4` names no local file and stays."""
     if isinstance(record, dict):
-        return {k: _without_local_paths(v) for k, v in record.items() if not str(k).endswith("_path")}
+        kept = {k: _without_local_paths(v, str(k)) for k, v in record.items()
+                if not str(k).endswith(("_path", "_dir"))}
+        return {k: v for k, v in kept.items() if v is not _DROPPED}
     if isinstance(record, list):
-        return [_without_local_paths(v) for v in record]
+        return [_without_local_paths(v, key) for v in record]
+    if _names_a_local_file(record):
+        return Path(record).name if key in ("dataset", "validation_file") else _DROPPED
     return record
+
+
+_DROPPED = object()
 
 
 def plan_upload(model_dir: str | Path) -> UploadPlan:
@@ -141,9 +135,14 @@ def plan_upload(model_dir: str | Path) -> UploadPlan:
         if path.is_file() and any(fnmatch.fnmatchcase(relative, p) and relative.count("/") == p.count("/")
                                   for p in OTHER_PATTERNS):
             files.setdefault(relative, path)
-    if "conversion.json" in files:  # `mot convert` records where its source lived locally
-        record = json.loads(files.pop("conversion.json").read_text(encoding="utf-8"))
-        contents["conversion.json"] = (json.dumps(_without_local_paths(record), indent=2) + "\n").encode()
+    # `mot convert` records where its source lived; `mot train` its data, output and tokenizer folders.
+    for name in ("conversion.json", "training_args.json"):
+        if name in files:
+            try:
+                record = json.loads(files.pop(name).read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, ValueError) as error:
+                raise UserError(f"{model_dir / name} is not valid JSON ({error}); fix or delete it") from error
+            contents[name] = (json.dumps(_without_local_paths(record), indent=2) + "\n").encode()
     return UploadPlan(files, contents)
 
 

@@ -12,7 +12,6 @@ schedule position it continues (see `MoTTrainer`).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -20,18 +19,24 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import HfArgumentParser, Trainer, TrainingArguments
-from transformers.trainer_utils import IntervalStrategy, get_last_checkpoint, rotate_checkpoints
+
+# Only what the argument parser needs is imported here; Trainer (seconds to import) is imported when training
+# starts, so `mot train --help` answers quickly.
+from transformers import HfArgumentParser, TrainingArguments
+from transformers.trainer_utils import IntervalStrategy, get_last_checkpoint
 from transformers.utils import logging
 
 from .cards import refresh_card
 from .configuration_mot import PRESETS, MoTConfig
 from .cpu_memory import retain_freed_cpu_memory
 from .data import DataArguments, collate_blocks, limit_blocks, load_raw_text, pack_blocks, require_blocks
-from .telemetry import RoutingTelemetryCallback, write_training_plots
-from .utils import UserError
+from .utils import UserError, apply_umask
+
+if TYPE_CHECKING:
+    from .trainer import MoTTrainer
 
 logger = logging.get_logger(__name__)
 
@@ -45,7 +50,6 @@ CONFIG_OVERRIDES = (
     "learnable_temperature", "mot_routing", "num_experts_per_tok", "capacity_factor", "router_aux_loss_coef",
     "router_z_loss_coef", "hidden_act", "chunked_lm_loss",
 )
-STAGING_CHECKPOINTS = ".checkpoint-staging"  # Trainer writes a checkpoint here, then it is renamed into place
 RESULTS_FILE = "train_results.json"
 ARGUMENTS_FILE = "training_args.json"
 
@@ -141,7 +145,7 @@ class MoTTrainingArguments(TrainingArguments):
     prediction_loss_only: bool = True
     retain_freed_cpu_memory: bool = field(default=True, metadata={"help": (
         "On CPU, keep freed memory in the process instead of page-faulting large tensors afresh every step "
-        "(glibc malloc only; ~20% faster MoT steps; the process keeps its peak memory). See cpu_memory.py."
+        "(glibc malloc only; ~20%% faster MoT steps; the process keeps its peak memory). See cpu_memory.py."
     )})
 
 
@@ -151,125 +155,11 @@ class TrainingOutcome:
 
     output_dir: Path
     metrics: dict
-    trainer: Trainer
+    trainer: MoTTrainer
 
     @property
     def eval_loss(self) -> float | None:
         return self.metrics.get("eval_loss")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Trainer with crash-safe checkpoints and optimizer-state continuation
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def find_optimizer_checkpoint(path: str | os.PathLike) -> Path | None:
-    """The Trainer checkpoint holding `optimizer.pt` at `path`: the folder itself or, for a run folder, its last
-    `checkpoint-N`. None if there is none (then a transition starts a fresh optimizer)."""
-    path = Path(path)
-    if (path / "optimizer.pt").is_file():
-        return path
-    last = get_last_checkpoint(str(path)) if path.is_dir() else None
-    return Path(last) if last and (Path(last) / "optimizer.pt").is_file() else None
-
-
-def checkpoint_global_step(checkpoint: str | os.PathLike) -> int:
-    with open(Path(checkpoint) / "trainer_state.json", encoding="utf-8") as handle:
-        return int(json.load(handle)["global_step"])
-
-
-class MoTTrainer(Trainer):
-    """`Trainer` plus:
-
-    - routing telemetry (`RoutingTelemetryCallback`, first among the callbacks so every logger sees it);
-    - crash-safe checkpoints: each `checkpoint-N` is written into a staging folder and renamed into place only
-      when complete, so an interrupted save never shadows the last good checkpoint;
-    - `init_optimizer_from`: start from another run's AdamW moments and continue its learning-rate schedule
-      (transition tuning; the authors keep the optimizer state and do not restart the schedule). The schedule
-      is built for `source_step + max_steps` steps and starts at `source_step`; hyper-parameters (peak LR,
-      betas, weight decay) are this run's.
-    """
-
-    def __init__(self, *args, init_optimizer_from: str | os.PathLike | None = None, plots_at_end: bool = True,
-                 **kwargs):
-        super().__init__(*args, **kwargs)
-        self.telemetry = RoutingTelemetryCallback(write_plots_at_end=plots_at_end)
-        self.callback_handler.callbacks.insert(0, self.telemetry)
-        self.init_optimizer_from = None
-        if init_optimizer_from is not None:
-            self.init_optimizer_from = find_optimizer_checkpoint(init_optimizer_from)
-            if self.init_optimizer_from is None:
-                raise UserError(f"--init_optimizer_from {str(init_optimizer_from)!r}: no Trainer checkpoint with "
-                                "optimizer.pt there")
-        self._staging_run_dir: str | None = None
-
-    # -- checkpoints ---------------------------------------------------------------------------------------------
-    def _get_output_dir(self, trial) -> str:
-        return self._staging_run_dir or super()._get_output_dir(trial)
-
-    def _save_checkpoint(self, model, trial) -> None:
-        run_dir = super()._get_output_dir(trial)
-        staging_root = os.path.join(run_dir, STAGING_CHECKPOINTS)
-        name = f"checkpoint-{self.state.global_step}"
-        if self.args.should_save:
-            shutil.rmtree(os.path.join(staging_root, name), ignore_errors=True)  # leftovers of a crashed save
-        self.accelerator.wait_for_everyone()
-        self._staging_run_dir = staging_root
-        try:
-            super()._save_checkpoint(model, trial)  # every process writes its part (RNG state) into staging
-        finally:
-            self._staging_run_dir = None
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            staged, final = os.path.join(staging_root, name), os.path.join(run_dir, name)
-            if self.state.best_model_checkpoint and self.state.best_model_checkpoint.startswith(staging_root):
-                self.state.best_model_checkpoint = self.state.best_model_checkpoint.replace(staging_root, run_dir, 1)
-                self.state.save_to_json(os.path.join(staged, "trainer_state.json"))
-            if os.path.exists(final):  # re-saving a step (e.g. after a resume): retire the old copy first
-                retired = os.path.join(staging_root, f"{name}.old")
-                shutil.rmtree(retired, ignore_errors=True)
-                os.replace(final, retired)
-                os.replace(staged, final)
-                shutil.rmtree(retired, ignore_errors=True)
-            else:
-                os.replace(staged, final)  # the one atomic step that publishes the checkpoint
-            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
-            with contextlib.suppress(OSError):
-                os.rmdir(staging_root)  # only when empty
-        self.accelerator.wait_for_everyone()
-
-    # -- continuing another run's optimizer ---------------------------------------------------------------------
-    def create_scheduler(self, num_training_steps: int, optimizer=None):
-        if self.lr_scheduler is not None or self.init_optimizer_from is None:
-            return super().create_scheduler(num_training_steps, optimizer)
-        source_step = checkpoint_global_step(self.init_optimizer_from)
-        scheduler = super().create_scheduler(num_training_steps + source_step, optimizer)
-        continue_optimizer(optimizer or self.optimizer, scheduler, self.init_optimizer_from, source_step)
-        return scheduler
-
-
-def continue_optimizer(optimizer, scheduler, checkpoint: Path, source_step: int) -> None:
-    """Load the optimizer state (moments, step counts) of `checkpoint` and move `scheduler` to `source_step`."""
-    state = torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True)
-    own_hyperparameters = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-    try:
-        optimizer.load_state_dict(state)
-    except (ValueError, KeyError, RuntimeError) as error:
-        raise UserError(f"the optimizer state in {checkpoint} does not fit this model ({error}); it must come "
-                        "from a run of the same architecture (same parameters in the same order)") from error
-    for group, hyperparameters in zip(optimizer.param_groups, own_hyperparameters, strict=True):
-        group.update(hyperparameters)
-    lambdas = getattr(scheduler, "lr_lambdas", None)
-    if lambdas is None:
-        logger.warning(f"{type(scheduler).__name__} cannot be moved to step {source_step}; it starts from 0")
-        return
-    scheduler.last_epoch = source_step
-    learning_rates = [base * schedule(source_step) for base, schedule in zip(scheduler.base_lrs, lambdas, strict=True)]
-    for group, learning_rate in zip(optimizer.param_groups, learning_rates, strict=True):
-        group["lr"] = learning_rate
-    scheduler._last_lr = learning_rates
-    logger.info(f"continuing optimizer state and LR schedule of {checkpoint} from step {source_step}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -311,10 +201,11 @@ def check_group_contract(config: MoTConfig, training_args: TrainingArguments) ->
     for flag in ("per_device_train_batch_size", "per_device_eval_batch_size"):
         batch = getattr(training_args, flag)
         if batch % group:
+            nearest = sorted({max(group, batch // group * group), (batch // group + 1) * group})
             raise UserError(
                 f"--{flag} {batch} is not a multiple of group_size {group}: {'/'.join(grouped)} layers mix the "
-                f"tokens of {group} sequences of each per-device micro-batch; use {max(group, batch // group * group)}"
-                f" or {(batch // group + 1) * group} (or another multiple of {group})"
+                f"tokens of {group} sequences of each per-device micro-batch; use "
+                f"{' or '.join(map(str, nearest))} (or another multiple of {group})"
             )
 
 
@@ -442,6 +333,8 @@ def run_training(
     `callbacks`: extra `TrainerCallback`s.
     Raises `UserError` for bad input, before anything is written.
     """
+    from .trainer import MoTTrainer, find_optimizer_checkpoint
+
     resume = resolve_resume(training_args)
     check_output_dir(training_args, resume)
     if training_args.retain_freed_cpu_memory and training_args.device.type == "cpu":
@@ -522,7 +415,7 @@ def run_training(
     return TrainingOutcome(output_dir=out, metrics=metrics, trainer=trainer)
 
 
-def finalize_output_folder(trainer: Trainer, out: Path, metrics: dict, arguments: dict) -> None:
+def finalize_output_folder(trainer: MoTTrainer, out: Path, metrics: dict, arguments: dict) -> None:
     """Write the finished model folder: weights, config (with auto_map), generation config, tokenizer, both code
     files, training arguments, results and plots. Everything is written into a staging folder first and then
     moved into `out` file by file, config.json last, so a folder with a config.json is a complete model.
@@ -530,6 +423,8 @@ def finalize_output_folder(trainer: Trainer, out: Path, metrics: dict, arguments
     This is the single place where the output folder is finalised: anything else that belongs in the published
     folder (e.g. the model card) is added to `staging` below.
     """
+    from .telemetry import write_training_plots
+
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".final-", suffix=".partial", dir=out))
     try:
@@ -538,6 +433,7 @@ def finalize_output_folder(trainer: Trainer, out: Path, metrics: dict, arguments
         write_training_plots(trainer.state.log_history, staging)
         (staging / RESULTS_FILE).write_text(json.dumps(metrics, indent=2, default=str) + "\n", encoding="utf-8")
         (staging / ARGUMENTS_FILE).write_text(json.dumps(arguments, indent=2, default=str) + "\n", encoding="utf-8")
+        apply_umask(staging)  # transformers writes model.safetensors private (0600)
         names = sorted(p.name for p in staging.iterdir())
         for name in sorted(names, key=lambda n: n == "config.json"):  # config.json last: marks completion
             os.replace(staging / name, out / name)

@@ -14,6 +14,26 @@ class UserError(ValueError):
     """Bad input from the user: the `mot` command prints the message (no traceback) and exits with status 2."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it; put it back at once
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: str | os.PathLike) -> None:
+    """Give `path` (and, for a folder, everything inside) the permissions a plain `open` or `mkdir` would give.
+
+    Temporary files and folders (`mkstemp`, `mkdtemp`, and transformers' own atomic save of model.safetensors) are
+    created private (0600/0700); renamed into place they would stay so, and other users of a shared machine could not
+    read a model that someone meant to share.
+    """
+    path = Path(path)
+    mask = _umask()
+    for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if not item.is_symlink():
+            item.chmod((0o777 if item.is_dir() else 0o666) & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_directory(destination: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `destination`; on success it replaces `destination` in one rename.
@@ -28,6 +48,7 @@ def atomic_directory(destination: str | os.PathLike, overwrite: bool = False) ->
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".partial", dir=destination.parent))
     try:
         yield staging
+        apply_umask(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -48,6 +69,7 @@ def atomic_write_text(destination: str | os.PathLike, text: str) -> Path:
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as stream:
             stream.write(text)
+        apply_umask(staging)
         os.replace(staging, destination)
     except BaseException:
         Path(staging).unlink(missing_ok=True)

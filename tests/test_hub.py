@@ -130,7 +130,9 @@ def test_push_is_one_commit_and_pull_returns_identical_files(hub, pushed, model_
                 "training_args.json", "plots/loss.png"}
     assert set(uploaded) == expected  # no optimizer state, no pickles
     local = folder_files(model_dir)
-    assert all(uploaded[name] == local[name] for name in expected)  # README.md was rendered into the folder
+    # README.md was rendered into the folder; training_args.json goes up without the author's local paths
+    assert all(uploaded[name] == local[name] for name in expected - {"training_args.json"})
+    assert json.loads(uploaded["training_args.json"]) == json.loads(local["training_args.json"])  # no paths in it
     assert json.loads(uploaded["config.json"])["auto_map"]["AutoModelForCausalLM"] == "modeling_mot.MoTForCausalLM"
     # The weights went through the LFS protocol, content-checked by sha256 on the server.
     sha = hashlib.sha256(local["model.safetensors"]).hexdigest()
@@ -316,6 +318,11 @@ def bad_folder(case: str, model_dir: Path, tmp_path: Path) -> Path:
         return folder
     if case == "no tokenizer":
         return _without(model_dir, tmp_path, "tokenizer.json")
+    if case == "truncated weights":
+        folder = _without(model_dir, tmp_path)
+        weights = (folder / "model.safetensors").read_bytes()
+        (folder / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+        return folder
     raise AssertionError(case)
 
 
@@ -323,7 +330,8 @@ def bad_folder(case: str, model_dir: Path, tmp_path: Path) -> Path:
     ("empty folder", "org/ok", "is not a model folder: it has no config.json"),
     ("no such folder", "org/ok", "is not a folder"),
     ("no weights", "org/ok", "no model.safetensors"),
-    ("pickled weights", "org/ok", "only safetensors are pushed"),
+    ("pickled weights", "org/ok", "only safetensors are read or pushed"),
+    ("truncated weights", "org/ok", "model.safetensors: not a complete safetensors file (incomplete metadata"),
     ("other model type", "org/ok", "has model_type 'gpt2'"),
     ("no tokenizer", "org/ok", "has no tokenizer"),
     ("valid", "no-namespace", "invalid repo id 'no-namespace': expected 'owner/name'"),
@@ -363,3 +371,24 @@ def test_conversion_record_is_uploaded_without_local_paths(model_dir, tmp_path):
     assert json.loads(plan.contents["conversion.json"]) == {
         "base_model": "org/tiny-mot", "base_model_lineage": {"base_model": "org/older"}}
     assert "conversion.json" not in plan.files and "optimizer.pt" not in plan.paths()
+
+
+def test_training_arguments_are_uploaded_without_local_paths(model_dir, tmp_path):
+    folder = _without(model_dir, tmp_path)
+    data = tmp_path / "novels.txt.gz"
+    data.write_bytes(b"")
+    (folder / "training_args.json").write_text(json.dumps({
+        "model_args": {"preset": "tiny-mot", "tokenizer": str(folder), "init_from": "/home/someone/base"},
+        "data_args": {"dataset": str(data), "validation_file": None, "block_size": 64},
+        "training_args": {"output_dir": "/home/someone/run", "logging_dir": "/home/someone/run/logs",
+                          "learning_rate": 0.003, "hub_model_id": "org/tiny-mot"},
+    }))
+    pushed = json.loads(plan_upload(folder).contents["training_args.json"])
+    assert pushed == {
+        "model_args": {"preset": "tiny-mot"},
+        "data_args": {"dataset": "novels.txt.gz", "validation_file": None, "block_size": 64},
+        "training_args": {"learning_rate": 0.003, "hub_model_id": "org/tiny-mot"},
+    }
+    hub_dataset = {"data_args": {"dataset": "allenai/c4"}}
+    (folder / "training_args.json").write_text(json.dumps(hub_dataset))
+    assert json.loads(plan_upload(folder).contents["training_args.json"]) == hub_dataset

@@ -57,3 +57,13 @@ def test_mot_eval_prints_no_deprecation(trained, shared_data, tmp_path):
                       "--cache_dir", str(tmp_path / "cache"), "--perplexity", str(text), "--block_size", "32"],
                      cwd=tmp_path)
     assert deprecation_lines(result.stdout + result.stderr) == []
+
+
+def test_mot_train_output_is_readable_by_others(trained):
+    """Files and folders keep the permissions of the user's umask (transformers writes model.safetensors 0600)."""
+    folder, _ = trained
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in [folder, *folder.rglob("*")]:
+        expected = (0o777 if path.is_dir() else 0o666) & ~mask
+        assert path.stat().st_mode & 0o777 == expected, f"{path}: {oct(path.stat().st_mode & 0o777)}"

@@ -20,7 +20,8 @@ from transformers.trainer_utils import get_last_checkpoint
 from mixture_of_tokens import MoTConfig, MoTForCausalLM
 from mixture_of_tokens.cli import main as mot
 from mixture_of_tokens.data import DataArguments, collate_blocks, load_raw_text, pack_blocks
-from mixture_of_tokens.train import MoTTrainer, MoTTrainingArguments, parse_args, run_training
+from mixture_of_tokens.train import MoTTrainingArguments, parse_args, run_training
+from mixture_of_tokens.trainer import MoTTrainer
 
 REPO = Path(__file__).resolve().parents[1]
 # A small MoT (2 dense + 2 MoT blocks, G = 4) that trains in seconds on a shared 2-core CPU.
@@ -314,8 +315,8 @@ def test_data_formats_folders_and_streaming(tmp_path, tiny_tokenizer, novels_tex
 # bad inputs: one clear error, exit status 2, no output folder
 
 
-@pytest.mark.parametrize("case", ["missing_file", "empty_dataset", "missing_column", "micro_batch", "block_size",
-                                  "unknown_preset"])
+@pytest.mark.parametrize("case", ["missing_file", "empty_dataset", "missing_column", "micro_batch",
+                                  "micro_batch_below_group", "block_size", "unknown_preset"])
 def test_bad_inputs_give_one_clear_error_and_no_output(tmp_path, capsys, case):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
@@ -327,6 +328,7 @@ def test_bad_inputs_give_one_clear_error_and_no_output(tmp_path, capsys, case):
         "empty_dataset": small_run(out, empty),
         "missing_column": small_run(out, records),
         "micro_batch": small_run(out, records, "--per_device_train_batch_size", "6"),
+        "micro_batch_below_group": small_run(out, records, "--per_device_train_batch_size", "3"),
         "block_size": small_run(out, records, "--block_size", "128"),
         "unknown_preset": [*small_run(out, records)[:4], "--preset", "mot-gigantic", *QUIET],
     }[case]
@@ -335,6 +337,8 @@ def test_bad_inputs_give_one_clear_error_and_no_output(tmp_path, capsys, case):
         "empty_dataset": "is empty",
         "missing_column": "text column 'text' not found",
         "micro_batch": "--per_device_train_batch_size 6 is not a multiple of group_size 4",
+        # the nearest valid size below and above are the same: named once
+        "micro_batch_below_group": "micro-batch; use 4 (or another multiple of 4)",
         "block_size": "--block_size 128 exceeds the model's max_position_embeddings 64",
         "unknown_preset": "unknown preset 'mot-gigantic'",
     }[case]

@@ -1,0 +1,92 @@
+"""The one check every `mot` command runs on a model folder a user hands it, before it reads or writes anything.
+
+A missing folder, a `config.json` that is not JSON or holds an invalid value, and weights that are missing,
+truncated or corrupted each become one `UserError` line naming the file and what is wrong (the `mot` command
+prints it and exits with status 2), instead of a traceback from deep inside transformers or safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .utils import UserError
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+
+
+def read_config_dict(folder: Path) -> dict:
+    """`folder/config.json` as a dict, or a `UserError` saying why it cannot be read."""
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        raise UserError(f"{str(folder)!r} has no {CONFIG_FILE}; give a folder written by `mot train` or save_pretrained")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"{path}: not a readable JSON file ({error})") from error
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def check_config(folder: Path) -> dict:
+    """Validate a Mixture of Tokens `config.json` the way `MoTConfig` does, as one line naming the file."""
+    config = read_config_dict(folder)
+    if config.get("model_type") == "mot":
+        from .configuration_mot import MoTConfig
+
+        try:
+            MoTConfig.from_dict(config)
+        except (ValueError, TypeError) as error:
+            raise UserError(f"{folder / CONFIG_FILE}: {error}") from error
+    return config
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a model folder (one file, or the shards its index names)."""
+    index = folder / WEIGHTS_INDEX_FILE
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+            raise UserError(f"{index}: not a valid safetensors index ({error})") from error
+        return [folder / shard for shard in shards]
+    if (folder / WEIGHTS_FILE).exists():
+        return [folder / WEIGHTS_FILE]
+    pickled = [name for name in ("pytorch_model.bin", "model.pt") if (folder / name).exists()]
+    if pickled:
+        raise UserError(f"{str(folder)!r} holds weights only as {pickled[0]} (a pickle, which can run code when "
+                        f"loaded), and only safetensors are read or pushed: save the model as {WEIGHTS_FILE} "
+                        "(save_pretrained does by default)")
+    raise UserError(f"{str(folder)!r} has no {WEIGHTS_FILE}; give a folder written by `mot train` or save_pretrained")
+
+
+def check_weights(folder: Path) -> list[Path]:
+    """Open every safetensors file's header: a truncated or corrupted file fails here, in one line."""
+    from safetensors import SafetensorError, safe_open
+
+    files = weight_files(folder)
+    for path in files:
+        if not path.is_file():
+            raise UserError(f"{path} is missing (named by {WEIGHTS_INDEX_FILE})")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError) as error:
+            reason = str(error).removeprefix("Error while deserializing header: ")
+            raise UserError(f"{path}: not a complete safetensors file ({reason}); the file is truncated or "
+                            "corrupted, copy or download it again") from error
+    return files
+
+
+def check_model_folder(folder: str | Path, *, weights: bool = True) -> Path:
+    """Check a model folder (its config, and its weights unless `weights=False`); return it as a `Path`."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"model folder {str(folder)!r} does not exist")
+    check_config(folder)
+    if weights:
+        check_weights(folder)
+    return folder
