@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "transition": ("mixture_of_tokens.convert:transition_main", "convert to Token Choice and keep training"),
     "generate": ("mixture_of_tokens.generate:main", "generate text, streaming tokens as they come"),
     "eval": ("mixture_of_tokens.evaluation:main", "zero-shot lm-eval tasks (PIQA, HellaSwag, ARC-Easy), perplexity"),
+    "lm-eval": ("mixture_of_tokens.lm_eval_cli:main",
+                "lm-evaluation-harness's command line, with the batch-aware `mot` model registered"),
     "card": ("mixture_of_tokens.cards:main", "render or refresh a model folder's README.md model card"),
     "push": ("mixture_of_tokens.hub:push_main", "upload a model folder to the Hugging Face Hub"),
     "pull": ("mixture_of_tokens.hub:pull_main", "download a model from the Hub into a folder"),

@@ -17,10 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from tqdm import tqdm
-
+# torch, transformers and lm-eval are imported where they are used, so that `mot eval --help` answers at once.
 from .utils import UserError, atomic_write_text
 
 DEFAULT_TASKS = ("piqa", "hellaswag", "arc_easy")
@@ -36,17 +33,14 @@ def load_model_and_tokenizer(model_dir, mot_routing: str | None = None, config_o
     `mot_routing="discrete"` (temperature -> 0) or `{"mlp_types": ["dense", "dense", "token_choice", ...]}` to read a
     MoT checkpoint as Token Choice (the parameters share names).
     """
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     import mixture_of_tokens  # noqa: F401  (registers the `mot` model type with the Auto classes)
 
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise UserError(f"model folder {model_dir} does not exist")
-    if not (model_dir / "config.json").is_file():
-        raise UserError(f"{model_dir} is not a model folder: it has no config.json")
-    if not any(model_dir.glob("*.safetensors")):
-        raise UserError(f"{model_dir} has no .safetensors weights (only safetensors checkpoints are loaded)")
+    from .model_folder import check_model_folder
+
+    model_dir = check_model_folder(model_dir)  # one line for a bad config or missing, truncated, corrupted weights
     overrides = dict(config_overrides or {})
     if mot_routing is not None:
         overrides["mot_routing"] = mot_routing
@@ -135,11 +129,14 @@ def prepare_tasks(tasks: list[str], data_dir: str | None = None, cache_dir: Path
 
 def make_lm(model, tokenizer, backend: str, batch_size: int | None):
     """`mot` (our MoTLM: masked, fixed groups for MoT) or `hf` (lm-eval's stock HFLM, for comparison)."""
+    from .lm_eval_model import MoTLM, preloaded_model_quietly
+
     if backend == "hf":
         from lm_eval.models.huggingface import HFLM
 
-        return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size or 1)
-    from .lm_eval_model import MoTLM
+        # backend="causal": left to detect it, HFLM warns that `mot` is not one of transformers' own CausalLM types.
+        with preloaded_model_quietly():
+            return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size or 1, backend="causal")
 
     return MoTLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
 
@@ -150,11 +147,14 @@ def run_tasks(model, tokenizer, tasks: list[str] | PreparedTasks, *, limit: int 
     """Run lm-eval's `simple_evaluate`; return its results dict plus our metadata under `mot_eval`."""
     from lm_eval import evaluator
 
+    from .lm_eval_model import git_commit_recorded_quietly
+
     prepared = tasks if isinstance(tasks, PreparedTasks) else prepare_tasks(tasks, data_dir, cache_dir)
     lm = make_lm(model, tokenizer, backend, batch_size)
     started = time.perf_counter()
-    results = evaluator.simple_evaluate(model=lm, tasks=prepared.specs, limit=limit,
-                                        task_manager=prepared.task_manager, log_samples=False)
+    with git_commit_recorded_quietly():
+        results = evaluator.simple_evaluate(model=lm, tasks=prepared.specs, limit=limit,
+                                            task_manager=prepared.task_manager, log_samples=False)
     results["mot_eval"] = {
         "backend": backend,
         "data_sources": prepared.sources,
@@ -172,6 +172,10 @@ def perplexity(model, tokenizer, text_file, *, block_size: int | None = None, ba
     Blocks are full, so nothing is padded; for a MoT model, consecutive blocks share batches of `batch_size`
     (default `group_size`), which the result records. Any format `mot train` reads works (.txt[.gz], .jsonl, ...).
     """
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
     from .data import DataArguments, load_raw_text, pack_blocks, require_blocks
     from .lm_eval_model import is_batch_dependent
 
@@ -261,7 +265,7 @@ def store_for_card(model_dir, record: dict) -> Path:
 
 # --------------------------------------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
-    from .configuration_mot import MOT_ROUTINGS
+    from .generate import ROUTINGS as MOT_ROUTINGS
 
     parser = argparse.ArgumentParser(prog="mot eval", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,

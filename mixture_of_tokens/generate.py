@@ -14,6 +14,8 @@ from pathlib import Path
 
 from .utils import UserError
 
+# configuration_mot.MOT_ROUTINGS, restated for the command lines: importing the config imports torch, which would
+# slow every `--help` by seconds (tests/test_cli.py checks that both agree).
 ROUTINGS = ("softmax", "uniform", "discrete")
 
 

@@ -17,12 +17,21 @@ model's scores would depend on padding tokens and on a length-sorted batch compo
 
 Dense and Token Choice models (dropless and batch-independent in eval) go through `HFLM`'s code unchanged, so their
 scores equal the stock `hf` model's.
+
+From lm-eval's command line: `mot lm-eval --model mot --model_args pretrained=DIR [--batch_size B] --tasks ...`
+(`mixture_of_tokens.lm_eval_cli`), which registers this model and leaves the batch size, when none is given, to the
+model's `group_size` instead of lm-eval's default of 1.
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import itertools
-from collections.abc import Sequence
+import logging as std_logging
+import os
+import subprocess
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -32,7 +41,11 @@ from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 from transformers.utils import logging
 
+from .utils import UserError
+
 logger = logging.get_logger(__name__)
+# Under lm-eval's logger, so its command line shows these lines (at INFO) with its own, and `mot eval` does not.
+eval_logger = std_logging.getLogger("lm_eval.models.mot")
 
 BATCH_DEPENDENT_MLP_TYPES = ("mot", "expert_choice")
 
@@ -47,32 +60,164 @@ def is_batch_dependent(config) -> bool:
     return any(kind in BATCH_DEPENDENT_MLP_TYPES for kind in getattr(config, "mlp_types", None) or ())
 
 
+# --------------------------------------------------------------------------------------------------- quiet lm-eval
+class _DropMessages(std_logging.Filter):
+    """Drop the records of one logger whose message starts with one of `prefixes`; let everything else through."""
+
+    def __init__(self, prefixes: Iterable[str]):
+        super().__init__()
+        self.prefixes = tuple(prefixes)
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+# What HFLM logs whenever it is handed a loaded model rather than a name: other loading arguments may be ignored, and
+# no accelerate launch is possible. Both are by design here (MoTLM refuses the loading arguments it would ignore), so
+# the user could do nothing about them.
+PRELOADED_MODEL_WARNINGS = (
+    "`pretrained` model kwarg is not of type `str`",
+    "Passed an already-initialized model through `pretrained`",
+)
+
+
+@contextlib.contextmanager
+def dropping_log_messages(logger_name: str, prefixes: Iterable[str]):
+    """While the block runs, the logger `logger_name` drops the messages starting with `prefixes`, and only them."""
+    log = std_logging.getLogger(logger_name)
+    drop = _DropMessages(prefixes)
+    log.addFilter(drop)
+    try:
+        yield
+    finally:
+        log.removeFilter(drop)
+
+
+def preloaded_model_quietly():
+    """Build an `HFLM` from a loaded model without its two warnings about loaded models (see above)."""
+    return dropping_log_messages("lm_eval.models.huggingface", PRELOADED_MODEL_WARNINGS)
+
+
+def git_commit_quietly() -> str | None:
+    """The commit lm-eval records with its results (`git describe --always` in the working folder, else the folder's
+    .git/HEAD), asked without letting git print `fatal: not a git repository` when run outside a repository."""
+    try:
+        described = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, timeout=60)
+        if described.returncode == 0:
+            return described.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        from lm_eval.loggers.utils import get_commit_from_path
+    except ImportError:
+        return None
+    return get_commit_from_path(os.getcwd())
+
+
+@contextlib.contextmanager
+def git_commit_recorded_quietly():
+    """While the block runs, `simple_evaluate` records the commit through `git_commit_quietly`."""
+    import lm_eval.evaluator
+
+    original = lm_eval.evaluator.get_git_commit_hash
+    lm_eval.evaluator.get_git_commit_hash = git_commit_quietly
+    try:
+        yield
+    finally:
+        lm_eval.evaluator.get_git_commit_hash = original
+
+
+# --------------------------------------------------------------------------------------------------- the model
+# HFLM arguments that only act when HFLM loads a model from a name itself. MoTLM always hands HFLM a loaded model, so
+# it refuses them rather than ignore them silently.
+HFLM_LOADING_ARGUMENTS = ("revision", "subfolder", "parallelize", "max_memory_per_gpu", "max_cpu_memory",
+                          "offload_folder", "tp_plan", "peft", "delta", "autogptq", "gptqmodel", "gguf_file")
+
+
+def _torch_dtype(name) -> torch.dtype | None:
+    """`dtype` as lm-eval's `hf` model takes it: None or "auto" (keep the saved one), a torch dtype or its name."""
+    if name is None or name == "auto":
+        return None
+    value = name if isinstance(name, torch.dtype) else getattr(torch, str(name), None)
+    if not isinstance(value, torch.dtype):
+        raise UserError(f"dtype must be auto or a torch dtype such as float32, bfloat16 or float16, got {name!r}")
+    return value
+
+
 @register_model("mot")
 class MoTLM(HFLM):
     """`HFLM` with masked, fixed-composition batches for MoT models.
 
     `pretrained` is a loaded `MoTForCausalLM` or a model folder (loaded from safetensors; `mot_routing` then
-    overrides the saved routing, e.g. `discrete`). From the lm-eval command line:
-    `lm_eval --model mot --model_args pretrained=DIR,batch_size=8 --tasks piqa` (after `import mixture_of_tokens`).
+    overrides the saved routing, e.g. `discrete`, and `dtype` converts the weights). `batch_size` defaults to the
+    model's `group_size`. From the command line: `mot lm-eval --model mot --model_args pretrained=DIR --tasks piqa`.
     """
 
+    # Set by `mot lm-eval` when its command line names no batch size: lm-eval then passes its own default (1), which
+    # for a MoT model would put every sequence in a group of its own; the model's group size applies instead.
+    cli_batch_size_is_default: bool = False
+
     def __init__(self, pretrained, tokenizer=None, batch_size: int | str | None = None, mot_routing: str | None = None,
-                 device: str | None = None, **kwargs):
+                 device: str | None = None, dtype=None, **kwargs):
+        self._check_arguments(kwargs)
+        torch_dtype = _torch_dtype(dtype)
+        if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
+            # lm-eval's command line asks for cuda:0 unless told otherwise; like its `hf` model, use the CPU then.
+            device = "cpu"
         if isinstance(pretrained, (str, Path)):
             from .evaluation import load_model_and_tokenizer
 
-            pretrained, loaded_tokenizer = load_model_and_tokenizer(pretrained, mot_routing=mot_routing)
+            pretrained, loaded_tokenizer = load_model_and_tokenizer(pretrained, mot_routing=mot_routing, device=device)
             tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
         elif mot_routing is not None:
             raise ValueError("mot_routing applies when loading from a folder; set config.mot_routing before loading")
-        if device is not None:
+        elif device is not None:
             pretrained = pretrained.to(device)
+        if torch_dtype is not None:
+            pretrained = pretrained.to(torch_dtype)
         if batch_size in (None, "auto"):
             # A full group is what the model was trained with; "auto" would make the groups depend on memory.
             batch_size = pretrained.config.group_size
-        super().__init__(pretrained=pretrained, tokenizer=tokenizer, batch_size=int(batch_size), **kwargs)
+        with preloaded_model_quietly():
+            # The backend is known (a causal LM); left to HFLM, it would warn that the type is not a stock CausalLM.
+            super().__init__(pretrained=pretrained, tokenizer=tokenizer, batch_size=int(batch_size), backend="causal",
+                             **kwargs)
         self._model.eval()
         self.batch_dependent = is_batch_dependent(self._model.config)
+        # Where lm-eval records the batch sizes it used (its summary line prints them after --batch_size, which may
+        # be its default rather than ours). HFLM reads this dict only for batch_size="auto", never the case here.
+        self.batch_sizes = {0: self.batch_size}
+        if self.batch_dependent:
+            eval_logger.info("MoT model: batch size %d, group size %d; the scores depend on both (docs/evaluation.md)",
+                             self.batch_size, self._model.config.group_size)
+
+    @staticmethod
+    def _check_arguments(kwargs: dict) -> None:
+        if kwargs.get("backend", "causal") not in ("causal", "default"):
+            raise UserError(f"the mot model is a causal LM; backend must be causal, got {kwargs['backend']!r}")
+        kwargs.pop("backend", None)
+        accepted = set(inspect.signature(HFLM.__init__).parameters) - set(HFLM_LOADING_ARGUMENTS) - {"self", "kwargs"}
+        refused = sorted(set(kwargs) - accepted)
+        if refused:
+            raise UserError(f"the mot model does not take {', '.join(refused)} (it loads model folders itself); it "
+                            f"takes pretrained, mot_routing, dtype, device, batch_size and {', '.join(sorted(accepted - {'pretrained', 'dtype', 'device', 'batch_size'}))}")
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
+        # lm-eval's command line adds its own batch size and device to --model_args; an argument given in
+        # --model_args wins (lm-eval would stop with "got multiple values"), and so does the group size over lm-eval's
+        # default batch size (see cli_batch_size_is_default).
+        additional = {key: value for key, value in (additional_config or {}).items()
+                      if value is not None and key not in arg_dict}
+        if cls.cli_batch_size_is_default:
+            additional.pop("batch_size", None)
+        return cls(**arg_dict, **additional)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
 
     # ----------------------------------------------------------------------------------------------- metadata
     def mot_metadata(self) -> dict:
@@ -165,4 +310,5 @@ class MoTLM(HFLM):
         return answers
 
 
-__all__ = ["MoTLM", "is_batch_dependent", "BATCHING_RULE"]
+__all__ = ["MoTLM", "is_batch_dependent", "BATCHING_RULE", "preloaded_model_quietly", "git_commit_recorded_quietly",
+           "dropping_log_messages"]

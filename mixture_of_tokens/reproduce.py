@@ -604,7 +604,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", type=Path, default=None,
                         help=f"where runs, results.json, results.md and plots go (default {DEFAULT_OUTPUT_DIR}; "
                              "with the default, results.md and its plots are also copied to docs/)")
-    parser.add_argument("--smoke", action="store_true", help="a few steps per model: checks the pipeline (~2 min)")
+    parser.add_argument("--smoke", action="store_true", help="a few steps per model: checks the pipeline (~25 s on 2 CPU cores)")
     parser.add_argument("--scale", type=int, default=1,
                         help="grow width, context, vocabulary and steps N-fold (for a GPU); default 1")
     parser.add_argument("--data_dir", type=Path, default=None,
