@@ -140,7 +140,8 @@ def write_training_plots(log_history: list[dict], folder: str | os.PathLike) -> 
     axis.set_ylabel("cross-entropy (nats/token)")
     axis.set_title("Loss")
     axis.grid(alpha=0.3)
-    axis.legend()
+    if axis.get_legend_handles_labels()[0]:  # a run too short to log a loss has nothing to label
+        axis.legend()
     path = os.path.join(folder, "loss.png")
     _save_figure(figure, path)
     plt.close(figure)
