@@ -5,15 +5,13 @@
 Dense: d=512, d_ff=2048. MoT: G=32, E=32, f=2048 (flop-matched: E*f/G = d_ff). Token Choice and Expert Choice
 use the same E and f with one expert per token. Input: 32 x 256 tokens. The types are timed in interleaved
 rounds and the median of each is reported, so a background load slows all of them alike and the ratios stay
-meaningful on a shared machine. On a CPU where the fused mixing kernels build (mixture_of_tokens/cpu_mixing.py),
-MoT is also timed without them (`mot_batched_matmuls`, i.e. MOT_CPU_KERNELS=0).
+meaningful on a shared machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import time
@@ -22,31 +20,11 @@ from pathlib import Path
 
 import torch
 
-from mixture_of_tokens import MoTConfig, cpu_mixing
+from mixture_of_tokens import MoTConfig
 from mixture_of_tokens.cpu_memory import retain_freed_cpu_memory
 from mixture_of_tokens.modeling_mot import FEED_FORWARD_CLASSES, MoTPreTrainedModel
 
 FFN_TYPES = ["dense", "mot", "token_choice", "expert_choice"]
-WITHOUT_FUSED_MIXING = "mot_batched_matmuls"
-
-
-class WithoutFusedMixing(torch.nn.Module):
-    """The same MoT layer, run with the fused CPU mixing kernels switched off (MOT_CPU_KERNELS=0)."""
-
-    def __init__(self, layer: torch.nn.Module):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, hidden_states):
-        previous = os.environ.get(cpu_mixing.DISABLE_VARIABLE)
-        os.environ[cpu_mixing.DISABLE_VARIABLE] = "0"
-        try:
-            return self.layer(hidden_states)
-        finally:
-            if previous is None:
-                del os.environ[cpu_mixing.DISABLE_VARIABLE]
-            else:
-                os.environ[cpu_mixing.DISABLE_VARIABLE] = previous
 
 
 def build_layer(ffn_type: str, config: MoTConfig, device: str) -> torch.nn.Module:
@@ -98,8 +76,6 @@ def benchmark(precision: str, rounds: int, warmup: int, device: str, batch: int,
     dtype, autocast_dtype = PRECISIONS[precision]
     config = MoTConfig.from_preset("mot-medium-32e")
     layers = {name: build_layer(name, config, device).to(dtype) for name in FFN_TYPES}
-    if device == "cpu" and cpu_mixing.load_kernels() is not None:
-        layers[WITHOUT_FUSED_MIXING] = WithoutFusedMixing(layers["mot"])
     inputs = torch.randn(batch, seq, config.hidden_size, device=device, dtype=dtype, requires_grad=True)
     return interleaved_medians(layers, inputs, autocast_dtype, device, rounds, warmup)
 
@@ -135,7 +111,6 @@ def main() -> None:
     for label in args.precisions:
         results["seconds"][label] = benchmark(label, args.rounds, args.warmup, args.device, args.batch, args.seq)
     types = list(results["seconds"][args.precisions[0]])
-    results["fused_cpu_mixing"] = WITHOUT_FUSED_MIXING in types
     print(f"{'type':<20}" + "".join(f"{label + ' ms':>20}{'x dense':>9}" for label in args.precisions))
     for name in types:
         row = f"{name:<20}"

@@ -25,7 +25,7 @@ import torch
 from layer import FFN_TYPES, PRECISIONS, build_layer, interleaved_medians, time_step
 from torch.profiler import profile
 
-from mixture_of_tokens import MoTConfig, cpu_mixing
+from mixture_of_tokens import MoTConfig
 from mixture_of_tokens.cpu_memory import retain_freed_cpu_memory
 
 
@@ -107,20 +107,6 @@ def print_kernels(config: MoTConfig, args) -> None:
         "dense mm [N,d] @ [d,f]": (lambda: flat_tokens @ dense_w, 5 * activation),
         "dense mm, weight d-contiguous": (lambda: flat_tokens @ dense_w_t, 5 * activation),
     }
-    fused = cpu_mixing.load_kernels() if args.device == "cpu" else None
-    if fused is not None:  # the fused CPU mixing kernels (mixture_of_tokens/cpu_mixing.py) that replace the above
-        block_weights = torch.rand(1, group_size, 256, num_experts).softmax(dim=1)  # [n, G, S, E], fp32
-        token_out, rows_out = torch.empty_like(token_major), torch.empty_like(expert_inputs)
-        weights_grad = torch.empty_like(block_weights)
-        kernels.update({
-            "fused merge [n,G,S,d] -> [E,p,d]": (lambda: fused.mix(token_major, rows_out, block_weights, True),
-                                                 2 * activation),
-            "fused emit [E,p,d] -> [n,G,S,d]": (lambda: fused.mix(token_out, expert_inputs, block_weights, False),
-                                                2 * activation),
-            "fused emit + weights' gradient": (lambda: fused.mix(token_out, expert_inputs, block_weights, False,
-                                                                 token_major, expert_inputs, weights_grad),
-                                               3 * activation),
-        })
     times: dict[str, list[float]] = {name: [] for name in kernels}
     for round_index in range(args.warmup + 4 * args.steps):
         for name, (kernel, _) in kernels.items():

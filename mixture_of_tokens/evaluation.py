@@ -18,45 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # torch, transformers and lm-eval are imported where they are used, so that `mot eval --help` answers at once.
+from .model_folder import load_model_and_tokenizer
 from .utils import UserError, atomic_write_text
 
 DEFAULT_TASKS = ("piqa", "hellaswag", "arc_easy")
 EVAL_RESULTS_FILE = "eval_results.json"  # next to the weights; the model card (mot card) reads it
-
-
-# --------------------------------------------------------------------------------------------------- loading
-def load_model_and_tokenizer(model_dir, mot_routing: str | None = None, config_overrides: dict | None = None,
-                             device: str | None = None):
-    """Load a saved model folder (safetensors weights only) and its tokenizer, in eval mode.
-
-    `mot_routing` and `config_overrides` replace saved config fields before the weights load, e.g.
-    `mot_routing="discrete"` (temperature -> 0) or `{"mlp_types": ["dense", "dense", "token_choice", ...]}` to read a
-    MoT checkpoint as Token Choice (the parameters share names).
-    """
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    import mixture_of_tokens  # noqa: F401  (registers the `mot` model type with the Auto classes)
-
-    from .model_folder import check_model_folder
-
-    model_dir = check_model_folder(model_dir)  # one line for a bad config or missing, truncated, corrupted weights
-    overrides = dict(config_overrides or {})
-    if mot_routing is not None:
-        overrides["mot_routing"] = mot_routing
-    try:
-        config = AutoConfig.from_pretrained(model_dir, **overrides)
-    except ValueError as error:  # MoTConfig validates every field and names the bad one
-        raise UserError(f"cannot use the config of {model_dir}: {error}") from None
-    if overrides and getattr(config, "model_type", None) != "mot":
-        raise UserError(f"--mot_routing and config overrides apply to MoT models; {model_dir} is {config.model_type!r}")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError) as error:
-        raise UserError(f"cannot load the tokenizer saved in {model_dir}: {error}") from None
-    model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, use_safetensors=True)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(device).eval(), tokenizer
 
 
 # --------------------------------------------------------------------------------------------------- tasks

@@ -165,7 +165,7 @@ class MoTLM(HFLM):
             # lm-eval's command line asks for cuda:0 unless told otherwise; like its `hf` model, use the CPU then.
             device = "cpu"
         if isinstance(pretrained, (str, Path)):
-            from .evaluation import load_model_and_tokenizer
+            from .model_folder import load_model_and_tokenizer
 
             pretrained, loaded_tokenizer = load_model_and_tokenizer(pretrained, mot_routing=mot_routing, device=device)
             tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer

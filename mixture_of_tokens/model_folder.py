@@ -1,4 +1,5 @@
-"""The one check every `mot` command runs on a model folder a user hands it, before it reads or writes anything.
+"""Model folders a user hands a `mot` command: the one check every command runs before it reads or writes anything,
+and the loader that evaluation (`mot eval`, the lm-eval model) shares.
 
 A missing folder, a `config.json` that is not JSON or holds an invalid value, and weights that are missing,
 truncated or corrupted each become one `UserError` line naming the file and what is wrong (the `mot` command
@@ -90,3 +91,35 @@ def check_model_folder(folder: str | Path, *, weights: bool = True) -> Path:
     if weights:
         check_weights(folder)
     return folder
+
+
+def load_model_and_tokenizer(model_dir, mot_routing: str | None = None, config_overrides: dict | None = None,
+                             device: str | None = None):
+    """Load a saved model folder (safetensors weights only) and its tokenizer, in eval mode.
+
+    `mot_routing` and `config_overrides` replace saved config fields before the weights load, e.g.
+    `mot_routing="discrete"` (temperature -> 0) or `{"mlp_types": ["dense", "dense", "token_choice", ...]}` to read a
+    MoT checkpoint as Token Choice (the parameters share names).
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    import mixture_of_tokens  # noqa: F401  (registers the `mot` model type with the Auto classes)
+
+    model_dir = check_model_folder(model_dir)  # one line for a bad config or missing, truncated, corrupted weights
+    overrides = dict(config_overrides or {})
+    if mot_routing is not None:
+        overrides["mot_routing"] = mot_routing
+    try:
+        config = AutoConfig.from_pretrained(model_dir, **overrides)
+    except ValueError as error:  # MoTConfig validates every field and names the bad one
+        raise UserError(f"cannot use the config of {model_dir}: {error}") from None
+    if overrides and getattr(config, "model_type", None) != "mot":
+        raise UserError(f"--mot_routing and config overrides apply to MoT models; {model_dir} is {config.model_type!r}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot load the tokenizer saved in {model_dir}: {error}") from None
+    model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, use_safetensors=True)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device).eval(), tokenizer

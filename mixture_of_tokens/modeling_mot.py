@@ -24,7 +24,6 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
@@ -198,73 +197,6 @@ def drop_group_padding(hidden_states: torch.Tensor, batch_size: int) -> torch.Te
     return hidden_states if hidden_states.shape[0] == batch_size else hidden_states[:batch_size]
 
 
-def fused_cpu_mixing_kernels(grouped: torch.Tensor, num_experts: int):
-    """The fused CPU mixing kernels of the `mixture_of_tokens` package (`cpu_mixing.py`) when they apply to these
-    `[n, G, S, d]` tokens, else None.
-
-    They are optional and used only by the package's own copy of this file. The copy that travels to the Hub as
-    custom code never imports the package, even where it is installed: importing it registers the package's classes
-    with the Auto classes, and the next `from_pretrained` would return them instead of the Hub's. Without the
-    kernels the layer uses batched matmuls, which compute the same thing.
-    """
-    group_size, hidden_size = grouped.shape[1], grouped.shape[3]
-    if (
-        __package__ != "mixture_of_tokens"
-        or grouped.device.type != "cpu"
-        or grouped.dtype not in (torch.bfloat16, torch.float32)
-        or group_size % 4
-        or num_experts % 4
-        or hidden_size % 64
-        or torch.compiler.is_compiling()
-        or torch.jit.is_tracing()
-    ):
-        return None
-    try:
-        from mixture_of_tokens.cpu_mixing import load_kernels
-    except ImportError:
-        return None
-    return load_kernels()
-
-
-class FusedMixing(torch.autograd.Function):
-    """The mixing through the fused CPU kernels, in either direction, with fp32 weights `[n, G, S, E]`:
-    - merge (`to_experts=True`): tokens `[n, G, S, d]` -> expert rows `[E, n*S, d]`, row `(e, p)` being
-      `sum_g w[g, e] token g` of block `p = (n, s)`;
-    - emit (`to_experts=False`): the transpose, token `g` of block `p` receiving `sum_e w[g, e] row (e, p)`.
-    The gradient of either is the other applied to the output's gradient, plus the weights' gradient (the dot
-    product of each token with each expert row of its block), which the same pass computes.
-    """
-
-    @staticmethod
-    def forward(ctx, source, weights_fp32, kernels, to_experts):
-        if to_experts:
-            num_groups, _, seq_len, hidden_size = source.shape
-            output = source.new_empty(weights_fp32.shape[-1], num_groups * seq_len, hidden_size)
-            kernels.mix(source, output, weights_fp32, True)
-        else:
-            output = source.new_empty(*weights_fp32.shape[:-1], source.shape[-1])
-            kernels.mix(output, source, weights_fp32, False)
-        ctx.save_for_backward(source, weights_fp32)
-        ctx.kernels, ctx.to_experts = kernels, to_experts
-        return output
-
-    @staticmethod
-    @once_differentiable  # the kernels have no backward of their own: a double backward gets a clear error
-    def backward(ctx, grad_output):
-        source, weights_fp32 = ctx.saved_tensors
-        grad_output = grad_output.contiguous()
-        # (token-major, expert-major) operands of the weights' gradient
-        dot_tokens, dot_rows = (source, grad_output) if ctx.to_experts else (grad_output, source)
-        grad_source = torch.empty_like(source) if ctx.needs_input_grad[0] else None
-        grad_weights = torch.empty_like(weights_fp32) if ctx.needs_input_grad[1] else None
-        if grad_source is not None:
-            tokens, rows = (grad_source, grad_output) if ctx.to_experts else (grad_output, grad_source)
-            ctx.kernels.mix(tokens, rows, weights_fp32, not ctx.to_experts, dot_tokens, dot_rows, grad_weights)
-        elif grad_weights is not None:
-            ctx.kernels.dots(dot_tokens, dot_rows, grad_weights)
-        return grad_source, grad_weights, None, None
-
-
 def group_rows(
     hidden_states: torch.Tensor, token_mask: torch.Tensor | None, group_size: int
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -386,16 +318,6 @@ class MixtureOfTokens(RoutedFeedForward):
         hidden_states = hidden_states.to(_compute_dtype(hidden_states))
         grouped, group_mask = group_rows(hidden_states, token_mask, self.group_size)  # [n, G, S, d]
         num_groups, group_size = grouped.shape[:2]
-        kernels = fused_cpu_mixing_kernels(grouped, self.num_experts)
-        if kernels is not None:
-            # One pass each way between the token-major tokens and the expert-major rows (cpu_mixing.py).
-            weights = self.mixing_weights(grouped, group_mask)  # [n, G, S, E], softmax over G
-            # The kernels take fp32 weights: cast once for both passes (and their gradients once back).
-            weights_fp32 = weights.float().contiguous()
-            merged = FusedMixing.apply(grouped.contiguous(), weights_fp32, kernels, True)  # [E, n*S, d]
-            output = FusedMixing.apply(self.run_experts(merged), weights_fp32, kernels, False)  # [n, G, S, d]
-            output = drop_group_padding(output.view(-1, seq_len, hidden_size), batch_size)
-            return output, FeedForwardOutput(stats=self.mixing_stats(weights) if output_stats else None)
         # Position-major: one [G, d] matrix per (group, position) p. Everything below is then a contiguous or
         # plainly transposed operand of a batched matmul (permuting the small weight tensors in the other
         # layout is a cache-hostile gather that costs more than this one copy of the tokens).

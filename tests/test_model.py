@@ -395,8 +395,8 @@ def test_remote_code_loads_where_the_package_cannot_be_imported(tmp_path):
 
 def test_remote_code_stays_remote_where_the_package_is_installed(tmp_path):
     """With the package importable, a model loaded as Hub custom code must not import it (its import registers the
-    package's classes with the Auto classes): every load returns the Hub module's class, after forwards that could
-    take the package's optional CPU kernels (fp32 on the CPU, G, E multiples of 4, d of 64)."""
+    package's classes with the Auto classes): every load returns the Hub module's class, also after forwards (the
+    Hub copy once imported the package there, for optional CPU kernels)."""
     model = small_model("mot", hidden_size=64, group_size=4, num_experts=4)
     model.save_pretrained(tmp_path / "model")
     script = textwrap.dedent(
