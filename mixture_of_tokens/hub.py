@@ -20,7 +20,7 @@ from pathlib import Path
 from .model_folder import WEIGHTS_INDEX_FILE, check_config, check_weights
 from .utils import UserError, atomic_directory
 
-CODE_FILES = ("configuration_mot.py", "modeling_mot.py")
+CODE_FILES = ("configuration_mot.py", "modeling_mot.py", "performance_mot.py")
 # Auto classes the Hub repo must map to our code, so trust_remote_code loading works without the package.
 AUTO_MAP = {
     "AutoConfig": "configuration_mot.MoTConfig",

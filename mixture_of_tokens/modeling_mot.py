@@ -10,8 +10,9 @@ The same file also holds the baselines of the paper: a dense feed-forward layer,
 Expert Choice. The routed layers share their parameter names (`router`, `w1`, `w2`), so a MoT checkpoint
 becomes a Token Choice model by changing only the config (the paper's transition tuning).
 
-This file is self-contained: it imports only `.configuration_mot` and installed packages, so that it can
-travel to the Hub as custom code (`trust_remote_code=True`).
+This file holds the method and transformers' plumbing; its performance paths (the chunked training loss, layout
+helpers) are in `performance_mot.py`. Both, with `configuration_mot.py`, travel to the Hub as custom code
+(`trust_remote_code=True`): they import only each other and installed packages.
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import can_return_tuple, logging
 
 from .configuration_mot import MoTConfig
+
+# The performance paths (the chunked training loss, layout changes with contiguous gradients) live apart in
+# performance_mot.py, which travels to the Hub with this file; they compute exactly what their plain versions do.
+from .performance_mot import ContiguousTranspose, chunked_lm_loss, compute_dtype, drop_group_padding
 
 logger = logging.get_logger(__name__)
 
@@ -167,36 +172,6 @@ class DenseFeedForward(nn.Module):
         return self.down_proj(self.act(self.up_proj(hidden_states))), FeedForwardOutput()
 
 
-def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
-    if torch.is_autocast_enabled(tensor.device.type):
-        return torch.get_autocast_dtype(tensor.device.type)
-    return tensor.dtype
-
-
-class ContiguousTranspose(torch.autograd.Function):
-    """`x.transpose(dim0, dim1).contiguous()` whose gradient is made contiguous once, too.
-
-    Plain autograd hands the transposed *view* of the gradient back, and each batched matmul that consumes it in
-    its backward (usually two) copies it again; MoT's layout changes between token-major, position-major and
-    expert-major would otherwise cost several extra activation-sized copies per step.
-    """
-
-    @staticmethod
-    def forward(ctx, tensor, dim0, dim1):
-        ctx.dims = (dim0, dim1)
-        return tensor.transpose(dim0, dim1).contiguous()
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        return grad_output.transpose(*ctx.dims).contiguous(), None, None
-
-
-def drop_group_padding(hidden_states: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Undo `group_rows`' padding: `[n * G, S, d]` -> `[batch_size, S, d]`. Slices only when there is padding, since
-    a slice's backward builds a zero gradient for the whole padded batch and copies into it."""
-    return hidden_states if hidden_states.shape[0] == batch_size else hidden_states[:batch_size]
-
-
 def group_rows(
     hidden_states: torch.Tensor, token_mask: torch.Tensor | None, group_size: int
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -315,7 +290,7 @@ class MixtureOfTokens(RoutedFeedForward):
     def forward(self, hidden_states, token_mask=None, output_stats=False):
         batch_size, seq_len, hidden_size = hidden_states.shape
         # Cast once (autocast would cast again for every matmul that reads the tokens).
-        hidden_states = hidden_states.to(_compute_dtype(hidden_states))
+        hidden_states = hidden_states.to(compute_dtype(hidden_states))
         grouped, group_mask = group_rows(hidden_states, token_mask, self.group_size)  # [n, G, S, d]
         num_groups, group_size = grouped.shape[:2]
         # Position-major: one [G, d] matrix per (group, position) p. Everything below is then a contiguous or
@@ -681,60 +656,6 @@ class MoTModel(MoTPreTrainedModel):
         )
 
 
-# fp32 logits held at once by the chunked loss: 256 MiB (1335 tokens of GPT-2's 50257-token vocabulary).
-LM_LOSS_CHUNK_ELEMENTS = 2**26
-
-
-class ChunkedLMLoss(torch.autograd.Function):
-    """Summed cross-entropy of the logits `hidden @ weight.T` against `targets` (-100: ignored), computed a chunk
-    of tokens at a time so the full `[tokens, vocab]` logits never exist.
-
-    The plain path holds them several times over in fp32 (logits, log-softmax, its gradient: ~5 GB for 32 x 256
-    tokens of GPT-2's vocabulary) and makes as many memory-bound passes over them. Here each chunk's logits give
-    its loss and, at once, its gradients for `hidden` and `weight`; backward only scales them by the incoming
-    gradient. The FLOPs are the plain path's: one logits matmul and two gradient matmuls per token.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, compute_dtype):
-        # hidden [N, d], weight [V, d], targets [N]
-        num_tokens, vocab_size = hidden.shape[0], weight.shape[0]
-        chunk_tokens = max(1, LM_LOSS_CHUNK_ELEMENTS // vocab_size)
-        need_weight_grad = ctx.needs_input_grad[1]
-        with torch.autocast(hidden.device.type, enabled=False):
-            weight_compute = weight.to(compute_dtype)
-            loss = hidden.new_zeros((), dtype=torch.float32)
-            grad_hidden = torch.empty_like(hidden)
-            grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight_grad else None
-            for start in range(0, num_tokens, chunk_tokens):
-                tokens = hidden[start : start + chunk_tokens].to(compute_dtype)  # [n, d]
-                chunk_targets = targets[start : start + chunk_tokens]
-                valid = chunk_targets != -100
-                safe_targets = chunk_targets.clamp_min(0).unsqueeze(1)  # [n, 1]
-                logits = (tokens @ weight_compute.T).float()  # [n, V]
-                log_normaliser = torch.logsumexp(logits, dim=1)  # [n]
-                loss += ((log_normaliser - logits.gather(1, safe_targets).squeeze(1)) * valid).sum()
-                # d loss / d logits = softmax - one_hot(target) on valid rows, zero on ignored ones: an infinite
-                # normaliser makes an ignored row's softmax exactly zero in the same pass (in place, no new buffer).
-                log_normaliser = log_normaliser.masked_fill(~valid, math.inf)
-                grad_logits = logits.sub_(log_normaliser.unsqueeze(1)).exp_()
-                grad_logits.scatter_add_(1, safe_targets, -valid.unsqueeze(1).float())
-                grad_logits = grad_logits.to(compute_dtype)
-                grad_hidden[start : start + chunk_tokens] = grad_logits @ weight_compute
-                if need_weight_grad:
-                    grad_weight += grad_logits.T @ tokens  # [V, n] @ [n, d], accumulated over chunks in fp32
-        ctx.weight_dtype = weight.dtype
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        if grad_weight is not None:
-            grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
-        return grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight, None, None
-
-
 class MoTForCausalLM(MoTPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -755,19 +676,6 @@ class MoTForCausalLM(MoTPreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
-
-    def chunked_lm_loss(self, hidden_states, labels, num_items_in_batch=None, shift_labels=None, **kwargs):
-        """The loss `self.loss_function` gives for `self.lm_head(hidden_states)`, through `ChunkedLMLoss`."""
-        if shift_labels is None:
-            # Position t predicts labels[t + 1]; the last position predicts nothing.
-            shift_labels = F.pad(labels, (0, 1), value=-100)[..., 1:]
-        targets = shift_labels.reshape(-1).to(hidden_states.device)
-        hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
-        weight = self.lm_head.weight
-        loss_sum = ChunkedLMLoss.apply(hidden, weight, targets, _compute_dtype(weight))
-        if num_items_in_batch is None:
-            return loss_sum / (targets != -100).sum()
-        return loss_sum / torch.as_tensor(num_items_in_batch, device=loss_sum.device)
 
     @can_return_tuple
     def forward(
@@ -823,7 +731,7 @@ class MoTForCausalLM(MoTPreTrainedModel, GenerationMixin):
         chunked = (labels is not None and self.training and self.config.chunked_lm_loss and torch.is_grad_enabled()
                    and isinstance(logits_to_keep, int) and logits_to_keep == 0)
         if chunked:
-            loss = self.chunked_lm_loss(hidden_states, labels, **kwargs)
+            loss = chunked_lm_loss(hidden_states, labels, self.lm_head.weight, **kwargs)
         else:
             logits = self.lm_head(hidden_states)
             if labels is not None:

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import mixture_of_tokens  # noqa: F401  (registers the Auto classes)
-from mixture_of_tokens import MoTConfig, MoTForCausalLM, modeling_mot
+from mixture_of_tokens import MoTConfig, MoTForCausalLM, performance_mot
 from mixture_of_tokens.modeling_mot import ExpertChoice, MixtureOfTokens, TokenChoice
 
 VOCAB = 97
@@ -257,7 +257,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(ffn):
 def test_chunked_training_loss_equals_the_plain_loss(monkeypatch, tie_word_embeddings):
     """Same loss and gradients as transformers' loss on full logits: ignored labels, several chunks with a ragged
     last one, `num_items_in_batch` (gradient accumulation), `shift_labels`, tied embeddings, a frozen head."""
-    monkeypatch.setattr(modeling_mot, "LM_LOSS_CHUNK_ELEMENTS", 7 * VOCAB)  # 7 tokens per chunk: 80 = 11*7 + 3
+    monkeypatch.setattr(performance_mot, "LM_LOSS_CHUNK_ELEMENTS", 7 * VOCAB)  # 7 tokens per chunk: 80 = 11*7 + 3
     model = small_model(tie_word_embeddings=tie_word_embeddings).train()
     ids = random_ids(8, 10)
     labels = ids.clone()
@@ -339,7 +339,7 @@ def test_auto_classes_save_and_load_round_trip(tmp_path):
     model = small_model("mot")
     model.save_pretrained(tmp_path)
     files = set(os.listdir(tmp_path))
-    assert {"model.safetensors", "config.json", "configuration_mot.py", "modeling_mot.py"} <= files
+    assert {"model.safetensors", "config.json", "configuration_mot.py", "modeling_mot.py", "performance_mot.py"} <= files
     auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
     assert set(auto_map) == {"AutoConfig", "AutoModel", "AutoModelForCausalLM"}
     assert isinstance(AutoConfig.from_pretrained(tmp_path), MoTConfig)

@@ -1,0 +1,115 @@
+"""Performance paths of the Mixture of Tokens model, apart from the method in `modeling_mot.py` (as fla keeps its
+kernels in `fla/ops`). Each computes exactly what its plain version does, faster or in less memory:
+- `chunked_lm_loss`: the training loss without the full `[tokens, vocab]` logits (`config.chunked_lm_loss`);
+- `ContiguousTranspose`: a layout change whose gradient is made contiguous once;
+- `drop_group_padding`: no slice (and no zero-filled gradient) when a batch needs no group padding.
+
+Plain torch, nothing compiled. This file travels to the Hub with `modeling_mot.py`, which imports it relatively
+(transformers copies such imports of custom code), so it imports only installed packages.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype the matmuls run in: autocast's where it is on, else the tensor's own."""
+    if torch.is_autocast_enabled(tensor.device.type):
+        return torch.get_autocast_dtype(tensor.device.type)
+    return tensor.dtype
+
+
+class ContiguousTranspose(torch.autograd.Function):
+    """`x.transpose(dim0, dim1).contiguous()` whose gradient is made contiguous once, too.
+
+    Plain autograd hands the transposed *view* of the gradient back, and each batched matmul that consumes it in
+    its backward (usually two) copies it again; MoT's layout changes between token-major, position-major and
+    expert-major would otherwise cost several extra activation-sized copies per step.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor, dim0, dim1):
+        ctx.dims = (dim0, dim1)
+        return tensor.transpose(dim0, dim1).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return grad_output.transpose(*ctx.dims).contiguous(), None, None
+
+
+def drop_group_padding(hidden_states: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Undo `group_rows`' padding: `[n * G, S, d]` -> `[batch_size, S, d]`. Slices only when there is padding, since
+    a slice's backward builds a zero gradient for the whole padded batch and copies into it."""
+    return hidden_states if hidden_states.shape[0] == batch_size else hidden_states[:batch_size]
+
+
+# fp32 logits held at once by the chunked loss: 256 MiB (1335 tokens of GPT-2's 50257-token vocabulary).
+LM_LOSS_CHUNK_ELEMENTS = 2**26
+
+
+class ChunkedLMLoss(torch.autograd.Function):
+    """Summed cross-entropy of the logits `hidden @ weight.T` against `targets` (-100: ignored), computed a chunk
+    of tokens at a time so the full `[tokens, vocab]` logits never exist.
+
+    The plain path holds them several times over in fp32 (logits, log-softmax, its gradient: ~5 GB for 32 x 256
+    tokens of GPT-2's vocabulary) and makes as many memory-bound passes over them. Here each chunk's logits give
+    its loss and, at once, its gradients for `hidden` and `weight`; backward only scales them by the incoming
+    gradient. The FLOPs are the plain path's: one logits matmul and two gradient matmuls per token.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, compute_dtype):
+        # hidden [N, d], weight [V, d], targets [N]
+        num_tokens, vocab_size = hidden.shape[0], weight.shape[0]
+        chunk_tokens = max(1, LM_LOSS_CHUNK_ELEMENTS // vocab_size)
+        need_weight_grad = ctx.needs_input_grad[1]
+        with torch.autocast(hidden.device.type, enabled=False):
+            weight_compute = weight.to(compute_dtype)
+            loss = hidden.new_zeros((), dtype=torch.float32)
+            grad_hidden = torch.empty_like(hidden)
+            grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight_grad else None
+            for start in range(0, num_tokens, chunk_tokens):
+                tokens = hidden[start : start + chunk_tokens].to(compute_dtype)  # [n, d]
+                chunk_targets = targets[start : start + chunk_tokens]
+                valid = chunk_targets != -100
+                safe_targets = chunk_targets.clamp_min(0).unsqueeze(1)  # [n, 1]
+                logits = (tokens @ weight_compute.T).float()  # [n, V]
+                log_normaliser = torch.logsumexp(logits, dim=1)  # [n]
+                loss += ((log_normaliser - logits.gather(1, safe_targets).squeeze(1)) * valid).sum()
+                # d loss / d logits = softmax - one_hot(target) on valid rows, zero on ignored ones: an infinite
+                # normaliser makes an ignored row's softmax exactly zero in the same pass (in place, no new buffer).
+                log_normaliser = log_normaliser.masked_fill(~valid, math.inf)
+                grad_logits = logits.sub_(log_normaliser.unsqueeze(1)).exp_()
+                grad_logits.scatter_add_(1, safe_targets, -valid.unsqueeze(1).float())
+                grad_logits = grad_logits.to(compute_dtype)
+                grad_hidden[start : start + chunk_tokens] = grad_logits @ weight_compute
+                if need_weight_grad:
+                    grad_weight += grad_logits.T @ tokens  # [V, n] @ [n, d], accumulated over chunks in fp32
+        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
+        return grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight, None, None
+
+
+def chunked_lm_loss(hidden_states, labels, weight, num_items_in_batch=None, shift_labels=None, **kwargs):
+    """The loss transformers' `ForCausalLMLoss` gives for the logits `hidden_states @ weight.T`, through
+    `ChunkedLMLoss` (the logits never exist as a whole). `num_items_in_batch` and `shift_labels` as in transformers."""
+    if shift_labels is None:
+        # Position t predicts labels[t + 1]; the last position predicts nothing.
+        shift_labels = F.pad(labels, (0, 1), value=-100)[..., 1:]
+    targets = shift_labels.reshape(-1).to(hidden_states.device)
+    hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
+    loss_sum = ChunkedLMLoss.apply(hidden, weight, targets, compute_dtype(weight))
+    if num_items_in_batch is None:
+        return loss_sum / (targets != -100).sum()
+    return loss_sum / torch.as_tensor(num_items_in_batch, device=loss_sum.device)
