@@ -33,24 +33,10 @@ def read_prompts(prompts: list[str] | None, prompts_file: str | None) -> list[st
 
 
 def load_model_and_tokenizer(model_path: str | Path, mot_routing: str | None = None, device: str | None = None):
-    """Model folder -> (model in eval mode, tokenizer set up for left padding)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Model folder -> (model in eval mode, tokenizer set up for left padding); loaded as `mot eval` loads it."""
+    from .model_folder import load_model_and_tokenizer as load_folder
 
-    import mixture_of_tokens  # noqa: F401  registers the "mot" model type with the Auto classes
-
-    from .model_folder import check_model_folder
-
-    model_path = check_model_folder(model_path)
-    overrides = {}
-    if mot_routing is not None:
-        if mot_routing not in ROUTINGS:
-            raise UserError(f"--mot_routing {mot_routing!r} is not known; allowed: {', '.join(ROUTINGS)}")
-        overrides["mot_routing"] = mot_routing
-    model = AutoModelForCausalLM.from_pretrained(model_path, **overrides)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model, tokenizer = load_folder(model_path, mot_routing=mot_routing, device=device)
     # Left padding keeps every prompt's last token in the last column, where generation continues.
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:

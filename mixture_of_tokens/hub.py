@@ -82,6 +82,9 @@ def _completed_config(model_dir: Path) -> bytes | None:
     return (json.dumps(raw, indent=2, sort_keys=True) + "\n").encode()
 
 
+_DROPPED = object()  # marks a value `_without_local_paths` leaves out
+
+
 def _names_a_local_file(value) -> bool:
     return isinstance(value, str) and bool(value) and (Path(value).is_absolute() or Path(value).exists())
 
@@ -100,8 +103,6 @@ def _without_local_paths(record, key: str = ""):
         return Path(record).name if key in ("dataset", "validation_file") else _DROPPED
     return record
 
-
-_DROPPED = object()
 
 
 def plan_upload(model_dir: str | Path) -> UploadPlan:
