@@ -1,11 +1,11 @@
-"""Small-scale reproduction of the paper's claims: `python bench/reproduce.py [--output_dir DIR] [--smoke] [--scale N]`.
+"""Small-scale reproduction of the paper's claims: `python bench/reproduce.py [--output_dir DIR] [--smoke] [--resume]`.
 
-A thin wrapper around `mot reproduce` (mixture_of_tokens/reproduce.py); see docs/reproduce.md.
+A thin wrapper around `mot reproduce` (mixture_of_tokens/experiments/); see docs/reproduce.md.
 """
 
 import sys
 
-from mixture_of_tokens.reproduce import main
+from mixture_of_tokens.experiments.runner import main
 from mixture_of_tokens.utils import UserError
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from transformers import PreTrainedConfig
 MLP_TYPES = ("dense", "mot", "token_choice", "expert_choice")
 MOT_ROUTINGS = ("softmax", "uniform", "discrete")
 LEARNABLE_TEMPERATURE = ("off", "shared", "per_expert")
+EMBEDDING_INITS = ("fan_in_hidden", "unit_fan_in")
 ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu", "swish", "tanh", "sigmoid", "relu2")
 
 # The paper's configurations (DESIGN.md §2; llm-random's configs). "/k" variants keep parameters and FLOPs but
@@ -71,6 +72,10 @@ class MoTConfig(PreTrainedConfig):
         hidden_act: activation of dense and expert layers (ReLU in the paper).
         init_scale: weights are drawn from a truncated normal with std `sqrt(init_scale / fan_in)`.
         layer_norm_eps: epsilon of the LayerNorms.
+        embedding_init: "fan_in_hidden" (default): token and position embeddings get std
+            `sqrt(init_scale / hidden_size)` like every other weight; "unit_fan_in": the authors' code (fan-in 1,
+            std `sqrt(init_scale)` cut at `+-2 * init_scale`, an actual std of about 0.11 with init_scale 0.1).
+        final_norm: LayerNorm before the output head (default true; the authors' code has none).
         output_routing_stats: return per-layer routing statistics from every forward.
         output_router_logits: return the Token Choice router logits from every forward. The router losses are
             part of the training loss either way (unlike transformers' MoE models, where they need this flag).
@@ -103,6 +108,8 @@ class MoTConfig(PreTrainedConfig):
     hidden_act: str = "relu"
     init_scale: float = 0.1
     layer_norm_eps: float = 1e-5
+    embedding_init: str = "fan_in_hidden"
+    final_norm: bool = True
     output_routing_stats: bool = False
     output_router_logits: bool = False
     chunked_lm_loss: bool = True
@@ -179,7 +186,9 @@ class MoTConfig(PreTrainedConfig):
                 raise ValueError(f"{name} must be a non-negative number, got {value!r}")
         if not (isinstance(self.init_scale, (int, float)) and self.init_scale > 0):
             raise ValueError(f"init_scale must be positive, got {self.init_scale!r}")
-        for name in ("chunked_lm_loss", "output_routing_stats", "output_router_logits"):
+        if self.embedding_init not in EMBEDDING_INITS:
+            raise ValueError(f"embedding_init must be one of {', '.join(EMBEDDING_INITS)}, got {self.embedding_init!r}")
+        for name in ("chunked_lm_loss", "output_routing_stats", "output_router_logits", "final_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.hidden_act not in ACTIVATIONS:

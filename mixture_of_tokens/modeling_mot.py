@@ -522,6 +522,9 @@ class MoTPreTrainedModel(PreTrainedModel):
 
         if isinstance(module, nn.Linear):
             truncated(module.weight, module.in_features)
+        elif isinstance(module, nn.Embedding) and self.config.embedding_init == "unit_fan_in":
+            # The authors' embeddings: fan-in 1 and a cut at +-2 * init_scale (not two std): std about 0.11.
+            init.trunc_normal_(module.weight, mean=0.0, std=math.sqrt(scale), a=-2 * scale, b=2 * scale)
         elif isinstance(module, nn.Embedding):
             truncated(module.weight, module.embedding_dim)
         elif isinstance(module, nn.LayerNorm):
@@ -543,7 +546,8 @@ class MoTModel(MoTPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.layers = nn.ModuleList(MoTBlock(config, i) for i in range(config.num_hidden_layers))
-        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        # The authors' code has no final norm (config.final_norm=False); an Identity keeps the forward one path.
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.final_norm else nn.Identity()
         self.gradient_checkpointing = False
         self.post_init()
 

@@ -48,7 +48,7 @@ CONFIG_OVERRIDES = (
     "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
     "max_position_embeddings", "mlp_types", "group_size", "num_experts", "expert_size", "mot_temperature",
     "learnable_temperature", "mot_routing", "num_experts_per_tok", "capacity_factor", "router_aux_loss_coef",
-    "router_z_loss_coef", "hidden_act", "chunked_lm_loss",
+    "router_z_loss_coef", "hidden_act", "chunked_lm_loss", "embedding_init", "final_norm",
 )
 RESULTS_FILE = "train_results.json"
 ARGUMENTS_FILE = "training_args.json"
@@ -103,6 +103,12 @@ class ModelArguments:
     chunked_lm_loss: bool | None = field(default=None, metadata={"help": (
         "Compute the training loss without the full logits (config default: true); false if a callback needs "
         "outputs.logits in training."
+    )})
+    embedding_init: str | None = field(default=None, metadata={"help": (
+        "fan_in_hidden (config default) or unit_fan_in (the authors' embedding initialisation)."
+    )})
+    final_norm: bool | None = field(default=None, metadata={"help": (
+        "LayerNorm before the output head (config default: true; the authors' code has none)."
     )})
 
     def config_overrides(self) -> dict:

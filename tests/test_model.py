@@ -487,6 +487,8 @@ def test_presets_match_the_papers_parameter_counts():
         (dict(capacity_factor=0), "capacity_factor must be positive"),
         (dict(hidden_act="nope"), "hidden_act must be one of"),
         (dict(chunked_lm_loss="yes"), "chunked_lm_loss must be true or false"),
+        (dict(embedding_init="xavier"), "embedding_init must be one of fan_in_hidden, unit_fan_in"),
+        (dict(final_norm="no"), "final_norm must be true or false"),
     ],
 )
 def test_bad_configurations_raise_one_clear_error(overrides, message):
@@ -501,3 +503,23 @@ def test_unknown_preset_and_too_long_input():
     model = small_model("mot")
     with pytest.raises(ValueError, match="exceeds max_position_embeddings=32"):
         model(random_ids(4, 33))
+
+
+def test_the_authors_embedding_init_and_no_final_norm(tmp_path):
+    """`embedding_init="unit_fan_in"` is the authors' (fan-in 1, cut at +-2 * init_scale: std about 0.11 with
+    init_scale 0.1); `final_norm=False` feeds the last block's output to the head directly. Both survive a save."""
+    ours = small_model(vocab_size=4096)
+    theirs = small_model(vocab_size=4096, embedding_init="unit_fan_in", final_norm=False)
+    for model in (ours, theirs):
+        assert torch.isfinite(model(random_ids(4, 8)).logits).all()
+    ours_std = ours.model.embed_tokens.weight.std().item()
+    assert ours_std == pytest.approx(0.88 * (0.1 / 32) ** 0.5, rel=0.05)  # two-std cut: 0.88 of the std
+    weights = theirs.model.embed_tokens.weight
+    assert weights.std().item() == pytest.approx(0.11, abs=0.01) and weights.abs().max().item() <= 0.2
+    assert theirs.model.embed_positions.weight.abs().max().item() <= 0.2
+    assert isinstance(theirs.model.norm, torch.nn.Identity) and isinstance(ours.model.norm, torch.nn.LayerNorm)
+    theirs.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert loaded.config.final_norm is False and loaded.config.embedding_init == "unit_fan_in"
+    ids = random_ids(4, 8)
+    torch.testing.assert_close(loaded(ids).logits, theirs(ids).logits)

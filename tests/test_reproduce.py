@@ -1,10 +1,12 @@
-"""`mot reproduce --smoke`: the whole reproduction pipeline (every training run, the transition, the zero-shot evals,
-results.json, plots, results.md) runs end to end on the real novels and task data, so it cannot rot."""
+"""`mot reproduce --smoke`: the whole reproduction plan (learning-rate sweep, both widths with seeds, the routed-weight
+and authors'-wrapper runs, the extras, the transition, the zero-shot evals, the report) runs end to end on the real
+novels and task data, side by side in two worker processes, so it cannot rot."""
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,111 +14,175 @@ from pathlib import Path
 import pytest
 
 from mixture_of_tokens.cli import main as mot
-from mixture_of_tokens.reproduce import PLOT_FILES, RUNS, TRANSITION, ZERO_SHOT_TASKS, first_crossing
-from mixture_of_tokens.reproduce import main as reproduce
+from mixture_of_tokens.experiments.plan import MAIN, SWEEP, make_budget, make_plan
+from mixture_of_tokens.experiments.report import PLOT_FILES, ZERO_SHOT_TASKS, Collected, comparison, first_crossing
+from mixture_of_tokens.experiments.runner import RunRecords
+from mixture_of_tokens.experiments.runner import main as reproduce
 
 REPO = Path(__file__).resolve().parents[1]
+SMOKE_PLAN = make_plan(make_budget(smoke=True))
 
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory, shared_data) -> Path:
     output = tmp_path_factory.mktemp("reproduce") / "out"
-    assert reproduce(["--smoke", "--output_dir", str(output), "--data_dir", str(shared_data)]) == 0
+    assert reproduce(["--smoke", "--output_dir", str(output), "--data_dir", str(shared_data), "--workers", "2",
+                      "--threads_per_worker", "1"]) == 0
     return output
 
 
-def test_results_json_has_every_run_and_experiment(smoke_run):
-    results = json.loads((smoke_run / "results.json").read_text())
-    for key in ("budget", "runs", "dense_comparison", "bf16", "transition", "transition_summary", "zero_shot",
-                "plots", "environment", "caveats"):
-        assert key in results, key
-    assert results["smoke"] is True
-    assert list(results["runs"]) == [spec.name for spec in RUNS]
-    steps = results["budget"]["steps"]
-    for name, run in results["runs"].items():
-        assert math.isfinite(run["final_eval_loss"]), name
-        assert run["steps"] == steps  # same schedule for every model
-        assert run["curve"][-1]["step"] == steps
-        assert run["curve"][-1]["eval_loss"] == pytest.approx(run["final_eval_loss"])
-        assert run["train_seconds"] > 0
-        assert Path(run["model_dir"], "config.json").is_file()
-    runs = results["runs"]
-    # The sparse baselines and the MoT variants have the same parameters as MoT; the dense model has fewer.
-    assert runs["token_choice"]["num_parameters"] == runs["mot"]["num_parameters"]
-    assert runs["expert_choice"]["num_parameters"] == runs["mot"]["num_parameters"]
-    # /16: the same expert parameters (E * f) split into 16x more experts; only the controller (d x E) grows.
-    x16, mot_run = runs["mot_x16"], runs["mot"]
-    assert x16["num_experts"] * x16["expert_size"] == mot_run["num_experts"] * mot_run["expert_size"]
-    routed_layers = mot_run["mlp_types"].count("mot")
-    controller_growth = (x16["num_experts"] - mot_run["num_experts"]) * results["budget"]["hidden_size"] * routed_layers
-    assert x16["num_parameters"] - mot_run["num_parameters"] == controller_growth
-    assert runs["dense"]["num_parameters"] < runs["mot"]["num_parameters"]
-    assert runs["mot_x16"]["num_experts"] == 16 * runs["mot_x16"]["group_size"]
-    assert [runs[n]["group_size"] for n in ("mot", "mot_g16", "mot_g32")] == [8, 16, 32]
-    assert runs["mot_bf16"]["bf16_weights"] and not runs["mot"]["bf16_weights"]
-    # MoT layers log their mixing entropy; dense has none.
-    assert runs["mot"]["routing_entropy"] and not runs["dense"]["routing_entropy"]
-    assert 0 < runs["mot"]["routing_entropy"][-1]["normalized"] <= 1.0 + 1e-6
+def records(output: Path) -> RunRecords:
+    return RunRecords(output / "run_records")
 
-    dense = results["dense_comparison"]["runs"]["dense"]
-    assert dense["steps_ratio"] == pytest.approx(1.0)  # dense reaches its own final loss at its last step
-    assert set(results["bf16"]) == {"mot", "expert_choice"}
-    transition = results["transition"]
-    assert transition["optimizer_continued"] is True
-    assert transition["curve"][0]["step"] == 0  # the converted model is evaluated before any tuning step
-    assert Path(transition["model_dir"], "config.json").is_file()
-    tuned_config = json.loads(Path(transition["model_dir"], "config.json").read_text())
-    assert "token_choice" in tuned_config["mlp_types"] and "mot" not in tuned_config["mlp_types"]
-    assert set(results["zero_shot"]) == {spec.name for spec in RUNS if spec.zero_shot} | {TRANSITION}
-    for scores in results["zero_shot"].values():
+
+def test_every_planned_job_is_recorded_with_the_chosen_learning_rate(smoke_run):
+    found = records(smoke_run)
+    budget = SMOKE_PLAN.budget
+    for run in SMOKE_PLAN.runs:
+        record = found.get(run.key)
+        assert math.isfinite(record["final_eval_loss"]), run.key
+        assert record["steps"] == run.steps and record["curve"][-1]["step"] == run.steps
+        assert record["curve"][-1]["eval_loss"] == pytest.approx(record["final_eval_loss"])
+        assert record["seed"] == run.seed and record["workers"] == 2 and record["threads"] == 1
+    for width in budget.widths:
+        sweep = {run.learning_rate: found.get(run.key)["final_eval_loss"] for run in SMOKE_PLAN.sweep(width.hidden_size)}
+        chosen = min(sweep, key=sweep.get)
+        for run in SMOKE_PLAN.runs:  # every non-sweep run of the width trains at the sweep's best rate
+            if run.width == width.hidden_size and run.section != SWEEP and found.has(run.key):
+                assert found.get(run.key)["learning_rate"] == chosen, run.key
+    assert found.has(SMOKE_PLAN.transition.key)
+    for run in SMOKE_PLAN.zero_shot:
+        scores = found.get(f"{run.key}-zero_shot")
         for task in ZERO_SHOT_TASKS:
             assert 0.0 <= scores[task]["value"] <= 1.0
+    manifest = found.manifest()
+    assert manifest["sessions"][-1]["seconds"] > 0 and manifest["tokenizer"]
 
 
-def test_plots_exist_and_are_png(smoke_run):
+def test_models_are_flop_matched_and_routing_is_recorded(smoke_run):
+    found = records(smoke_run)
+    width = SMOKE_PLAN.budget.widths[0].hidden_size
+
+    def record(model, seed=0):
+        return found.get(next(r.key for r in SMOKE_PLAN.runs if r.model == model and r.width == width
+                              and r.seed == seed and r.section in (MAIN, "routed_weight")))
+
+    mot_run, uniform = record("mot"), record("mot_uniform")
+    assert record("token_choice")["num_parameters"] == mot_run["num_parameters"] == uniform["num_parameters"]
+    assert record("expert_choice")["num_parameters"] == mot_run["num_parameters"]
+    assert record("dense")["num_parameters"] < mot_run["num_parameters"] < record("mot_all")["num_parameters"]
+    assert record("mot_all")["mlp_types"] == ["mot"] * len(mot_run["mlp_types"])
+    # Routing over training: every MoT layer logs its entropy and top-token weight; uniform routing is exactly
+    # uniform (entropy log G, top weight 1/G), softmax routing is at most that.
+    for series, exact in ((mot_run["routing"], False), (uniform["routing"], True)):
+        assert series and set(series[-1]["layers"]) == {str(i) for i, t in enumerate(mot_run["mlp_types"]) if t == "mot"}
+        for point in series:
+            for stats in point["layers"].values():
+                assert 0 < stats["normalized_entropy"] <= 1 + 1e-4
+                assert 1 / mot_run["group_size"] - 1e-4 <= stats["max_weight"] <= 1
+                if exact:
+                    assert stats["normalized_entropy"] == pytest.approx(1.0, abs=1e-4)
+    assert not record("dense")["routing"]
+
+
+def test_results_json_compares_models_per_width_with_seeds(smoke_run):
     results = json.loads((smoke_run / "results.json").read_text())
+    first, second = (str(w.hidden_size) for w in SMOKE_PLAN.budget.widths)
+    block = results["comparison"][first]
+    assert block["models"]["mot"]["seeds"] == [0, 1] and block["models"]["dense"]["seeds"] == [0, 1]
+    mot_losses, dense_losses = block["models"]["mot"]["final_eval_losses"], block["models"]["dense"]["final_eval_losses"]
+    difference = block["differences"]["MoT - dense"]
+    assert difference["per_seed"] == pytest.approx([m - d for m, d in zip(mot_losses, dense_losses, strict=True)],
+                                                   abs=2e-4)
+    assert difference["threshold_from"] == "these seeds"
+    assert results["comparison"][second]["models"]["mot"]["seeds"] == [0]
+    assert results["comparison"][second]["differences"]["MoT - dense"]["threshold_from"] == "first width's seeds"
+    assert results["learning_rate_sweep"][first]["chosen"] == block["learning_rate"]
+    assert set(results["extras"]["bf16_degradation"]) == {"mot", "expert_choice"}
+    assert results["transition"]["optimizer_continued"] and results["transition"]["curve"][0]["step"] == 0
+    assert results["authors_wrapper"]["losses"]["mot_authors"] > 0
+    assert f"{first}/mot" in results["routing"] and f"{first}/mot_all" in results["routing"]
+    assert results["total_seconds"] > 0
+
+
+def test_report_markdown_and_plots(smoke_run):
+    text = (smoke_run / "results.md").read_text()
+    results = json.loads((smoke_run / "results.json").read_text())
+    assert "SMOKE RUN" in text
+    for width, block in results["comparison"].items():
+        assert f"### Width {width}" in text
+        for name, model in block["models"].items():
+            assert any(line.startswith(f"| {name} |") and f"{model['mean']:.4f}" in line for line in text.splitlines())
+        for label in block["differences"]:
+            assert any(line.startswith(f"| {label} |") for line in text.splitlines()), label
+    for heading in ("Learning rate", "What the routing does", "authors' wrapper", "Extra experiments",
+                    "Transition tuning", "Zero-shot"):
+        assert heading in text
     assert sorted(results["plots"]) == sorted(f"results/{name}" for name in PLOT_FILES)
     for relative in results["plots"]:
         data = (smoke_run / relative).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5_000, relative
+        assert f"({relative})" in text
 
 
-def test_results_markdown_tables(smoke_run):
-    text = (smoke_run / "results.md").read_text()
-    results = json.loads((smoke_run / "results.json").read_text())
-    assert "SMOKE RUN" in text
-    for spec in RUNS:
-        row = next(line for line in text.splitlines() if line.startswith(f"| {spec.name} |"))
-        assert f"{results['runs'][spec.name]['final_eval_loss']:.4f}" in row
-    for model in results["zero_shot"]:
-        assert any(line.startswith(f"| {model} | ") and line.count("|") == len(ZERO_SHOT_TASKS) + 3
-                   for line in text.splitlines()), model
-    for model in ("mot", "expert_choice"):  # bf16 table: model | full precision | bf16-only | degradation
-        row = f"| {model} | {results['bf16'][model]['full_precision_loss']:.4f} | "
-        assert any(line.startswith(row) and line.count("|") == 5 for line in text.splitlines()), model
-    for name in PLOT_FILES:
-        assert f"(results/{name})" in text
-    assert "Where this differs from the paper" in text
-
-
-def test_report_only_redraws_plots_and_markdown_from_results_json(smoke_run):
+def test_report_only_redraws_from_the_records(smoke_run):
     original = (smoke_run / "results.md").read_text()
     (smoke_run / "results.md").unlink()
     for name in PLOT_FILES:
         (smoke_run / "results" / name).unlink()
-    assert reproduce(["--report_only", "--output_dir", str(smoke_run)]) == 0
+    assert reproduce(["--smoke", "--report_only", "--output_dir", str(smoke_run)]) == 0
     assert (smoke_run / "results.md").read_text() == original
     assert all((smoke_run / "results" / name).is_file() for name in PLOT_FILES)
 
 
-def test_resume_keeps_finished_runs(smoke_run, shared_data):
-    before = json.loads((smoke_run / "results.json").read_text())
-    model_file = Path(before["runs"]["dense"]["model_dir"]) / "model.safetensors"
-    stamp = model_file.stat().st_mtime_ns
-    assert reproduce(["--smoke", "--resume", "--output_dir", str(smoke_run), "--data_dir", str(shared_data)]) == 0
-    after = json.loads((smoke_run / "results.json").read_text())
-    assert after["runs"] == before["runs"] and after["zero_shot"] == before["zero_shot"]
-    assert model_file.stat().st_mtime_ns == stamp  # nothing was retrained
+def test_resume_trains_only_what_is_missing(smoke_run, shared_data, tmp_path):
+    # A later sitting in a fresh clone: the committed records, no model folders. Drop the transition's records:
+    # resuming must retrain its MoT source (whose checkpoint is gone) and the transition, and nothing else.
+    clone = tmp_path / "clone"
+    shutil.copytree(smoke_run / "run_records", clone / "run_records")
+    found = records(clone)
+    transition = SMOKE_PLAN.transition
+    kept = {key: found.get(key) for key in found.keys()}
+    for key in (transition.key, f"{transition.key}-zero_shot"):
+        found.drop(key)
+    argv = ["--smoke", "--resume", "--output_dir", str(clone), "--data_dir", str(shared_data), "--workers", "1"]
+    assert reproduce(argv) == 0
+    retrained = {transition.source.key, transition.key, f"{transition.key}-zero_shot"}
+    for key, record in kept.items():
+        if key not in retrained:
+            assert found.get(key) == record, key  # untouched
+    assert (clone / "runs" / transition.source.key / "config.json").is_file()
+    assert not (clone / "runs" / SMOKE_PLAN.runs[0].key).exists()  # the sweep was not retrained
+    assert len(found.manifest()["sessions"]) == 2
+    # Resuming a finished reproduction trains nothing.
+    stamp = (clone / "runs" / transition.key / "model.safetensors").stat().st_mtime_ns
+    assert reproduce(argv) == 0
+    assert (clone / "runs" / transition.key / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_difference_is_real_only_beyond_the_seed_spread(tmp_path):
+    budget = make_budget(smoke=True)
+    plan = make_plan(budget, sections=("sweep", "main"))
+    found = RunRecords(tmp_path)
+    found.start({"budget": budget.as_dict()})
+    losses = {"dense": (3.0, 3.1), "mot": (2.8, 2.9), "mot_uniform": (2.95, 3.2), "token_choice": (3.0, 3.1),
+              "expert_choice": (3.0, 3.1)}
+    for run in plan.runs:
+        if run.section == SWEEP:
+            loss = losses["dense"][0] + (0 if run.learning_rate == budget.widths[0].learning_rates[0] else 0.5)
+        else:
+            loss = losses[run.model][run.seed] + (0 if run.width == budget.widths[0].hidden_size else 0.05)
+        found.put(run.key, {"key": run.key, "model": run.model, "seed": run.seed, "final_eval_loss": loss,
+                            "num_parameters": 1, "description": run.model, "train_seconds": 1.0, "steps": run.steps,
+                            "curve": [{"step": run.steps, "eval_loss": loss, "train_seconds": 1.0}], "routing": []})
+    first = comparison(Collected(plan, found))[str(budget.widths[0].hidden_size)]
+    assert first["learning_rate"] == budget.widths[0].learning_rates[0]
+    # MoT - dense = -0.2 on both seeds; the largest seed spread of the two is 0.1: real.
+    assert first["differences"]["MoT - dense"] == {"per_seed": [-0.2, -0.2], "mean": -0.2, "threshold": 0.1,
+                                                   "threshold_from": "these seeds", "real": True}
+    # MoT - uniform = -0.15, -0.3; uniform's own spread is 0.25: not real.
+    assert first["differences"]["MoT - uniform"]["real"] is False
+    assert first["differences"]["Token Choice - dense"]["real"] is False
 
 
 def test_first_crossing_interpolates_and_reports_never():
@@ -128,30 +194,50 @@ def test_first_crossing_interpolates_and_reports_never():
     assert first_crossing(curve, 3.0, "step") is None
 
 
+def test_default_plan_meets_the_evidence_budget():
+    """The default plan: widths 128 and 256, >= 5M tokens per run, >= 2 seeds at 128, a dense learning-rate sweep
+    per width, MoT - uniform measurable with routed layers in every block at every width."""
+    plan = make_plan(make_budget())
+    budget = plan.budget
+    assert [w.hidden_size for w in budget.widths] == [128, 256]
+    assert budget.steps * budget.tokens_per_step >= 5_000_000
+    assert len(budget.widths[0].seeds) >= 2
+    for width in budget.widths:
+        assert len(plan.sweep(width.hidden_size)) >= 3
+        models = {run.model for run in plan.runs if run.width == width.hidden_size}
+        assert {"dense", "mot", "mot_uniform", "token_choice", "mot_all", "mot_all_uniform"} <= models
+
+
 @pytest.mark.parametrize("argv, message", [
-    (["--smoke", "--scale", "0"], "--scale must be a positive integer"),
+    (["--smoke", "--sections", "main,bogus"], "--sections: unknown part 'bogus'"),
     (["--steps", "0"], "--steps must be a positive integer"),
-    (["--smoke", "--scale", "2"], "exclude each other"),
+    (["--smoke", "--workers", "0"], "--workers must be a positive integer"),
 ])
 def test_bad_arguments_give_one_clear_error(argv, message, tmp_path, shared_data, capsys):
     assert mot(["reproduce", *argv, "--output_dir", str(tmp_path / "x"), "--data_dir", str(shared_data)]) == 2
     assert message in capsys.readouterr().err
 
 
-def test_missing_data_and_non_empty_output_are_refused(tmp_path, shared_data, capsys):
+def test_missing_data_existing_output_and_foreign_records_are_refused(tmp_path, shared_data, smoke_run, capsys):
     assert mot(["reproduce", "--smoke", "--output_dir", str(tmp_path / "x"), "--data_dir", str(tmp_path)]) == 2
     assert "no novels corpus" in capsys.readouterr().err
     assert mot(["reproduce", "--report_only", "--output_dir", str(tmp_path / "none")]) == 2
-    assert "no results.json" in capsys.readouterr().err
+    assert "no run records" in capsys.readouterr().err
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("x")
     assert mot(["reproduce", "--smoke", "--output_dir", str(tmp_path / "full"), "--data_dir", str(shared_data)]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (tmp_path / "full" / "keep.txt").read_text() == "x"
+    # Records of another budget are not resumed into (and not deleted).
+    shutil.copytree(smoke_run / "run_records", tmp_path / "other" / "run_records")
+    assert mot(["reproduce", "--smoke", "--steps", "3", "--resume", "--output_dir", str(tmp_path / "other"),
+                "--data_dir", str(shared_data)]) == 2
+    assert "another budget" in capsys.readouterr().err
+    assert len(list((tmp_path / "other" / "run_records").glob("*.json"))) > 10
 
 
 def test_bench_wrapper_reports_bad_input():
-    result = subprocess.run([sys.executable, str(REPO / "bench" / "reproduce.py"), "--scale", "-1"],
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "reproduce.py"), "--steps", "-1"],
                             capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 2
-    assert "--scale must be a positive integer" in result.stderr
+    assert "--steps must be a positive integer" in result.stderr

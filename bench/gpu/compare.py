@@ -1,0 +1,338 @@
+"""The paper's central comparison on one GPU, in one command of at most ~9 minutes: Transformer-Medium against
+MoT-Medium/32E (and MoT-Medium/32E/16 when the time allows), on ELTeC novels, the paper's recipe with the schedule
+shortened to the budget.
+
+    python bench/gpu/compare.py --corpus bench/gpu/data/eltec_eng_level1_body.txt.gz --out OUT
+    python bench/gpu/compare.py --toy --corpus ../shared/data/eltec_eng/eltec_eng_level1_body.txt.gz --out /tmp/x
+
+What it does, in order (every step's result is written to OUT/gpu_results.json as soon as it is known, so a run
+cut short still returns what it measured):
+1. a byte-level BPE tokenizer (8,192 tokens) trained once on the first novels; the training text is the novels but
+   the last three, whose start is the validation text;
+2. `bench/layer.py` on the device: the feed-forward layers' forward+backward time at Medium sizes (bf16 weights
+   and bf16 autocast), MoT over dense;
+3. each model trained with the same batches in the same order: batch 256 x 256 tokens (`--batch`), bf16 autocast,
+   AdamW (0.9, 0.999), weight decay 0.1, clipping 0.5, peak LR 7e-4 (`--lr`), warm-up then cosine to 0.1x, at
+   most two epochs of the training text; eval loss on fixed validation blocks at regular steps, against tokens
+   and training wall time; tokens/s; peak memory;
+4. OUT/gpu_results.md (a table per part) and, where matplotlib is installed, loss plots.
+
+Needs only torch, transformers and tokenizers (the GPU machine this is made for has no `datasets`, no package
+registry): the training loop is a plain PyTorch loop with the recipe of `mot train`. `--toy` runs the same code
+at toy size on any device (the CPU test, tests/test_gpu_compare.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import math
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))  # run from a checkout without installing (`pip install --no-deps -e .` also works)
+
+from mixture_of_tokens import MoTConfig, MoTForCausalLM  # noqa: E402
+from mixture_of_tokens.tokenization import train_bpe_tokenizer  # noqa: E402
+
+HELD_OUT_NOVELS = 3
+PAPER_WARMUP_FRACTION = 2_500 / 150_000
+MODELS = ("transformer-medium", "mot-medium-32e", "mot-medium-32e-16")
+OPTIONAL_MODELS = ("mot-medium-32e-16",)  # trained only if the time left allows it
+TOY_SIZES = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
+
+
+def log(message: str) -> None:
+    print(f"[gpu-compare {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def read_novels(corpus: Path, max_chars: int | None) -> tuple[str, str]:
+    """(training text, validation text): every novel but the last three, and the start of those three."""
+    with gzip.open(corpus, "rt", encoding="utf-8") as handle:
+        novels = [text.strip("\n") for text in handle.read().split("\n\n") if text.strip()]
+    if len(novels) <= HELD_OUT_NOVELS:
+        raise SystemExit(f"{corpus} holds {len(novels)} documents; need more than {HELD_OUT_NOVELS}")
+    training = "\n\n".join(novels[:-HELD_OUT_NOVELS])
+    validation = "\n\n".join(novels[-HELD_OUT_NOVELS:])
+    if max_chars is not None:
+        training, validation = training[:max_chars], validation[:max(max_chars // 20, 20_000)]
+    return training, validation[:2_000_000]
+
+
+def tokenize(tokenizer, text: str, chunk_chars: int = 1_000_000) -> torch.Tensor:
+    """The whole text as one stream of token ids (documents end with the end-of-text token)."""
+    ids: list[int] = []
+    for document in text.split("\n\n"):
+        for start in range(0, len(document), chunk_chars):
+            ids.extend(tokenizer(document[start:start + chunk_chars])["input_ids"])
+        ids.append(tokenizer.eos_token_id)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def blocks(stream: torch.Tensor, length: int) -> torch.Tensor:
+    count = stream.numel() // length
+    return stream[:count * length].view(count, length)  # (blocks, length)
+
+
+def model_config(preset: str, vocab_size: int, seq_len: int, toy: bool) -> MoTConfig:
+    overrides = dict(vocab_size=vocab_size, max_position_embeddings=seq_len, bos_token_id=0, eos_token_id=0)
+    if toy:
+        # The presets' shapes scaled down; G = 8 so that a toy batch of 16 sequences holds two groups.
+        overrides.update(TOY_SIZES)
+        if preset != "transformer-medium":
+            per_group = 16 if preset.endswith("-16") else 1
+            overrides.update(mlp_types=["dense", "mot"], group_size=8, num_experts=8 * per_group,
+                             expert_size=TOY_SIZES["intermediate_size"] // per_group)
+        else:
+            overrides.update(mlp_types=["dense", "dense"])
+    return MoTConfig.from_preset(preset, **overrides)
+
+
+def learning_rate_at(step: int, steps: int, warmup: int, peak: float) -> float:
+    """Linear warm-up, then cosine from the peak down to 0.1x (the paper's schedule, `mot train`'s default)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def evaluate(model, valid: torch.Tensor, batch: int, device: str, autocast) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, valid.shape[0] - batch + 1, batch):
+        inputs = valid[start:start + batch].to(device)
+        with autocast():
+            loss = model(input_ids=inputs, labels=inputs).loss
+        total += float(loss) * inputs.numel()
+        count += inputs.numel()
+    model.train()
+    return total / count
+
+
+def train(preset: str, args, train_blocks: torch.Tensor, valid: torch.Tensor, vocab_size: int, deadline: float) -> dict:
+    device = args.device
+    torch.manual_seed(0)
+    config = model_config(preset, vocab_size, args.seq_len, args.toy)
+    model = MoTForCausalLM(config).to(device)
+    parameters = sum(p.numel() for p in model.parameters())
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=args.lr, betas=(0.9, 0.999), fused=device == "cuda")
+    use_bf16 = device == "cuda" or args.toy_bf16
+
+    def autocast():
+        return torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=use_bf16)
+
+    steps, warmup = args.steps, max(1, round(args.steps * args.warmup_fraction))
+    order = torch.randperm(train_blocks.shape[0], generator=torch.Generator().manual_seed(0))  # same for every model
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    curve = [{"step": 0, "tokens": 0, "train_seconds": 0.0, "eval_loss": evaluate(model, valid, args.eval_batch,
+                                                                                   device, autocast)}]
+    train_seconds, tokens, stopped = 0.0, 0, None
+    log(f"{preset}: {parameters / 1e6:.1f}M parameters, {steps} steps of {args.batch} x {args.seq_len} tokens")
+    for step in range(steps):
+        if time.perf_counter() > deadline:
+            stopped = f"time budget reached after {step} of {steps} steps"
+            log(f"{preset}: {stopped}")
+            break
+        index = order[(step * args.batch) % order.numel():][:args.batch]
+        if index.numel() < args.batch:  # wrap into the second epoch
+            index = torch.cat([index, order[:args.batch - index.numel()]])
+        inputs = train_blocks[index].to(device, non_blocking=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate_at(step, steps, warmup, args.lr)
+        with autocast():
+            loss = model(input_ids=inputs, labels=inputs).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        train_seconds += time.perf_counter() - started
+        tokens += inputs.numel()
+        if (step + 1) % args.eval_every == 0 or step + 1 == steps:
+            curve.append({"step": step + 1, "tokens": tokens, "train_seconds": round(train_seconds, 3),
+                          "train_loss": round(float(loss), 4),
+                          "eval_loss": evaluate(model, valid, args.eval_batch, device, autocast)})
+            log(f"{preset}: step {step + 1}, eval loss {curve[-1]['eval_loss']:.4f}, "
+                f"{tokens / max(train_seconds, 1e-9):,.0f} tokens/s")
+    if curve[-1]["tokens"] != tokens:  # stopped between evaluations
+        curve.append({"step": len(curve), "tokens": tokens, "train_seconds": round(train_seconds, 3),
+                      "eval_loss": evaluate(model, valid, args.eval_batch, device, autocast)})
+    # Tokens/s over the steps after the first few (kernel selection and allocator warm-up happen there).
+    return {"preset": preset, "parameters": parameters, "steps_planned": steps, "tokens": tokens,
+            "train_seconds": round(train_seconds, 2), "tokens_per_second": round(tokens / max(train_seconds, 1e-9), 1),
+            "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
+            "final_eval_loss": curve[-1]["eval_loss"], "stopped": stopped, "curve": curve,
+            "config": {k: getattr(config, k) for k in ("hidden_size", "num_hidden_layers", "intermediate_size",
+                                                      "group_size", "num_experts", "expert_size", "mlp_types")}}
+
+
+def layer_benchmark(args, out: Path) -> dict | None:
+    """bench/layer.py on the device (Medium sizes, bf16 weights and bf16 autocast); None if it failed."""
+    target = out / "layer.json"
+    command = [sys.executable, str(REPO / "bench" / "layer.py"), "--device", args.device, "--out", str(target),
+               "--precisions", "bf16", "bf16_autocast"]
+    if args.toy:
+        command += ["--rounds", "1", "--warmup", "0", "--batch", "32", "--seq", "4"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        log(f"bench/layer.py failed: {result.stderr.strip().splitlines()[-1:]}")
+        return None
+    return json.loads(target.read_text())
+
+
+def render_markdown(results: dict) -> str:
+    lines = ["# GPU comparison: Transformer-Medium vs MoT-Medium/32E", "",
+             f"_`python bench/gpu/compare.py` on {results['device']} (torch {results['torch']}, transformers "
+             f"{results['transformers']}), {results['total_seconds'] / 60:.1f} min in all._", "",
+             f"- Data: ELTeC-eng novels, {results['train_tokens']:,} training tokens "
+             f"({results['vocab_size']}-token BPE), {results['valid_tokens']:,} validation tokens (held-out novels).",
+             f"- Schedule: {results['steps']} steps of {results['batch']} x {results['seq_len']} tokens "
+             f"({results['epochs']:.2f} epochs), peak LR {results['lr']:g}, warm-up {results['warmup_steps']} steps, "
+             "cosine to 0.1x, AdamW (0.9, 0.999), weight decay 0.1, clip 0.5, bf16 autocast.", "",
+             "| model | params | tokens | final eval loss | tokens/s | peak memory | note |", "|---|---|---|---|---|---|---|"]
+    for run in results["runs"].values():
+        memory = "n/a" if run["peak_memory_gib"] is None else f"{run['peak_memory_gib']:.1f} GiB"
+        lines.append(f"| {run['preset']} | {run['parameters'] / 1e6:.1f}M | {run['tokens']:,} | "
+                     f"{run['final_eval_loss']:.4f} | {run['tokens_per_second']:,.0f} | {memory} | "
+                     f"{run['stopped'] or ''} |")
+    skipped = results.get("skipped")
+    if skipped:
+        lines += ["", f"Not trained: {skipped}."]
+    layer = results.get("layer")
+    if layer:
+        lines += ["", "Feed-forward layer forward+backward at Medium sizes (`bench/layer.py`, 32 x 256 tokens, median "
+                  "of interleaved rounds):", "", "| layer | bf16 weights ms | x dense | bf16 autocast ms | x dense |",
+                  "|---|---|---|---|---|"]
+        for name in layer["seconds"]["bf16"]:
+            bf16, autocast = layer["seconds"]["bf16"][name], layer["seconds"]["bf16_autocast"][name]
+            lines.append(f"| {name} | {bf16 * 1e3:.2f} | {bf16 / layer['seconds']['bf16']['dense']:.2f} | "
+                         f"{autocast * 1e3:.2f} | {autocast / layer['seconds']['bf16_autocast']['dense']:.2f} |")
+    if results.get("plots"):
+        lines += [""] + [f"![{name}]({name})" for name in results["plots"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_plots(results: dict, out: Path) -> list[str]:
+    try:
+        import matplotlib
+    except ImportError:
+        return []
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    written = []
+    for key, label, name in (("tokens", "training tokens", "gpu_loss_vs_tokens.png"),
+                             ("train_seconds", "training wall time (s)", "gpu_loss_vs_time.png")):
+        figure, axis = plt.subplots(figsize=(7, 4.5))
+        for run in results["runs"].values():
+            points = [p for p in run["curve"] if p["step"] > 0]
+            axis.plot([p[key] for p in points], [p["eval_loss"] for p in points], marker="o", markersize=3,
+                      label=run["preset"])
+        axis.set_xlabel(label)
+        axis.set_ylabel("eval loss (nats/token)")
+        axis.grid(alpha=0.3)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend()
+        figure.tight_layout()
+        figure.savefig(out / name, dpi=90)
+        plt.close(figure)
+        written.append(name)
+    return written
+
+
+def save(results: dict, out: Path) -> None:
+    (out / "gpu_results.json").write_text(json.dumps(results, indent=1) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--corpus", type=Path, required=True, help="eltec_eng_level1_body.txt.gz")
+    parser.add_argument("--out", type=Path, required=True, help="folder for gpu_results.json/.md and plots")
+    parser.add_argument("--toy", action="store_true", help="toy sizes, a few steps: the CPU test of this script")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--minutes", type=float, default=9.0, help="budget for the whole command (default 9)")
+    parser.add_argument("--batch", type=int, default=None, help="sequences per step (default 256; toy 16)")
+    parser.add_argument("--seq_len", type=int, default=None, help="tokens per sequence (default 256; toy 32)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="optimizer steps per model (default: two epochs of the training text, at most 600)")
+    parser.add_argument("--lr", type=float, default=7e-4, help="peak learning rate (the paper's MoT-Medium 7e-4)")
+    parser.add_argument("--vocab_size", type=int, default=None, help="BPE vocabulary (default 8192; toy 512)")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    deadline = started + args.minutes * 60 - 20  # leave time to write the results
+    if not args.corpus.is_file():
+        raise SystemExit(f"--corpus {args.corpus} does not exist")
+    args.batch = args.batch or (16 if args.toy else 256)
+    args.seq_len = args.seq_len or (32 if args.toy else 256)
+    args.eval_batch = 16 if args.toy else 64  # a multiple of every group size (32)
+    args.warmup_fraction = max(PAPER_WARMUP_FRACTION, 0.02)
+    args.toy_bf16 = False
+    vocab_size = args.vocab_size or (512 if args.toy else 8192)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    import transformers
+
+    results = {"device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({platform.processor()})",
+               "torch": torch.__version__, "transformers": transformers.__version__, "toy": args.toy,
+               "batch": args.batch, "seq_len": args.seq_len, "lr": args.lr, "vocab_size": vocab_size, "runs": {}}
+    training_text, validation_text = read_novels(args.corpus, 400_000 if args.toy else None)
+    log(f"training a {vocab_size}-token BPE on {min(len(training_text), 20_000_000):,} characters")
+    tokenizer = train_bpe_tokenizer((line for line in training_text[:20_000_000].splitlines() if line.strip()),
+                                    vocab_size=vocab_size)
+    train_blocks = blocks(tokenize(tokenizer, training_text), args.seq_len)
+    valid = blocks(tokenize(tokenizer, validation_text), args.seq_len)[:(16 if args.toy else 256)]
+    epoch_steps = train_blocks.shape[0] // args.batch
+    args.steps = args.steps or min(2 * epoch_steps, 6 if args.toy else 600)
+    args.eval_every = max(1, args.steps // (3 if args.toy else 12))
+    results.update(train_tokens=train_blocks.numel(), valid_tokens=valid.numel(), steps=args.steps,
+                   epochs=args.steps / max(1, epoch_steps), warmup_steps=max(1, round(args.steps * args.warmup_fraction)),
+                   tokenizer_seconds=round(time.perf_counter() - started, 1))
+    log(f"{train_blocks.numel():,} training tokens, {args.steps} steps per model "
+        f"({results['epochs']:.2f} epochs); data ready after {results['tokenizer_seconds']:.0f} s")
+    save(results, args.out)
+
+    results["layer"] = layer_benchmark(args, args.out)
+    save(results, args.out)
+    models = list(args.models)
+    for index, preset in enumerate(models):
+        left = deadline - time.perf_counter()
+        previous = [run["train_seconds"] for run in results["runs"].values()]
+        estimate = max(previous) * 1.6 if previous else 0.0  # MoT /16 is slower than /32E; evaluations add more
+        if preset in OPTIONAL_MODELS and estimate > left:
+            results["skipped"] = f"{preset} (about {estimate / 60:.1f} min needed, {left / 60:.1f} min left)"
+            log(f"skipping {results['skipped']}")
+            continue
+        required_left = [m for m in models[index:] if m not in OPTIONAL_MODELS]
+        model_deadline = time.perf_counter() + left / max(1, len(required_left)) if preset not in OPTIONAL_MODELS \
+            else deadline
+        results["runs"][preset] = train(preset, args, train_blocks, valid, vocab_size, model_deadline)
+        save(results, args.out)
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+    results["total_seconds"] = round(time.perf_counter() - started, 1)
+    results["plots"] = write_plots(results, args.out)
+    save(results, args.out)
+    (args.out / "gpu_results.md").write_text(render_markdown(results))
+    log(f"wrote {args.out / 'gpu_results.md'} in {results['total_seconds'] / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
