@@ -299,11 +299,15 @@ class MixtureOfTokens(RoutedFeedForward):
         tokens = ContiguousTranspose.apply(grouped, 1, 2).view(-1, group_size, hidden_size)  # [p, G, d]
         if group_mask is not None:
             group_mask = group_mask.transpose(1, 2).reshape(-1, group_size, 1)  # [p, G, 1]
+        # Steps 1-2 (DESIGN §1): controller logits, softmax over the group's tokens for each expert.
         weights = self.mixing_weights(tokens, group_mask)  # [p, G, E], softmax over G; fp32 under autocast
         mixing = weights.to(tokens.dtype)
-        merged = torch.bmm(mixing.transpose(1, 2), tokens)  # merge: [p, E, G] @ [p, G, d] -> [p, E, d]
+        # Step 3, merge: one mixed token per expert, m_e = sum_g w[g, e] x[g].
+        merged = torch.bmm(mixing.transpose(1, 2), tokens)  # [p, E, G] @ [p, G, d] -> [p, E, d]
+        # Step 4, process: expert e on its mixed token of every (group, position).
         processed = self.run_experts(ContiguousTranspose.apply(merged, 0, 1))  # [E, p, d]
-        output = torch.bmm(mixing, ContiguousTranspose.apply(processed, 0, 1))  # emit: [p, G, E] @ [p, E, d]
+        # Step 5, emit with the same weights: y[g] = sum_e w[g, e] h_e.
+        output = torch.bmm(mixing, ContiguousTranspose.apply(processed, 0, 1))  # [p, G, E] @ [p, E, d]
         # [p, G, d] = [n, S, G, d] -> [n, G, S, d] -> [B, S, d]
         output = ContiguousTranspose.apply(output.view(num_groups, seq_len, group_size, hidden_size), 1, 2)
         output = drop_group_padding(output.view(-1, seq_len, hidden_size), batch_size)

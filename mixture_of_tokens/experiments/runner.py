@@ -419,7 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where each finished run's record goes (default docs/results/run_records with the "
                              "default --output_dir, else OUTPUT_DIR/run_records)")
     parser.add_argument("--smoke", action="store_true",
-                        help="the same plan at toy size, a few steps per run: checks the pipeline (~2 min)")
+                        help="the same plan at toy size, a few steps per run: checks the pipeline (~70 s on 2 idle "
+                             "CPU cores)")
     parser.add_argument("--data_dir", type=Path, default=None,
                         help="shared data folder holding eltec_eng/ and the zero-shot tasks (default ../shared/data "
                              "or $MOT_SHARED_DATA)")
