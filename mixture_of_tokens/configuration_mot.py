@@ -11,11 +11,15 @@ from __future__ import annotations
 import math
 
 from transformers import PreTrainedConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 MLP_TYPES = ("dense", "mot", "token_choice", "expert_choice")
 MOT_ROUTINGS = ("softmax", "uniform", "discrete")
 LEARNABLE_TEMPERATURE = ("off", "shared", "per_expert")
 EMBEDDING_INITS = ("fan_in_hidden", "unit_fan_in")
+POSITION_EMBEDDING_TYPES = ("learned", "rope")
+NORM_TYPES = ("layernorm", "rmsnorm")
+ROPE_TYPES = ("default", *ROPE_INIT_FUNCTIONS)  # what transformers' rotary utilities compute
 ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu", "swish", "tanh", "sigmoid", "relu2")
 
 # The paper's configurations (DESIGN.md §2; llm-random's configs). "/k" variants keep parameters and FLOPs but
@@ -52,7 +56,20 @@ class MoTConfig(PreTrainedConfig):
         num_hidden_layers: number of Transformer blocks.
         num_attention_heads: attention heads; must divide `hidden_size`.
         intermediate_size: width `d_ff` of the dense feed-forward layers.
-        max_position_embeddings: context length (learned absolute position embeddings).
+        max_position_embeddings: context length. It bounds the input only with learned positions; with RoPE it
+            is the length the rotary utilities scale from (as in Llama).
+        position_embedding_type: "learned" (default: absolute position embeddings, the paper's) or "rope" (rotary
+            embeddings from transformers' own utilities: `rope_parameters`, or `rope_theta` / `rope_scaling` as
+            transformers 5 reads them).
+        rope_parameters: transformers 5's RoPE dict (`rope_type`, `rope_theta`, ...); used with "rope" only.
+        norm_type: "layernorm" (default) or "rmsnorm" (Llama's, with `rms_norm_eps`).
+        gated_mlp: false (default): `act(x W_up) W_down`; true: `(act(x W_gate) * (x W_up)) W_down` (SwiGLU with
+            silu) in the dense feed-forward layers and in every expert of every routed layer. Flop-matching is
+            unchanged: `num_experts * expert_size / group_size = intermediate_size` still gives a routed layer the
+            dense layer's FLOPs, since both then have three matrices.
+        num_key_value_heads: key/value heads of grouped-query attention (default: `num_attention_heads`).
+        attention_bias: biases on the query, key, value and output projections (Llama's `attention_bias`).
+        mlp_bias: biases on the feed-forward projections, dense and experts (Llama's `mlp_bias`).
         mlp_types: feed-forward type of each block, one of "dense", "mot", "token_choice", "expert_choice".
             Default: first half dense, second half MoT, as in the paper.
         group_size: `G`, the number of sequences whose tokens at one position form a MoT group (also the
@@ -94,6 +111,14 @@ class MoTConfig(PreTrainedConfig):
     num_attention_heads: int = 8
     intermediate_size: int = 2048
     max_position_embeddings: int = 256
+    position_embedding_type: str = "learned"
+    rope_parameters: dict | None = None
+    norm_type: str = "layernorm"
+    rms_norm_eps: float = 1e-6
+    gated_mlp: bool = False
+    num_key_value_heads: int | None = None
+    attention_bias: bool = False
+    mlp_bias: bool = False
     mlp_types: list[str] | None = None
     group_size: int = 32
     num_experts: int = 32
@@ -125,6 +150,8 @@ class MoTConfig(PreTrainedConfig):
             self.mlp_types = ["dense"] * half + ["mot"] * (self.num_hidden_layers - half)
         else:
             self.mlp_types = list(self.mlp_types)
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
         if self.learnable_temperature in (None, False):
             self.learnable_temperature = "off"
         elif self.learnable_temperature is True:
@@ -149,8 +176,22 @@ class MoTConfig(PreTrainedConfig):
 
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                      "intermediate_size", "max_position_embeddings", "group_size", "num_experts",
-                     "expert_size", "num_experts_per_tok"):
+                     "expert_size", "num_experts_per_tok", "num_key_value_heads"):
             positive_int(name)
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                             f"num_key_value_heads ({self.num_key_value_heads})")
+        if self.position_embedding_type not in POSITION_EMBEDDING_TYPES:
+            raise ValueError(f"position_embedding_type must be one of {', '.join(POSITION_EMBEDDING_TYPES)}, got "
+                             f"{self.position_embedding_type!r}")
+        if self.norm_type not in NORM_TYPES:
+            raise ValueError(f"norm_type must be one of {', '.join(NORM_TYPES)}, got {self.norm_type!r}")
+        if self.position_embedding_type == "rope" and (self.rope_parameters or {}).get("rope_type") not in ROPE_TYPES:
+            raise ValueError(f"rope_parameters has rope_type {(self.rope_parameters or {}).get('rope_type')!r}; "
+                             f"transformers knows {', '.join(ROPE_TYPES)}")
+        if self.position_embedding_type == "rope" and self.head_dim % 2:
+            raise ValueError(f"rotary embeddings need an even head dimension, got hidden_size / num_attention_heads = "
+                             f"{self.head_dim}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
@@ -188,7 +229,8 @@ class MoTConfig(PreTrainedConfig):
             raise ValueError(f"init_scale must be positive, got {self.init_scale!r}")
         if self.embedding_init not in EMBEDDING_INITS:
             raise ValueError(f"embedding_init must be one of {', '.join(EMBEDDING_INITS)}, got {self.embedding_init!r}")
-        for name in ("chunked_lm_loss", "output_routing_stats", "output_router_logits", "final_norm"):
+        for name in ("chunked_lm_loss", "output_routing_stats", "output_router_logits", "final_norm", "gated_mlp",
+                     "attention_bias", "mlp_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.hidden_act not in ACTIVATIONS:

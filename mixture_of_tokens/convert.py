@@ -195,7 +195,8 @@ def convert(src: str | Path, dst: str | Path, to: str = "token_choice", top_k: i
 
 
 def _add_conversion_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", metavar="SRC", help="model folder to convert (a MoT model from `mot train`)")
+    parser.add_argument("src", metavar="SRC", help="model folder to convert (a MoT model from `mot train`, or for "
+                                                   "`mot convert` a Llama model folder)")
     parser.add_argument("dst", metavar="DST", help="output folder (refused if it exists, unless --overwrite)")
     parser.add_argument("--top_k", type=int, default=None,
                         help="experts per token of Token Choice (default: the source config's, 1 as in the paper)")
@@ -211,13 +212,46 @@ def convert_main(argv: list[str] | None = None) -> int:
                     "and code files are copied unchanged.",
     )
     _add_conversion_arguments(parser)
-    parser.add_argument("--to", choices=TARGETS, default="token_choice",
-                        help="feed-forward type of the routed layers after conversion")
+    parser.add_argument("--to", choices=sorted(set(TARGETS) | {"dense"}), default=None,
+                        help="feed-forward type of the routed layers after conversion (default token_choice); from a "
+                             "Llama folder: dense, mot or token_choice")
+    llama = parser.add_argument_group("from a Llama folder (model_type llama: a LlamaForCausalLM and its tokenizer)")
+    llama.add_argument("--routed_layers", default=None,
+                       help="comma-separated block indices that become routed (default: the second half)")
+    llama.add_argument("--group_size", type=int, default=8, help="G of the routed layers (default 8)")
+    llama.add_argument("--num_experts", type=int, default=None, help="E per routed layer (default: G)")
+    llama.add_argument("--expert_size", type=int, default=None,
+                       help="f of each expert: the Llama intermediate_size (default: every expert a copy of the "
+                            "block's feed-forward) or a divisor of it (expert e takes slice e mod k)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    dst = convert(args.src, args.dst, to=args.to, top_k=args.top_k, capacity_factor=args.capacity_factor,
-                  overwrite=args.overwrite)
-    print(f"wrote {args.to} model to {dst}")
+    if _model_type(args.src) == "llama":
+        from .llama_conversion import convert_llama
+
+        routed = None
+        if args.routed_layers is not None:
+            try:
+                routed = [int(item) for item in args.routed_layers.split(",") if item.strip()]
+            except ValueError as error:
+                raise UserError(f"--routed_layers {args.routed_layers!r}: give block indices such as 2,3") from error
+        dst = convert_llama(args.src, args.dst, args.to or "dense", routed, args.group_size, args.num_experts,
+                            args.expert_size, overwrite=args.overwrite)
+    else:
+        llama_only = [name for name in ("routed_layers", "num_experts", "expert_size") if getattr(args, name)]
+        if llama_only or args.to == "dense":
+            raise UserError(f"{'--' + llama_only[0] if llama_only else '--to dense'} applies to a Llama source only; "
+                            f"{args.src!r} is a MoT model (its routed layers convert to token_choice or mot)")
+        dst = convert(args.src, args.dst, to=args.to or "token_choice", top_k=args.top_k,
+                      capacity_factor=args.capacity_factor, overwrite=args.overwrite)
+    print(f"wrote the converted model to {dst}")
     return 0
+
+
+def _model_type(src: str) -> str | None:
+    """The model_type in SRC's config.json (None when it cannot be read: the MoT path then says why)."""
+    try:
+        return json.loads((Path(src) / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 # Settings of the source run that the transition keeps unless given on the command line: the optimizer and the

@@ -32,6 +32,7 @@ from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import can_return_tuple, logging
 
@@ -93,6 +94,84 @@ class FeedForwardOutput:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Norms and positions
+# --------------------------------------------------------------------------------------------------------------
+
+
+class MoTRMSNorm(nn.Module):
+    """Llama's RMSNorm: scale by the root mean square (computed in fp32), then by a learned weight."""
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.float()
+        hidden_states = hidden_states * torch.rsqrt(hidden_states.square().mean(-1, keepdim=True) + self.eps)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+def make_norm(config: MoTConfig) -> nn.Module:
+    """The block's and the final norm: LayerNorm (the paper) or RMSNorm (`norm_type="rmsnorm"`)."""
+    if config.norm_type == "rmsnorm":
+        return MoTRMSNorm(config.hidden_size, config.rms_norm_eps)
+    return nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+
+class MoTRotaryEmbedding(nn.Module):
+    """cos/sin of rotary position embeddings (`position_embedding_type="rope"`), from `config.rope_parameters` with
+    transformers' own RoPE utilities (every `rope_type` they know: default, linear, dynamic, yarn, llama3, ...)."""
+
+    def __init__(self, config: MoTConfig):
+        super().__init__()
+        self.config = config
+        self.rope_type = config.rope_parameters["rope_type"]
+        # Read by transformers' dynamic_rope_update (the "dynamic" and "longrope" types).
+        self.max_seq_len_cached = self.original_max_seq_len = config.max_position_embeddings
+        inv_freq, self.attention_scaling = self.rope_init_fn(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
+
+    @property
+    def rope_init_fn(self) -> Callable:
+        if self.rope_type == "default":
+            return self.compute_default_rope_parameters
+        if self.rope_type not in ROPE_INIT_FUNCTIONS:
+            raise ValueError(f"rope_type {self.rope_type!r} is not one transformers knows: "
+                             f"default, {', '.join(ROPE_INIT_FUNCTIONS)}")
+        return ROPE_INIT_FUNCTIONS[self.rope_type]
+
+    @staticmethod
+    def compute_default_rope_parameters(config: MoTConfig, device=None, **kwargs) -> tuple[torch.Tensor, float]:
+        """The original RoPE: inverse frequencies `theta ** (-2i / head_dim)`, no scaling of cos/sin."""
+        dim = config.head_dim
+        exponents = torch.arange(0, dim, 2, dtype=torch.float, device=device) / dim
+        return 1.0 / (config.rope_parameters["rope_theta"] ** exponents), 1.0
+
+    @torch.no_grad()
+    @dynamic_rope_update
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # [B, S, 1] * [head_dim / 2] -> angles [B, S, head_dim / 2], repeated for the two rotated halves
+        angles = position_ids[..., None].float() * self.inv_freq.to(x.device)
+        angles = torch.cat((angles, angles), dim=-1)  # [B, S, head_dim]
+        return ((angles.cos() * self.attention_scaling).to(x.dtype),
+                (angles.sin() * self.attention_scaling).to(x.dtype))
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rotary(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Rotate query and key `[B, heads, S, head_dim]` by their positions' angles (cos/sin `[B, S, head_dim]`)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return query * cos + rotate_half(query) * sin, key * cos + rotate_half(key) * sin
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Attention
 # --------------------------------------------------------------------------------------------------------------
 
@@ -107,7 +186,11 @@ def eager_attention_forward(
     dropout: float = 0.0,
     **kwargs,
 ):
-    # query/key/value: [batch, heads, seq, head_dim]; attention_mask: additive [batch, 1, q_len, kv_len]
+    # query: [batch, heads, seq, head_dim]; key/value: [batch, kv_heads, kv_len, head_dim]; attention_mask: additive
+    # [batch, 1, q_len, kv_len]. Grouped-query attention: query head i reads key/value head i // groups.
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
     if attention_mask is not None:
         scores = scores + attention_mask
@@ -118,31 +201,38 @@ def eager_attention_forward(
 
 
 class MoTAttention(nn.Module):
-    """Bias-free multi-head causal self-attention, dispatched through transformers' attention interface."""
+    """Causal self-attention, multi-head (the paper: bias-free) or grouped-query (`num_key_value_heads`), with
+    rotary embeddings when the model uses them, dispatched through transformers' attention interface."""
 
     def __init__(self, config: MoTConfig, layer_idx: int):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.scaling = self.head_dim**-0.5
         self.is_causal = True
-        self.num_key_value_groups = 1  # read by transformers' sdpa integration
-        self.qkv_proj = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
-        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.num_key_value_groups = self.num_heads // self.num_key_value_heads  # read by transformers' integrations
+        # One projection for query, key and value, in that order: heads + 2 * kv_heads blocks of head_dim features.
+        projected = (self.num_heads + 2 * self.num_key_value_heads) * self.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, projected, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.attention_bias)
 
     def forward(
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None,
         cache: Cache | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch_size, seq_len, hidden_size = hidden_states.shape
-        # [B, S, 3d] -> [3, B, heads, S, head_dim]
-        qkv = self.qkv_proj(hidden_states).view(batch_size, seq_len, 3, self.num_heads, self.head_dim)
-        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        # [B, S, (heads + 2 kv_heads) * head_dim] -> [B, heads + 2 kv_heads, S, head_dim] -> query, key, value
+        qkv = self.qkv_proj(hidden_states).view(batch_size, seq_len, -1, self.head_dim).transpose(1, 2)
+        query, key, value = qkv.split([self.num_heads, self.num_key_value_heads, self.num_key_value_heads], dim=1)
+        if position_embeddings is not None:
+            query, key = apply_rotary(query, key, *position_embeddings)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
@@ -151,7 +241,7 @@ class MoTAttention(nn.Module):
         output, weights = attention_interface(
             self, query, key, value, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs
         )
-        return self.o_proj(output.reshape(batch_size, seq_len, hidden_size)), weights
+        return self.o_proj(output.reshape(batch_size, seq_len, -1)), weights
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -160,16 +250,21 @@ class MoTAttention(nn.Module):
 
 
 class DenseFeedForward(nn.Module):
-    """The dense baseline: `act(x W_up) W_down`, no biases."""
+    """The dense baseline: `act(x W_up) W_down` (the paper: ReLU, no biases), or gated (`gated_mlp`, Llama's
+    SwiGLU with silu): `(act(x W_gate) * (x W_up)) W_down`."""
 
     def __init__(self, config: MoTConfig):
         super().__init__()
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        size, width, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(size, width, bias=bias) if config.gated_mlp else None
+        self.up_proj = nn.Linear(size, width, bias=bias)
+        self.down_proj = nn.Linear(width, size, bias=bias)
         self.act = ACT2FN[config.hidden_act]
 
     def forward(self, hidden_states, token_mask=None, output_stats=False):
-        return self.down_proj(self.act(self.up_proj(hidden_states))), FeedForwardOutput()
+        hidden = self.up_proj(hidden_states)
+        hidden = self.act(hidden) if self.gate_proj is None else self.act(self.gate_proj(hidden_states)) * hidden
+        return self.down_proj(hidden), FeedForwardOutput()
 
 
 def group_rows(
@@ -203,7 +298,9 @@ def group_rows(
 
 
 class RoutedFeedForward(nn.Module):
-    """Parameters shared by every routed layer: a router `[d, E]` and `E` experts `W1 [E, d, f]`, `W2 [E, f, d]`.
+    """Parameters shared by every routed layer: a router `[d, E]` and `E` experts `W1 [E, d, f]`, `W2 [E, f, d]`
+    (with `gated_mlp` also `W_gate [E, d, f]`; with `mlp_bias` biases `b1`, `b2`, `b_gate`). Each expert computes
+    what the dense feed-forward layer computes, with its own weights.
 
     Keeping one set of names for MoT, Token Choice and Expert Choice makes a checkpoint of one loadable as
     another by changing only `mlp_types` in the config.
@@ -213,21 +310,44 @@ class RoutedFeedForward(nn.Module):
         super().__init__()
         self.config = config
         self.num_experts = config.num_experts
-        self.router = nn.Parameter(torch.empty(config.hidden_size, config.num_experts))
-        self.w1 = nn.Parameter(torch.empty(config.num_experts, config.hidden_size, config.expert_size))
-        self.w2 = nn.Parameter(torch.empty(config.num_experts, config.expert_size, config.hidden_size))
+        experts, size, width = config.num_experts, config.hidden_size, config.expert_size
+        self.router = nn.Parameter(torch.empty(size, experts))
+        self.w1 = nn.Parameter(torch.empty(experts, size, width))
+        self.w2 = nn.Parameter(torch.empty(experts, width, size))
+        self.w_gate = nn.Parameter(torch.empty(experts, size, width)) if config.gated_mlp else None
+        bias = config.mlp_bias
+        self.b1 = nn.Parameter(torch.empty(experts, width)) if bias else None
+        self.b2 = nn.Parameter(torch.empty(experts, size)) if bias else None
+        self.b_gate = nn.Parameter(torch.empty(experts, width)) if bias and config.gated_mlp else None
         self.act = ACT2FN[config.hidden_act]
+
+    @staticmethod
+    def _project(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """`[E, N, a] @ [E, a, b] (+ [E, b])` -> `[E, N, b]`."""
+        return torch.bmm(inputs, weight) if bias is None else torch.baddbmm(bias.unsqueeze(1), inputs, weight)
 
     def run_experts(self, expert_inputs: torch.Tensor) -> torch.Tensor:
         """`[E, N, d]` -> `[E, N, d]`: expert `e` processes row block `e`."""
-        hidden = torch.bmm(expert_inputs, self.w1)  # [E, N, f]
-        # ReLU in place: bmm keeps its inputs, not its output, for backward, so this saves an [E, N, f] tensor.
-        hidden = hidden.relu_() if isinstance(self.act, nn.ReLU) else self.act(hidden)
-        return torch.bmm(hidden, self.w2)
+        hidden = self._project(expert_inputs, self.w1, self.b1)  # [E, N, f]
+        if self.w_gate is not None:
+            hidden = self.act(self._project(expert_inputs, self.w_gate, self.b_gate)) * hidden
+        elif isinstance(self.act, nn.ReLU):
+            # In place: bmm keeps its inputs, not its output, for backward, so this saves an [E, N, f] tensor.
+            hidden = hidden.relu_()
+        else:
+            hidden = self.act(hidden)
+        return self._project(hidden, self.w2, self.b2)
 
     def run_one_expert(self, expert: int, inputs: torch.Tensor) -> torch.Tensor:
         """`[N, d]` -> `[N, d]` through expert `expert` alone."""
-        return self.act(inputs @ self.w1[expert]) @ self.w2[expert]
+
+        def project(x, weight, bias):
+            return x @ weight[expert] if bias is None else x @ weight[expert] + bias[expert]
+
+        hidden = project(inputs, self.w1, self.b1)
+        gate = None if self.w_gate is None else project(inputs, self.w_gate, self.b_gate)
+        hidden = self.act(hidden) if gate is None else self.act(gate) * hidden
+        return project(hidden, self.w2, self.b2)
 
 
 MIN_LOG_TEMPERATURE = math.log(1e-4)
@@ -478,14 +598,14 @@ FEED_FORWARD_CLASSES = {
 
 
 class MoTBlock(GradientCheckpointingLayer):
-    """Pre-LayerNorm Transformer block whose feed-forward type is `config.mlp_types[layer_idx]`."""
+    """Pre-norm Transformer block whose feed-forward type is `config.mlp_types[layer_idx]`."""
 
     def __init__(self, config: MoTConfig, layer_idx: int):
         super().__init__()
         self.mlp_type = config.mlp_types[layer_idx]
-        self.attn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attn_norm = make_norm(config)
         self.self_attn = MoTAttention(config, layer_idx)
-        self.mlp_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp_norm = make_norm(config)
         self.mlp = FEED_FORWARD_CLASSES[self.mlp_type](config)
 
     def forward(
@@ -526,6 +646,8 @@ class MoTPreTrainedModel(PreTrainedModel):
 
         if isinstance(module, nn.Linear):
             truncated(module.weight, module.in_features)
+            if module.bias is not None:
+                init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding) and self.config.embedding_init == "unit_fan_in":
             # The authors' embeddings: fan-in 1 and a cut at +-2 * init_scale (not two std): std about 0.11.
             init.trunc_normal_(module.weight, mean=0.0, std=math.sqrt(scale), a=-2 * scale, b=2 * scale)
@@ -534,24 +656,38 @@ class MoTPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
+        elif isinstance(module, MoTRMSNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, MoTRotaryEmbedding):  # buffers are not saved: recomputed from the config
+            inv_freq, _ = module.rope_init_fn(module.config)
+            init.copy_(module.inv_freq, inv_freq)
+            init.copy_(module.original_inv_freq, inv_freq)
         elif isinstance(module, RoutedFeedForward):
             truncated(module.router, self.config.hidden_size)
             truncated(module.w1, self.config.hidden_size)
             truncated(module.w2, self.config.expert_size)
+            if module.w_gate is not None:
+                truncated(module.w_gate, self.config.hidden_size)
+            for bias in (module.b1, module.b2, module.b_gate):
+                if bias is not None:
+                    init.zeros_(bias)
             if getattr(module, "log_temperature", None) is not None:
                 init.constant_(module.log_temperature, math.log(self.config.mot_temperature))
 
 
 class MoTModel(MoTPreTrainedModel):
-    """The decoder: token and learned absolute position embeddings, `num_hidden_layers` blocks, final norm."""
+    """The decoder: token embeddings, learned absolute position embeddings (the paper) or rotary ones in every
+    attention layer, `num_hidden_layers` blocks, final norm."""
 
     def __init__(self, config: MoTConfig):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        learned = config.position_embedding_type == "learned"
+        self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size) if learned else None
+        self.rotary_emb = None if learned else MoTRotaryEmbedding(config)
         self.layers = nn.ModuleList(MoTBlock(config, i) for i in range(config.num_hidden_layers))
         # The authors' code has no final norm (config.final_norm=False); an Identity keeps the forward one path.
-        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.final_norm else nn.Identity()
+        self.norm = make_norm(config) if config.final_norm else nn.Identity()
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -603,7 +739,7 @@ class MoTModel(MoTPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         batch_size, seq_len = inputs_embeds.shape[:2]
         past_length = cache.get_seq_length() if cache is not None else 0
-        if past_length + seq_len > self.config.max_position_embeddings:
+        if self.embed_positions is not None and past_length + seq_len > self.config.max_position_embeddings:
             raise ValueError(
                 f"sequence length {past_length + seq_len} (cached {past_length} + new {seq_len}) exceeds "
                 f"max_position_embeddings={self.config.max_position_embeddings} of this model"
@@ -625,7 +761,10 @@ class MoTModel(MoTPreTrainedModel):
 
         # The cache goes positionally: its keyword is `cache` from transformers 5.24 and `past_key_values` before.
         causal_mask = create_causal_mask(config, inputs_embeds, attention_mask, cache, position_ids=position_ids)
-        hidden_states = inputs_embeds + self.embed_positions(position_ids)
+        if self.embed_positions is not None:
+            hidden_states, position_embeddings = inputs_embeds + self.embed_positions(position_ids), None
+        else:
+            hidden_states, position_embeddings = inputs_embeds, self.rotary_emb(inputs_embeds, position_ids)
 
         all_hidden_states = () if output_hidden_states else None
         all_attentions = () if output_attentions else None
@@ -639,6 +778,7 @@ class MoTModel(MoTPreTrainedModel):
                 token_mask=token_mask,
                 cache=cache,
                 output_routing_stats=output_routing_stats,
+                position_embeddings=position_embeddings,
                 **kwargs,
             )
             routing.append(layer_routing)

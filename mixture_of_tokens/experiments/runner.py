@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ..utils import UserError, atomic_write_text
 from . import report
-from .plan import BF16, SECTIONS, Budget, Plan, Run, Transition, make_budget, make_plan, run_flags
+from .plan import BF16, SECTIONS, Budget, Plan, Run, Transition, make_budget, make_plan, run_defining, run_flags
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUTPUT_DIR = REPO_ROOT / "runs" / "reproduce"
@@ -524,9 +524,9 @@ def main(argv: list[str] | None = None) -> int:
 
     load_start = _load_average()
     out = args.output_dir
-    manifest = {"budget": json.loads(json.dumps(budget.as_dict())), "smoke": args.smoke}  # as the records hold it
+    manifest = json.loads(json.dumps({"budget": budget.as_dict(), "smoke": args.smoke}))  # as the records hold it
     previous = records.manifest()
-    if args.resume and previous is not None and previous["budget"] != manifest["budget"]:
+    if args.resume and previous is not None and run_defining(previous["budget"]) != budget.run_defining():
         raise UserError(f"--resume: the records in {records.folder} were made with another budget (steps, widths or "
                         "data); pass --overwrite to start again, or another --output_dir/--records_dir")
     if not args.resume:
