@@ -74,13 +74,25 @@ class ModelSize:
     attention_flops_per_token: int  # the part of flops_per_token spent on attention scores
 
 
+def _matrices(config) -> int:
+    """Weight matrices of one feed-forward (or expert): up and down, plus the gate of a gated layer."""
+    return 3 if config.gated_mlp else 2
+
+
+def _ffn_one(config, width: int) -> int:
+    """Parameters of one feed-forward layer (or one expert) of hidden width `width`, biases included."""
+    d = config.hidden_size
+    biases = (_matrices(config) - 1) * width + d if config.mlp_bias else 0
+    return _matrices(config) * d * width + biases
+
+
 def _ffn_params(config, mlp_type: str) -> tuple[int, int]:
     """(all parameters, parameters a token's compute pays for) of one feed-forward layer."""
     d = config.hidden_size
     if mlp_type == "dense":
-        params = 2 * d * config.intermediate_size
+        params = _ffn_one(config, config.intermediate_size)
         return params, params
-    experts = 2 * config.num_experts * d * config.expert_size
+    experts = config.num_experts * _ffn_one(config, config.expert_size)
     router = d * config.num_experts
     temperature = 0
     if mlp_type == "mot" and config.learnable_temperature != "off":
@@ -98,8 +110,8 @@ def _ffn_macs(config, mlp_type: str) -> int:
     """Multiply-adds per token of one feed-forward layer (DESIGN.md §1 "Cost per token")."""
     d = config.hidden_size
     if mlp_type == "dense":
-        return 2 * d * config.intermediate_size
-    expert_macs = 2 * d * config.expert_size
+        return _matrices(config) * d * config.intermediate_size
+    expert_macs = _matrices(config) * d * config.expert_size
     if mlp_type == "mot":
         # experts on the merged tokens, plus controller, merge and emit (about 3·d·E)
         return config.num_experts * expert_macs // config.group_size + 3 * d * config.num_experts
@@ -109,10 +121,12 @@ def _ffn_macs(config, mlp_type: str) -> int:
 def model_size(config) -> ModelSize:
     """Parameter counts and forward FLOPs per token of a `MoTConfig`, without building the model."""
     d, vocab, context = config.hidden_size, config.vocab_size, config.max_position_embeddings
-    layer_norm = 2 * d
-    embeddings = vocab * d + context * d
+    layer_norm = d if config.norm_type == "rmsnorm" else 2 * d  # RMSNorm has no bias
+    embeddings = vocab * d + (context * d if config.position_embedding_type == "learned" else 0)
     head = 0 if config.tie_word_embeddings else vocab * d
-    attention = 4 * d * d
+    # query and output: d x d each; key and value: d x (kv_heads * head_dim) each (grouped-query attention)
+    key_value = config.num_key_value_heads * config.head_dim
+    attention = 2 * d * d + 2 * d * key_value + ((2 * d + 2 * key_value) if config.attention_bias else 0)
     total = active = embeddings + head + layer_norm  # final norm
     macs = vocab * d  # output head; embedding lookups cost no multiply-adds
     attention_score_macs = 0
@@ -122,7 +136,7 @@ def model_size(config) -> ModelSize:
         active += attention + 2 * layer_norm + ffn_active
         # projections, then scores (q·k) and mixing (p·v) over the full context
         attention_score_macs += 2 * context * d
-        macs += attention + _ffn_macs(config, mlp_type)
+        macs += 2 * d * d + 2 * d * key_value + _ffn_macs(config, mlp_type)
     macs += attention_score_macs
     return ModelSize(total, active, 2 * macs, 2 * attention_score_macs)
 
@@ -146,6 +160,22 @@ def _block_list(indices: list[int]) -> str:
     return ", ".join(ranges)
 
 
+def block_description(config) -> str:
+    """The block type in words: the paper's (GPT-2-style) or which modern options it has."""
+    norm = "RMSNorm" if config.norm_type == "rmsnorm" else "LayerNorm"
+    positions = ("rotary position embeddings (RoPE, " + config.rope_parameters.get("rope_type", "default") + ")"
+                 if config.position_embedding_type == "rope" else "learned absolute position embeddings")
+    heads = (f"grouped-query attention ({config.num_key_value_heads} key/value heads)"
+             if config.num_key_value_heads != config.num_attention_heads else "multi-head attention")
+    bias = "with biases" if config.attention_bias else "bias-free"
+    ffn = f"gated feed-forward ({config.hidden_act}, SwiGLU-style)" if config.gated_mlp else \
+        f"{config.hidden_act} feed-forward"
+    style = "Llama-style blocks" if config.gated_mlp and config.position_embedding_type == "rope" else \
+        "the paper's (GPT-2-style) blocks" if not config.gated_mlp and config.position_embedding_type == "learned" \
+        and config.norm_type == "layernorm" else "mixed blocks"
+    return f"{style}: pre-{norm}, {positions}, {bias} {heads}, {ffn}{' with biases' if config.mlp_bias else ''}"
+
+
 def architecture_summary(config) -> dict[str, Any]:
     types = list(config.mlp_types)
     size = model_size(config)
@@ -158,6 +188,7 @@ def architecture_summary(config) -> dict[str, Any]:
     else:
         active_rule = "a dense model uses all its parameters for every token"
     return {
+        "block": block_description(config),
         "num_layers": config.num_hidden_layers,
         "block_types": ", ".join(f"{n} × {t}" for t, n in counts.items()),
         "hidden_size": config.hidden_size,

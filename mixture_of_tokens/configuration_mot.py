@@ -33,6 +33,13 @@ _TINY = dict(
     max_position_embeddings=128, bos_token_id=0, eos_token_id=0,
 )
 
+# Modern counterparts (Llama-style blocks: rotary positions, RMSNorm, SwiGLU feed-forwards, grouped-query attention
+# with half as many key/value heads). A gated layer has three matrices, so d_ff is 2/3 of the paper's (rounded up to
+# a multiple of 16 or 64): the feed-forward's parameters and FLOPs stay those of the paper's ReLU layer.
+_MODERN = dict(position_embedding_type="rope", norm_type="rmsnorm", gated_mlp=True, hidden_act="silu")
+_MODERN_MEDIUM = dict(_MEDIUM, **_MODERN, intermediate_size=1408, num_key_value_heads=4)
+_MODERN_TINY = dict(_TINY, **_MODERN, intermediate_size=176, num_key_value_heads=2)
+
 PRESETS: dict[str, dict] = {
     "transformer-medium": dict(_MEDIUM, mlp_types=["dense"] * 8),
     "mot-medium-32e": dict(_MEDIUM, group_size=32, num_experts=32, expert_size=2048),
@@ -42,6 +49,10 @@ PRESETS: dict[str, dict] = {
     "mot-base-32e": dict(_BASE, group_size=32, num_experts=32, expert_size=3072),
     "tiny-dense": dict(_TINY, mlp_types=["dense"] * 4, group_size=8, num_experts=8, expert_size=256),
     "tiny-mot": dict(_TINY, group_size=8, num_experts=8, expert_size=256),
+    "modern-transformer-medium": dict(_MODERN_MEDIUM, mlp_types=["dense"] * 8),
+    "modern-mot-medium-32e": dict(_MODERN_MEDIUM, group_size=32, num_experts=32, expert_size=1408),
+    "tiny-modern-dense": dict(_MODERN_TINY, mlp_types=["dense"] * 4, group_size=8, num_experts=8, expert_size=176),
+    "tiny-modern-mot": dict(_MODERN_TINY, group_size=8, num_experts=8, expert_size=176),
 }
 
 

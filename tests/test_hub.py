@@ -262,11 +262,24 @@ def test_card_template_follows_the_model_family(tmp_path):
     {"mlp_types": ["dense", "token_choice", "expert_choice", "mot"], "learnable_temperature": "per_expert",
      "num_experts_per_tok": 2},
     {"tie_word_embeddings": True, "mlp_types": ["dense"] * 4},
+    {"preset": "tiny-modern-mot", "mlp_types": ["dense", "token_choice", "expert_choice", "mot"]},
+    {"preset": "tiny-modern-dense", "attention_bias": True, "mlp_bias": True, "tie_word_embeddings": True},
+    {"preset": "tiny-modern-mot", "mlp_bias": True, "num_key_value_heads": 1, "gated_mlp": False},
 ])
 def test_parameter_count_from_config_matches_the_model(overrides):
-    config = MoTConfig.from_preset("tiny-mot", **overrides)
+    config = MoTConfig.from_preset(overrides.pop("preset", "tiny-mot"), **overrides)
     model = MoTForCausalLM(config)
     assert model_size(config).total_params == sum(p.numel() for p in model.parameters())
+
+
+def test_card_states_the_block_type():
+    from mixture_of_tokens.cards import block_description
+
+    paper = block_description(MoTConfig.from_preset("tiny-mot"))
+    assert paper.startswith("the paper's (GPT-2-style) blocks: pre-LayerNorm, learned absolute position embeddings")
+    modern = block_description(MoTConfig.from_preset("tiny-modern-mot"))
+    assert modern.startswith("Llama-style blocks: pre-RMSNorm, rotary position embeddings (RoPE, default)")
+    assert "grouped-query attention (2 key/value heads)" in modern and "gated feed-forward (silu" in modern
 
 
 def test_flops_per_token_follow_the_design_formula():

@@ -18,6 +18,11 @@ from mixture_of_tokens.modeling_mot import ExpertChoice, MixtureOfTokens, TokenC
 
 VOCAB = 97
 FFN_TYPES = ["mot", "token_choice", "expert_choice", "dense"]
+# Every modern option at once (a Llama-style block): RoPE, RMSNorm, SwiGLU dense layers and experts, grouped-query
+# attention, biases. Tests parametrized with it run on both blocks.
+MODERN = dict(position_embedding_type="rope", norm_type="rmsnorm", gated_mlp=True, hidden_act="silu",
+              num_key_value_heads=2, attention_bias=True, mlp_bias=True)
+BLOCKS = {"paper": {}, "modern": MODERN}
 
 
 def small_config(ffn="mot", **overrides) -> MoTConfig:
@@ -235,9 +240,10 @@ def test_token_choice_dispatch_paths_agree_when_nothing_is_dropped():
     torch.testing.assert_close(with_capacity, dropless, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("block", BLOCKS)
 @pytest.mark.parametrize("ffn", FFN_TYPES)
-def test_gradient_checkpointing_gives_the_same_gradients(ffn):
-    model = small_model(ffn).train()
+def test_gradient_checkpointing_gives_the_same_gradients(ffn, block):
+    model = small_model(ffn, **BLOCKS[block]).train()
     ids = random_ids(8, 10)
 
     def gradients():
@@ -315,13 +321,14 @@ def test_chunked_loss_under_bf16_autocast_matches_the_plain_loss():
     torch.testing.assert_close(losses[True], losses[False], rtol=1e-2, atol=1e-2)
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_attention_implementations_agree(attn):
-    config = small_config("mot")
+@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("attn", ["eager", "sdpa", "flex_attention"])
+def test_attention_implementations_agree(attn, block):
+    config = small_config("mot", **BLOCKS[block])
     torch.manual_seed(0)
     model = MoTForCausalLM._from_config(config, attn_implementation=attn).eval()
     assert model.config._attn_implementation == attn
-    reference = small_model("mot")
+    reference = small_model("mot", **BLOCKS[block])  # eager
     model.load_state_dict(reference.state_dict())
     ids = random_ids(4, 9)
     mask = torch.ones_like(ids)
@@ -354,8 +361,9 @@ def test_auto_classes_save_and_load_round_trip(tmp_path):
         torch.testing.assert_close(bf16(ids).logits.float(), model(ids).logits, rtol=0.1, atol=0.1)
 
 
-def test_remote_code_loads_where_the_package_cannot_be_imported(tmp_path):
-    model = small_model("mot")
+@pytest.mark.parametrize("block", BLOCKS)
+def test_remote_code_loads_where_the_package_cannot_be_imported(tmp_path, block):
+    model = small_model("mot", **BLOCKS[block])
     model.save_pretrained(tmp_path / "model")
     ids = random_ids(8, 10)
     torch.save(ids, tmp_path / "ids.pt")
@@ -461,6 +469,9 @@ def test_presets_match_the_papers_parameter_counts():
     expected = {  # DESIGN §2
         "transformer-medium": 76.8e6, "mot-medium-32e": 336.9e6, "mot-medium-32e-8": 337.4e6,
         "mot-medium-32e-16": 337.9e6, "transformer-base": 162.4e6, "mot-base-32e": 1.04e9,
+        # Llama-style counterparts: a gated d_ff of 1408 keeps the feed-forward's parameters (3 x 512 x 1408 ~
+        # 2 x 512 x 2048); grouped-query attention with 4 KV heads saves a quarter of the attention weights.
+        "modern-transformer-medium": 75.06e6, "modern-mot-medium-32e": 343.3e6,
     }
     for name, count in expected.items():
         with torch.device("meta"):
@@ -470,6 +481,13 @@ def test_presets_match_the_papers_parameter_counts():
     dense, mot = MoTConfig.from_preset("tiny-dense"), MoTConfig.from_preset("tiny-mot")
     assert mot.num_experts * mot.expert_size / mot.group_size == dense.intermediate_size  # flop-matched
     assert mot.mlp_types == ["dense", "dense", "mot", "mot"]
+    for dense_name, mot_name in (("tiny-modern-dense", "tiny-modern-mot"),
+                                 ("modern-transformer-medium", "modern-mot-medium-32e")):
+        dense, mot = MoTConfig.from_preset(dense_name), MoTConfig.from_preset(mot_name)
+        assert mot.num_experts * mot.expert_size / mot.group_size == dense.intermediate_size  # flop-matched
+        for config in (dense, mot):
+            assert (config.position_embedding_type, config.norm_type, config.gated_mlp) == ("rope", "rmsnorm", True)
+            assert config.num_key_value_heads == config.num_attention_heads // 2
 
 
 @pytest.mark.parametrize(
@@ -523,3 +541,54 @@ def test_the_authors_embedding_init_and_no_final_norm(tmp_path):
     assert loaded.config.final_norm is False and loaded.config.embedding_init == "unit_fan_in"
     ids = random_ids(4, 8)
     torch.testing.assert_close(loaded(ids).logits, theirs(ids).logits)
+
+
+@pytest.mark.parametrize("ffn", ["mot", "token_choice", "expert_choice"])
+def test_gated_experts_compute_the_gated_dense_layer_with_their_own_weights(ffn):
+    """Every expert of every routed type is the dense layer's computation (SwiGLU with biases here) with its own
+    weights; with G = 1 and uniform weights MoT is one gated dense layer of width E * f."""
+    layer = small_model(ffn, **MODERN).model.layers[1].mlp
+    dense = small_model("dense", **MODERN, intermediate_size=64).model.layers[1].mlp
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        for expert in range(4):
+            dense.gate_proj.weight.copy_(layer.w_gate[expert].t())
+            dense.up_proj.weight.copy_(layer.w1[expert].t())
+            dense.down_proj.weight.copy_(layer.w2[expert].t())
+            dense.gate_proj.bias.copy_(layer.b_gate[expert])
+            dense.up_proj.bias.copy_(layer.b1[expert])
+            dense.down_proj.bias.copy_(layer.b2[expert])
+            torch.nn.init.normal_(dense.up_proj.bias)  # not zero, or a missing bias would pass
+            layer.b1[expert].copy_(dense.up_proj.bias)
+            expected = dense(x)[0]
+            torch.testing.assert_close(layer.run_one_expert(expert, x), expected)
+            batched = layer.run_experts(x.expand(4, 5, 32).contiguous())[expert]
+            torch.testing.assert_close(batched, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("ffn", FFN_TYPES)
+def test_modern_block_caches_and_trains(ffn):
+    """Cached greedy generation equals uncached on the modern block (RoPE positions continue across the cache),
+    and a training step moves every parameter but the router of a frozen controller."""
+    model = small_model(ffn, **MODERN)
+    ids = random_ids(4, 6)
+    with torch.no_grad():
+        cached = model.generate(ids, max_new_tokens=5, do_sample=False, use_cache=True, pad_token_id=0)
+        uncached = model.generate(ids, max_new_tokens=5, do_sample=False, use_cache=False, pad_token_id=0)
+    assert torch.equal(cached, uncached)
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    without_gradient = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.any()]
+    assert without_gradient == []
+
+
+def test_rope_type_and_kv_heads_are_checked():
+    with pytest.raises(ValueError, match="rope_type 'spiral'"):
+        small_config(position_embedding_type="rope", rope_parameters={"rope_type": "spiral", "rope_theta": 1e4})
+    with pytest.raises(ValueError, match="must be a multiple of num_key_value_heads"):
+        small_config(num_key_value_heads=3)
+    scaled = small_model(position_embedding_type="rope", rope_scaling={"rope_type": "linear", "factor": 4.0})
+    assert scaled.config.rope_parameters["rope_type"] == "linear"
+    long_ids = random_ids(4, 40)  # beyond max_position_embeddings (32): RoPE has no table to run out of
+    with torch.no_grad():
+        assert torch.isfinite(scaled(long_ids).logits).all()

@@ -206,9 +206,15 @@ def assert_same_gradients(first, second, atol=1e-6):
         torch.testing.assert_close(first[name], second[name], atol=atol, rtol=1e-4, msg=name)
 
 
-def test_mot_gradient_accumulation_matches_full_batch(tmp_path):
+# The modern (Llama-style) block: RoPE, RMSNorm, SwiGLU dense layers and experts, grouped-query attention, biases.
+MODERN_BLOCK = dict(position_embedding_type="rope", norm_type="rmsnorm", gated_mlp=True, hidden_act="silu",
+                    num_key_value_heads=1, attention_bias=True, mlp_bias=True)
+
+
+@pytest.mark.parametrize("block", [{}, MODERN_BLOCK], ids=["paper", "modern"])
+def test_mot_gradient_accumulation_matches_full_batch(tmp_path, block):
     data = tiny_blocks(64, 8)
-    config = tiny_config()
+    config = tiny_config(**block)
     torch.manual_seed(0)
     state = MoTForCausalLM(config).state_dict()
     results = []
@@ -221,7 +227,8 @@ def test_mot_gradient_accumulation_matches_full_batch(tmp_path):
     assert_same_gradients(full_grad, accumulated_grad)
 
 
-def test_token_choice_aux_loss_is_not_over_counted_under_accumulation(tmp_path):
+@pytest.mark.parametrize("block", [{}, MODERN_BLOCK], ids=["paper", "modern"])
+def test_token_choice_aux_loss_is_not_over_counted_under_accumulation(tmp_path, block):
     """With accumulation 2 the objective is LM loss of the full batch + the *mean* of the micro-batches' aux
     losses (each micro-batch weighted by its share of label tokens), not their sum.
 
@@ -229,7 +236,7 @@ def test_token_choice_aux_loss_is_not_over_counted_under_accumulation(tmp_path):
     batch's exactly; the balancing loss itself is a batch statistic (fractions of the micro-batch), so the
     comparison is with the mean of the two micro-batch values, computed here by hand."""
     config = tiny_config(mlp_types=["dense", "token_choice", "dense", "token_choice"], capacity_factor=4.0,
-                         router_aux_loss_coef=1.0)
+                         router_aux_loss_coef=1.0, **block)
     data = tiny_blocks(64, 8)
     torch.manual_seed(0)
     model = MoTForCausalLM(config)

@@ -1,5 +1,7 @@
 """transformers' own common model tests (`ModelTesterMixin`, `ConfigTester`) and our generation conformance
-(`GenerationTesterMixin`, see generation_conformance.py), run against three tiny variants of our model.
+(`GenerationTesterMixin`, see generation_conformance.py), run against five tiny variants of our model: the paper's
+block with Token Choice, MoT or Expert Choice in its second block, and a modern (Llama-style) block with Token
+Choice or MoT.
 
 The harness comes from the sdist of the installed transformers (transformers_common.py). When it cannot be had,
 the module fails under CI=true and is skipped with one line otherwise.
@@ -41,11 +43,13 @@ class MoTModelTester:
     """Tiny configs and inputs in the style of transformers' per-model testers. `mlp_type` is the feed-forward of
     the second of two blocks (the first is dense, as in the paper's models)."""
 
-    def __init__(self, parent, mlp_type, batch_size=4, seq_length=7, is_training=True, use_input_mask=True,
-                 vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-                 max_position_embeddings=64, group_size=2, num_experts=4, expert_size=16, pad_token_id=0):
+    def __init__(self, parent, mlp_type, modern=False, batch_size=4, seq_length=7, is_training=True,
+                 use_input_mask=True, vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=37, max_position_embeddings=64, group_size=2, num_experts=4, expert_size=16,
+                 pad_token_id=0):
         self.parent = parent
         self.mlp_type = mlp_type
+        self.modern = modern
         self.batch_size = batch_size
         self.seq_length = seq_length
         self.is_training = is_training
@@ -69,6 +73,7 @@ class MoTModelTester:
             num_experts=self.num_experts, expert_size=self.expert_size,
             mlp_types=["dense"] + [self.mlp_type] * (self.num_hidden_layers - 1),
             pad_token_id=self.pad_token_id, bos_token_id=1, eos_token_id=2,
+            **(MODERN_BLOCK if self.modern else {}),
         )
 
     def prepare_config_and_inputs(self):
@@ -96,6 +101,11 @@ class MoTModelTester:
         self.parent.assertEqual(result.logits.shape, (self.batch_size, self.seq_length, self.vocab_size))
 
 
+# Every modern option at once (Llama-style block): rotary embeddings, RMSNorm, SwiGLU in dense layers and experts,
+# grouped-query attention, biases.
+MODERN_BLOCK = dict(position_embedding_type="rope", norm_type="rmsnorm", gated_mlp=True, hidden_act="silu",
+                    num_key_value_heads=2, attention_bias=True, mlp_bias=True)
+
 BATCH_DEPENDENT = "a sequence's output depends on the other sequences of its group (MoT's batch dependence, by design)"
 
 
@@ -103,6 +113,7 @@ class MoTCommonTests(ModelTesterMixin, GenerationTesterMixin):
     """What all three variants share; a subclass names its `mlp_type`."""
 
     mlp_type: str
+    modern = False  # the paper's block; True: MODERN_BLOCK
     all_model_classes = (MoTModel, MoTForCausalLM)
     test_resize_embeddings = True
     # The harness dates a model by a copyright line in its config file and skips this check for models "before
@@ -117,7 +128,7 @@ class MoTCommonTests(ModelTesterMixin, GenerationTesterMixin):
             patcher = mock.patch.dict(table, {MoTConfig.model_type: name})
             patcher.start()
             self.addCleanup(patcher.stop)
-        self.model_tester = MoTModelTester(self, self.mlp_type)
+        self.model_tester = MoTModelTester(self, self.mlp_type, self.modern)
         self.config_tester = ConfigTester(self, config_class=MoTConfig, hidden_size=32, num_attention_heads=4)
 
     def test_config(self):
@@ -150,3 +161,11 @@ class MixtureOfTokensCommonTest(BatchDependentCommonTests, unittest.TestCase):
 
 class ExpertChoiceCommonTest(BatchDependentCommonTests, unittest.TestCase):
     mlp_type = "expert_choice"
+
+
+class ModernTokenChoiceCommonTest(TokenChoiceCommonTest):
+    modern = True
+
+
+class ModernMixtureOfTokensCommonTest(MixtureOfTokensCommonTest):
+    modern = True
