@@ -49,6 +49,8 @@ CONFIG_OVERRIDES = (
     "max_position_embeddings", "mlp_types", "group_size", "num_experts", "expert_size", "mot_temperature",
     "learnable_temperature", "mot_routing", "num_experts_per_tok", "capacity_factor", "router_aux_loss_coef",
     "router_z_loss_coef", "hidden_act", "chunked_lm_loss", "embedding_init", "final_norm",
+    "position_embedding_type", "norm_type", "gated_mlp", "num_key_value_heads", "attention_bias", "mlp_bias",
+    "tie_word_embeddings",
 )
 RESULTS_FILE = "train_results.json"
 ARGUMENTS_FILE = "training_args.json"
@@ -110,6 +112,14 @@ class ModelArguments:
     final_norm: bool | None = field(default=None, metadata={"help": (
         "LayerNorm before the output head (config default: true; the authors' code has none)."
     )})
+    # The modern (Llama-style) block options; the tiny-modern-* and modern-* presets set them all.
+    position_embedding_type: str | None = field(default=None, metadata={"help": "learned (default) or rope"})
+    norm_type: str | None = field(default=None, metadata={"help": "layernorm (default) or rmsnorm"})
+    gated_mlp: bool | None = field(default=None, metadata={"help": "SwiGLU-style gated dense layers and experts"})
+    num_key_value_heads: int | None = field(default=None, metadata={"help": "grouped-query attention"})
+    attention_bias: bool | None = None
+    mlp_bias: bool | None = None
+    tie_word_embeddings: bool | None = None
 
     def config_overrides(self) -> dict:
         overrides = {name: getattr(self, name) for name in CONFIG_OVERRIDES if getattr(self, name) is not None}

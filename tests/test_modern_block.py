@@ -73,3 +73,17 @@ def test_mot_eval_scores_a_modern_model(modern_run, shared_data, novels_text):
     results = json.loads(output.read_text())
     assert 0.0 <= results["results"]["piqa"]["acc,none"] <= 1.0
     assert 1.0 < results["mot_eval"]["perplexity"]["perplexity"] < 1e5
+
+
+def test_modern_options_are_mot_train_flags():
+    from mixture_of_tokens.train import build_config, parse_args
+
+    model_args, _, _ = parse_args(["--output_dir", "unused", "--preset", "tiny-mot", "--position_embedding_type",
+                                   "rope", "--norm_type", "rmsnorm", "--gated_mlp", "true", "--num_key_value_heads",
+                                   "2", "--attention_bias", "true", "--mlp_bias", "true", "--tie_word_embeddings",
+                                   "true", "--hidden_act", "silu"])
+    config = build_config(model_args)
+    assert (config.position_embedding_type, config.norm_type, config.gated_mlp, config.num_key_value_heads) == (
+        "rope", "rmsnorm", True, 2)
+    assert config.attention_bias and config.mlp_bias and config.tie_word_embeddings
+    assert config.rope_parameters == {"rope_type": "default", "rope_theta": 10000.0}

@@ -247,6 +247,9 @@ def collect(plan: Plan, records) -> dict:
         "smoke": manifest.get("smoke", False), "budget": plan.budget.as_dict(), "data": manifest.get("data", {}),
         "sessions": sessions, "total_seconds": round(sum(s.get("seconds", 0) for s in sessions), 1),
         "recorded_jobs": len(records.keys()),
+        "expected_keys": [run.key for run in plan.runs] + [plan.transition.key]
+        + [f"{run.key}-zero_shot" for run in plan.zero_shot] + [f"{plan.transition.key}-zero_shot"],
+        "recorded_keys": records.keys(),
         "skipped": {name: why for session in sessions for name, why in session.get("skipped", {}).items()},
         "learning_rate_sweep": sweep_table(collected), "comparison": comparison(collected),
         "routing": routing_table(collected), "authors_wrapper": authors_table(collected),
@@ -372,6 +375,11 @@ def render_markdown(results: dict) -> str:
              "scale differs from the paper._", ""]
     if results["smoke"]:
         lines += ["**SMOKE RUN: a few steps per model. These numbers only show that the pipeline works.**", ""]
+    missing = [key for key in results["expected_keys"] if key not in results["recorded_keys"]]
+    if missing:
+        lines += [f"**PARTIAL: {len(results['expected_keys']) - len(missing)} of {len(results['expected_keys'])} jobs "
+                  f"recorded so far; `mot reproduce --resume` trains the rest ({', '.join(missing[:4])}"
+                  f"{', ...' if len(missing) > 4 else ''}). Tables show what is recorded.**", ""]
     sessions = results["sessions"]
     env = sessions[-1]["environment"] if sessions else {}
     widths = ", ".join(f"{w['hidden_size']} ({w['num_heads']} heads, d_ff {w['d_ff']}, seeds "

@@ -519,6 +519,10 @@ def main(argv: list[str] | None = None) -> int:
     budget = make_budget(args.smoke, args.steps, args.zero_shot_limit)
     plan = make_plan(budget, sections)
     if args.report_only:
+        # Parts an earlier sitting left out (and said so) are not waited for.
+        skipped = {name for session in (records.manifest() or {}).get("sessions", [])
+                   for name in session.get("skipped", {})}
+        plan = make_plan(budget, tuple(name for name in sections if name not in skipped))
         report.write(plan, records, args.output_dir, update_docs, DOCS_DIR)
         return 0
 
