@@ -16,11 +16,10 @@ import json
 import sys
 from pathlib import Path
 
-from .cards import TRAINING_ARGS_FILE
-from .model_folder import check_config, check_weights
+from .cards import CONVERSION_FILE, TRAINING_ARGS_FILE
+from .model_folder import check_config, check_weights, copy_tokenizer
 from .utils import UserError, atomic_directory
 
-CONVERSION_FILE = "conversion.json"
 # Tensors the target architecture has no place for (MoT's learnable temperature in a Token Choice model) are
 # kept here, byte for byte, so that converting back restores them and the round trip loses nothing.
 SET_ASIDE_FILE = "set_aside_tensors.safetensors"
@@ -70,16 +69,6 @@ def converted_config(config, to: str, top_k: int | None = None, capacity_factor:
         new.capacity_factor = capacity_factor
     new.validate_mot()
     return new
-
-
-def _copy_tokenizer(src: Path, dst: Path) -> bool:
-    """Save the source folder's tokenizer into `dst`; False when the source has none."""
-    from transformers import AutoTokenizer
-
-    if not any((src / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
-        return False
-    AutoTokenizer.from_pretrained(src).save_pretrained(dst)
-    return True
 
 
 def _lineage(src_arg: str, src: Path, source_config, target_config, extra: dict | None = None) -> dict:
@@ -143,7 +132,7 @@ def save_model_folder(model, set_aside: dict, tokenizer_src: Path, dst: Path, li
     from safetensors.torch import save_file
 
     model.save_pretrained(dst)
-    _copy_tokenizer(tokenizer_src, dst)
+    copy_tokenizer(tokenizer_src, dst)
     if set_aside:
         save_file({name: tensor.contiguous() for name, tensor in set_aside.items()}, dst / SET_ASIDE_FILE)
     (dst / CONVERSION_FILE).write_text(json.dumps(lineage, indent=2) + "\n")

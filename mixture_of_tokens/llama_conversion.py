@@ -164,7 +164,8 @@ def convert_llama(src: str | Path, dst: str | Path, to: str, routed_layers: list
     import torch
 
     from . import MoTForCausalLM
-    from .convert import CONVERSION_FILE, _copy_tokenizer, write_card
+    from .cards import CONVERSION_FILE, refresh_card
+    from .model_folder import copy_tokenizer
     from .utils import atomic_directory
 
     src, dst = Path(src), Path(dst)
@@ -187,13 +188,13 @@ def convert_llama(src: str | Path, dst: str | Path, to: str, routed_layers: list
     model.to(dtype)
     with atomic_directory(dst, overwrite=overwrite) as staging:
         model.save_pretrained(staging)
-        _copy_tokenizer(src, staging)
+        copy_tokenizer(src, staging)
         lineage = {"base_model": str(src), "base_model_path": str(src.resolve()), "base_model_type": "llama",
                    "method": f"llama_to_{to}", "mlp_types": list(config.mlp_types),
                    "experts_from": "each routed block's Llama feed-forward" if to != "dense" else None,
                    "fresh_tensors": fresh}
         (staging / CONVERSION_FILE).write_text(json.dumps(lineage, indent=2) + "\n")
-    write_card(dst)
+    refresh_card(dst)  # reads conversion.json: the card names the Llama source
     return dst
 
 

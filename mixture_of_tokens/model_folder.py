@@ -123,3 +123,13 @@ def load_model_and_tokenizer(model_dir, mot_routing: str | None = None, config_o
     model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, use_safetensors=True)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval(), tokenizer
+
+
+def copy_tokenizer(src: Path, dst: Path) -> bool:
+    """Save the tokenizer of model folder `src` into `dst`; False when `src` has none."""
+    from transformers import AutoTokenizer
+
+    if not any((src / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        return False
+    AutoTokenizer.from_pretrained(src).save_pretrained(dst)
+    return True
