@@ -51,7 +51,7 @@ def test_every_planned_job_is_recorded_with_the_chosen_learning_rate(smoke_run):
             if run.width == width.hidden_size and run.section != SWEEP and found.has(run.key):
                 assert found.get(run.key)["learning_rate"] == chosen, run.key
     assert found.has(SMOKE_PLAN.transition.key)
-    for run in SMOKE_PLAN.zero_shot:
+    for run in (*SMOKE_PLAN.zero_shot, SMOKE_PLAN.transition):
         scores = found.get(f"{run.key}-zero_shot")
         for task in ZERO_SHOT_TASKS:
             assert 0.0 <= scores[task]["value"] <= 1.0
@@ -103,12 +103,13 @@ def test_results_json_compares_models_per_width_with_seeds(smoke_run):
     assert results["authors_wrapper"]["losses"]["mot_authors"] > 0
     assert f"{first}/mot" in results["routing"] and f"{first}/mot_all" in results["routing"]
     assert results["total_seconds"] > 0
+    assert set(results["expected_keys"]) <= set(results["recorded_keys"])  # nothing missing: not "PARTIAL"
 
 
 def test_report_markdown_and_plots(smoke_run):
     text = (smoke_run / "results.md").read_text()
     results = json.loads((smoke_run / "results.json").read_text())
-    assert "SMOKE RUN" in text
+    assert "SMOKE RUN" in text and "PARTIAL" not in text
     for width, block in results["comparison"].items():
         assert f"### Width {width}" in text
         for name, model in block["models"].items():

@@ -69,6 +69,9 @@ class Budget:
     def run_defining(self) -> dict:
         return run_defining(self.as_dict())
 
+    def replace(self, **changes) -> Budget:
+        return Budget(**{**{name: getattr(self, name) for name in self.__dataclass_fields__}, **changes})
+
 
 def run_defining(budget: dict) -> dict:
     """What a recorded run depends on, from a budget's `as_dict()` (or its JSON): everything but the widths'
@@ -77,9 +80,6 @@ def run_defining(budget: dict) -> dict:
     fields = {**budget, "widths": [{k: v for k, v in dict(width).items() if k not in ("learning_rates", "seeds")}
                                    for width in budget["widths"]]}
     return json.loads(json.dumps(fields))  # tuples as lists, as a record holds them
-
-    def replace(self, **changes) -> Budget:
-        return Budget(**{**{name: getattr(self, name) for name in self.__dataclass_fields__}, **changes})
 
 
 def make_budget(smoke: bool = False, steps: int | None = None, zero_shot_limit: int | None = None) -> Budget:

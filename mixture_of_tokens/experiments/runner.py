@@ -294,10 +294,11 @@ class Reproduction:
         return self.out / "runs" / run.key
 
     def jobs(self) -> list[tuple]:
-        """Every job of the plan as (kind, item): ("train", Run), ("transition", Transition), ("zero_shot", Run)."""
+        """Every job of the plan as (kind, item): ("train", Run), ("transition", Transition), ("zero_shot", Run or
+        Transition: the model it scores)."""
         items = [("train", run) for run in self.plan.runs]
         items.append(("transition", self.plan.transition))
-        items += [("zero_shot", run) for run in self.plan.zero_shot]
+        items += [("zero_shot", run) for run in (*self.plan.zero_shot, self.plan.transition)]
         return items
 
     def job_key(self, kind: str, item) -> str:
@@ -329,15 +330,19 @@ class Reproduction:
     def redo_missing_models(self) -> None:
         """A resumed reproduction in a fresh clone has the records but not the model folders. Where a job still
         to run needs a model folder that is gone (the transition's checkpoint, a zero-shot model), that model's
-        record is dropped so the model is trained again."""
-        for kind, item in self.jobs():
-            if kind == "train" or self.records.has(self.job_key(kind, item)):
-                continue
-            source = item.source if kind == "transition" else item
-            if self.records.has(source.key) and not (self.model_dir(source) / "config.json").is_file():
-                progress(f"{source.key}: recorded, but its model folder is gone and {self.job_key(kind, item)} "
-                         "needs it; training it again")
-                self.records.drop(source.key)
+        record is dropped so the model is trained again (repeated: a transition to redo needs its MoT run)."""
+        dropped = True
+        while dropped:
+            dropped = False
+            for kind, item in self.jobs():
+                if kind == "train" or self.records.has(self.job_key(kind, item)):
+                    continue
+                source = item.source if kind == "transition" else item
+                if self.records.has(source.key) and not (self.model_dir(source) / "config.json").is_file():
+                    progress(f"{source.key}: recorded, but its model folder is gone and {self.job_key(kind, item)} "
+                             "needs it; training it again")
+                    self.records.drop(source.key)
+                    dropped = True
 
     # -- running -------------------------------------------------------------------------------------------
     def run(self) -> None:
