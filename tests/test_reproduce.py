@@ -85,6 +85,25 @@ def test_models_are_flop_matched_and_routing_is_recorded(smoke_run):
     assert not record("dense")["routing"]
 
 
+def test_extras_are_the_papers_secondary_settings(smoke_run):
+    """/16 keeps the expert parameters (E * f) and grows only the controller; the group-size sweep keeps E = G;
+    the bf16 pair keeps its weights in bf16; every extra shares the shorter schedule."""
+    found = records(smoke_run)
+    extra = {run.model: found.get(run.key) for run in SMOKE_PLAN.runs if run.steps == SMOKE_PLAN.budget.extra_steps
+             and run.section not in (SWEEP, MAIN)}
+    x16, mot_run = extra["mot_x16"], extra["mot"]
+    assert x16["num_experts"] * x16["expert_size"] == mot_run["num_experts"] * mot_run["expert_size"]
+    assert x16["num_experts"] == 16 * x16["group_size"]
+    routed_layers = mot_run["mlp_types"].count("mot")
+    controller_growth = (x16["num_experts"] - mot_run["num_experts"]) * mot_run["width"] * routed_layers
+    assert x16["num_parameters"] - mot_run["num_parameters"] == controller_growth
+    assert [extra[name]["group_size"] for name in ("mot", "mot_g16", "mot_g32")] == [8, 16, 32]
+    assert [extra[name]["num_experts"] for name in ("mot", "mot_g16", "mot_g32")] == [8, 16, 32]
+    assert extra["mot_bf16"]["bf16_weights"] and not mot_run["bf16_weights"]
+    assert extra["expert_choice_bf16"]["num_parameters"] == extra["expert_choice"]["num_parameters"]
+    assert extra["mot_t_learned"]["routing"] and extra["mot_t2"]["routing"][-1]["layers"]
+
+
 def test_results_json_compares_models_per_width_with_seeds(smoke_run):
     results = json.loads((smoke_run / "results.json").read_text())
     first, second = (str(w.hidden_size) for w in SMOKE_PLAN.budget.widths)
