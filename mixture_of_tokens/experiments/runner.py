@@ -296,10 +296,14 @@ class Reproduction:
     def jobs(self) -> list[tuple]:
         """Every job of the plan as (kind, item): ("train", Run), ("transition", Transition), ("zero_shot", Run or
         Transition: the model it scores)."""
-        items = [("train", run) for run in self.plan.runs]
-        items.append(("transition", self.plan.transition))
-        items += [("zero_shot", run) for run in (*self.plan.zero_shot, self.plan.transition)]
-        return items
+        # A zero-shot job right after its model's training: it then runs in the same sitting, while the model folder
+        # exists (a later sitting in a fresh clone would have to train the model again).
+        items = []
+        for run in self.plan.runs:
+            items.append(("train", run))
+            if run in self.plan.zero_shot:
+                items.append(("zero_shot", run))
+        return items + [("transition", self.plan.transition), ("zero_shot", self.plan.transition)]
 
     def job_key(self, kind: str, item) -> str:
         if kind == "zero_shot":
