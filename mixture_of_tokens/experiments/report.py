@@ -398,7 +398,8 @@ def render_markdown(results: dict) -> str:
         f"(**{tokens / 1e6:.1f}M tokens per run**), `mot train`'s recipe (AdamW, cosine to 0.1x after warm-up, weight "
         "decay 0.1, clipping 0.5) with the peak learning rate of the dense sweep below; eval every "
         f"{budget['eval_every']} steps. A seed sets both the initialisation and the data order.",
-        f"- Machine: {env.get('machine', '?')}, {env.get('cpu_count', '?')} CPU cores, torch {env.get('torch', '?')}, "
+        f"- Machine: {env.get('cpu', env.get('machine', '?'))}, {env.get('cpu_count', '?')} CPU cores"
+        f"{'' if env.get('native_bf16', True) else ' (no native bf16)'}, torch {env.get('torch', '?')}, "
         f"transformers {env.get('transformers', '?')}, device {env.get('device', '?')}; runs trained "
         f"{sessions[-1]['workers'] if sessions else '?'} at a time, {sessions[-1]['threads'] if sessions else '?'} "
         f"thread(s) each. Wall time of the whole reproduction: **{results['total_seconds'] / 60:.0f} min** over "
