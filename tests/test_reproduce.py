@@ -16,7 +16,7 @@ import pytest
 from mixture_of_tokens.cli import main as mot
 from mixture_of_tokens.experiments.plan import MAIN, SWEEP, make_budget, make_plan
 from mixture_of_tokens.experiments.report import PLOT_FILES, ZERO_SHOT_TASKS, Collected, comparison, first_crossing
-from mixture_of_tokens.experiments.runner import RunRecords
+from mixture_of_tokens.experiments.runner import RunRecords, cpu_model
 from mixture_of_tokens.experiments.runner import main as reproduce
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,6 +57,10 @@ def test_every_planned_job_is_recorded_with_the_chosen_learning_rate(smoke_run):
             assert 0.0 <= scores[task]["value"] <= 1.0
     manifest = found.manifest()
     assert manifest["sessions"][-1]["seconds"] > 0 and manifest["tokenizer"]
+    # The sitting names the machine its timings come from, and the report says it.
+    environment = manifest["sessions"][-1]["environment"]
+    assert environment["cpu"] == cpu_model() and isinstance(environment["native_bf16"], bool)
+    assert f"- Machine: {environment['cpu']}, " in (smoke_run / "results.md").read_text()
 
 
 def test_models_are_flop_matched_and_routing_is_recorded(smoke_run):
@@ -135,6 +139,14 @@ def test_report_markdown_and_plots(smoke_run):
             assert any(line.startswith(f"| {name} |") and f"{model['mean']:.4f}" in line for line in text.splitlines())
         for label in block["differences"]:
             assert any(line.startswith(f"| {label} |") for line in text.splitlines()), label
+    # The across-widths table: one row per difference, each width's mean in its own column, in width order.
+    across = text.split("### Across widths", 1)[1].split("\n\n![", 1)[0].splitlines()
+    widths = list(results["comparison"])
+    assert f"| difference | {' | '.join(f'width {w}' for w in widths)} |" in across
+    mot_row = next(line for line in across if line.startswith("| MoT - dense |"))
+    cells = [cell.strip() for cell in mot_row.strip("|").split("|")[1:]]
+    assert [cell.split()[0] for cell in cells] == [
+        f"{results['comparison'][w]['differences']['MoT - dense']['mean']:+.4f}" for w in widths]
     for heading in ("Learning rate", "What the routing does", "authors' wrapper", "Extra experiments",
                     "Transition tuning", "Zero-shot"):
         assert heading in text

@@ -367,6 +367,30 @@ def _fmt(value, digits=4, signed=False):
     return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
 
 
+def across_widths(comparison: dict) -> list[str]:
+    """One row per difference, one column per width: how each difference moves as the model grows."""
+    widths = list(comparison)
+    labels = [label for label, _, _ in DIFFERENCES if any(label in comparison[w]["differences"] for w in widths)]
+    if len(widths) < 2 or not labels:
+        return []
+    lines = ["### Across widths", "",
+             "Mean difference in final eval loss (negative: the first model is better), the seed spread it must "
+             "exceed (at a width with one seed, the first width's), and whether it does.", "",
+             "| difference | " + " | ".join(f"width {width}" for width in widths) + " |",
+             "|---|" + "---|" * len(widths)]
+    for label in labels:
+        cells = []
+        for width in widths:
+            diff = comparison[width]["differences"].get(label)
+            if diff is None:
+                cells.append("not run")
+                continue
+            verdict = "n/a" if diff["real"] is None else ("**real**" if diff["real"] else "within")
+            cells.append(f"{diff['mean']:+.4f} (spread {_fmt(diff['threshold'])}: {verdict})")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def render_markdown(results: dict) -> str:
     budget = results["budget"]
     lines = ["# Reproduction results", "",
@@ -440,6 +464,7 @@ def render_markdown(results: dict) -> str:
                              f"{_fmt(row['time_ratio'], 3) if row['time_ratio'] else 'not reached'} | "
                              f"{row['seconds_per_step_ratio']:.2f}x |")
         lines.append("")
+    lines += across_widths(results["comparison"])
     lines += ["![eval loss vs step](results/loss_vs_step.png)", "", "![eval loss vs time](results/loss_vs_time.png)",
               "", "## What the routing does", "",
               "MoT's mixing weights per routed layer (seed 0): entropy over log G (1 = every token of the group "
