@@ -9,7 +9,7 @@ per run of wall time (a side-by-side step counts half). The mean ratio times the
 estimate for this machine; running it with both `--workers` values says which `mot reproduce --workers` is faster
 here. Prints a table and writes JSON.
 
-    python bench/reproduce_time.py                     # 2 pairs per width, 200 steps each: about 5 min on 2 cores
+    python bench/reproduce_time.py                     # 2 pairs per width, 200 steps each: about 6 min on 2 cores
     python bench/reproduce_time.py --workers 1         # the same runs one after the other, two threads each
 """
 
@@ -39,6 +39,7 @@ from mixture_of_tokens.experiments.runner import (  # noqa: E402
     prepare_data,
     train_shared_tokenizer,
 )
+from mixture_of_tokens.utils import UserError  # noqa: E402
 
 # Side by side as the plan runs them: (model, section) pairs per width.
 PAIRS = ((("dense", MAIN), ("mot", MAIN)), (("mot_all", ROUTED_WEIGHT), ("token_choice", MAIN)))
@@ -76,7 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
-        train_file, valid_file = prepare_data(args.data_dir or default_data_dir(), folder / "data", budget)
+        try:
+            train_file, valid_file = prepare_data(args.data_dir or default_data_dir(), folder / "data", budget)
+        except UserError as error:
+            parser.error(str(error))
         train_shared_tokenizer(train_file, folder / "tokenizer", budget.vocab_size)
         data = {"train_file": str(train_file), "valid_file": str(valid_file), "tokenizer": str(folder / "tokenizer")}
         with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn"), initializer=_worker_init,

@@ -41,3 +41,10 @@ def test_estimate_refuses_a_records_folder_without_a_plan(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "bench" / "reproduce_time.py"), "--records_dir", str(tmp_path)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "holds no plan.json" in result.stderr
+
+
+def test_estimate_refuses_a_data_folder_without_the_novels(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "reproduce_time.py"), "--data_dir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and f"the novels corpus {tmp_path}" in result.stderr
+    assert "Traceback" not in result.stderr
