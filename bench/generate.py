@@ -5,7 +5,8 @@
 
 Three rows (random weights: decode speed does not depend on what the weights are):
 - Token Choice, batch 1: the MoT preset converted by `mot convert` (the same tensors; a transition-tuned model has
-  exactly this architecture), eval mode, so dropless and batch-independent.
+  exactly this architecture), eval mode, so dropless and batch-independent; one row per experts implementation of
+  transformers' interface (`--experts_implementations`: eager, batched_mm, grouped_mm).
 - Dense, batch 1: the same model with dense feed-forward layers of width `top_k * expert_size`, i.e. the same
   active parameters per token as Token Choice (the preset must have `intermediate_size == top_k * expert_size`).
 - MoT, batch = group_size: the only way MoT generates as trained (full groups); tokens/s counts all sequences.
@@ -32,9 +33,11 @@ from mixture_of_tokens import MoTConfig, MoTForCausalLM
 from mixture_of_tokens.convert import converted_config
 
 
-def build_models(preset: str, top_k: int, device: str) -> dict[str, tuple[MoTForCausalLM, int]]:
-    """name -> (model, batch size) for every row of the table."""
-    mot_config = MoTConfig.from_preset(preset)
+def build_models(preset: str, top_k: int, device: str, implementations=("grouped_mm",),
+                 overrides: dict | None = None) -> dict[str, tuple[MoTForCausalLM, int]]:
+    """name -> (model, batch size) for every row of the table; one Token Choice row per experts implementation."""
+    overrides = overrides or {}
+    mot_config = MoTConfig.from_preset(preset, **overrides)
     if "mot" not in mot_config.mlp_types:
         raise SystemExit(f"preset {preset!r} has no MoT layers; choose a MoT preset")
     if mot_config.intermediate_size != top_k * mot_config.expert_size:
@@ -45,17 +48,20 @@ def build_models(preset: str, top_k: int, device: str) -> dict[str, tuple[MoTFor
     torch.manual_seed(0)
     mot = MoTForCausalLM(mot_config)
     # The conversion `mot convert` performs: new config, same tensors.
-    token_choice = MoTForCausalLM(converted_config(mot_config, "token_choice", top_k=top_k))
-    token_choice.load_state_dict(mot.state_dict())
-    dense_config = MoTConfig.from_preset(preset, mlp_types=["dense"] * mot_config.num_hidden_layers)
+    rows = {}
+    for implementation in implementations:
+        token_choice = MoTForCausalLM(converted_config(mot_config, "token_choice", top_k=top_k))
+        token_choice.load_state_dict(mot.state_dict())
+        token_choice.set_experts_implementation(implementation)  # transformers' experts interface
+        rows[f"token_choice [{implementation}], batch 1"] = (token_choice, 1)
+    dense_config = MoTConfig.from_preset(preset, **{**overrides, "mlp_types": ["dense"] * mot_config.num_hidden_layers})
     dense = MoTForCausalLM(dense_config)
     group = mot_config.group_size
-    rows = {
-        "token_choice (transition-tuned), batch 1": (token_choice, 1),
+    rows.update({
         "dense, same active params, batch 1": (dense, 1),
         f"mot, batch {group} (= group size)": (mot, group),
         f"dense, same active params, batch {group}": (dense, group),
-    }
+    })
     for model, _ in rows.values():
         model.to(device).eval()
     return rows
@@ -84,13 +90,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--experts_implementations", nargs="+", default=["eager", "batched_mm", "grouped_mm"],
+                        help="Token Choice rows, one per experts implementation of transformers' interface")
+    parser.add_argument("--hidden_size", type=int, default=None, help="override the preset's hidden size")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.new_tokens < 2:
         raise SystemExit("--new_tokens must be at least 2 (decode speed excludes the first token)")
 
-    rows = build_models(args.preset, args.top_k, args.device)
+    overrides = {"hidden_size": args.hidden_size} if args.hidden_size else {}
+    rows = build_models(args.preset, args.top_k, args.device, args.experts_implementations, overrides)
     max_context = next(iter(rows.values()))[0].config.max_position_embeddings
     if args.prompt_len + args.new_tokens > max_context:
         raise SystemExit(f"--prompt_len + --new_tokens must fit the context of {max_context} tokens")

@@ -6,6 +6,10 @@ Dense: d=512, d_ff=2048. MoT: G=32, E=32, f=2048 (flop-matched: E*f/G = d_ff). T
 use the same E and f with one expert per token. Input: 32 x 256 tokens. The types are timed in interleaved
 rounds and the median of each is reported, so a background load slows all of them alike and the ratios stay
 meaningful on a shared machine.
+
+Alongside, the naive reference of the MoT layer (mixture_of_tokens/reference.py: the paper's equations as loops)
+runs on the first `--reference_positions` positions of the input: its forward time and its largest difference from
+the layer's output are reported, so the fast layer is shown to compute the method.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 from mixture_of_tokens import MoTConfig
 from mixture_of_tokens.cpu_memory import retain_freed_cpu_memory
 from mixture_of_tokens.modeling_mot import FEED_FORWARD_CLASSES, MoTPreTrainedModel
+from mixture_of_tokens.reference import mixture_of_tokens_reference
 
 FFN_TYPES = ["dense", "mot", "token_choice", "expert_choice"]
 
@@ -43,7 +48,7 @@ def time_step(layer, inputs, autocast_dtype, device) -> float:
         torch.cuda.synchronize()
     start = time.perf_counter()
     with autocast:
-        output, _ = layer(inputs)
+        output = layer(inputs)[0]  # every feed-forward layer returns its output first
     output.float().square().mean().backward()
     if device == "cuda":
         torch.cuda.synchronize()
@@ -80,6 +85,23 @@ def benchmark(precision: str, rounds: int, warmup: int, device: str, batch: int,
     return interleaved_medians(layers, inputs, autocast_dtype, device, rounds, warmup)
 
 
+def compare_with_reference(positions: int, batch: int, device: str) -> dict[str, float]:
+    """The MoT layer against its naive reference on `batch x positions` fp32 tokens: forward seconds of each and
+    the largest absolute difference of their outputs."""
+    config = MoTConfig.from_preset("mot-medium-32e")
+    layer = build_layer("mot", config, device).eval()
+    inputs = torch.randn(batch, positions, config.hidden_size, device=device)
+    with torch.no_grad():
+        start = time.perf_counter()
+        fast = layer(inputs)[0]
+        layer_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        slow = mixture_of_tokens_reference(layer, inputs)
+        reference_seconds = time.perf_counter() - start
+    return {"positions": positions, "batch": batch, "layer_forward_seconds": layer_seconds,
+            "reference_forward_seconds": reference_seconds, "max_abs_difference": (fast - slow).abs().max().item()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench/results/layer.json", help="where to write the JSON results")
@@ -91,6 +113,8 @@ def main() -> None:
     parser.add_argument("--system_malloc", action="store_true",
                         help="leave glibc malloc as it is (by default freed memory is kept for reuse, as `mot train` "
                              "does on CPU; see mixture_of_tokens/cpu_memory.py)")
+    parser.add_argument("--reference_positions", type=int, default=4,
+                        help="positions of the input the naive reference runs on (0: skip it)")
     parser.add_argument("--precisions", nargs="+", choices=list(PRECISIONS), default=list(PRECISIONS))
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -124,6 +148,13 @@ def main() -> None:
             results[f"{name}_over_dense_{label}"] = seconds[name] / seconds["dense"]
     for label in args.precisions:
         print(f"mot_over_dense_{label} = {results[f'mot_over_dense_{label}']:.3f}")
+    if args.reference_positions:
+        reference = compare_with_reference(args.reference_positions, args.batch, args.device)
+        results["reference"] = reference
+        print(f"naive reference, {args.batch}x{reference['positions']} tokens, fp32 forward: "
+              f"{reference['reference_forward_seconds'] * 1e3:.0f} ms vs the layer's "
+              f"{reference['layer_forward_seconds'] * 1e3:.1f} ms, largest difference "
+              f"{reference['max_abs_difference']:.2e}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"wrote {args.out}")

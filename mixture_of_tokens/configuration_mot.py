@@ -14,15 +14,24 @@ from transformers import PreTrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 MLP_TYPES = ("dense", "mot", "token_choice", "expert_choice")
+ROUTED_TYPES = ("mot", "token_choice", "expert_choice")  # a router and experts
+# Layers that group the rows of a batch at one position: their output for a sequence depends on the others.
+GROUPED_TYPES = ("mot", "expert_choice")
 MOT_ROUTINGS = ("softmax", "uniform", "discrete")
 LEARNABLE_TEMPERATURE = ("off", "shared", "per_expert")
 EMBEDDING_INITS = ("fan_in_hidden", "unit_fan_in")
 POSITION_EMBEDDING_TYPES = ("learned", "rope")
 NORM_TYPES = ("layernorm", "rmsnorm")
 ROPE_TYPES = ("default", *ROPE_INIT_FUNCTIONS)  # what transformers' rotary utilities compute
+# Every Auto class we support, so a saved folder (and a Hub repo) loads with trust_remote_code=True anywhere.
+AUTO_MAP = {
+    "AutoConfig": "configuration_mot.MoTConfig",
+    "AutoModel": "modeling_mot.MoTModel",
+    "AutoModelForCausalLM": "modeling_mot.MoTForCausalLM",
+}
 ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu", "swish", "tanh", "sigmoid", "relu2")
 
-# The paper's configurations (DESIGN.md §2; llm-random's configs). "/k" variants keep parameters and FLOPs but
+# The paper's configurations (docs/design.md, "The model"; llm-random's configs). "/k" variants keep parameters and FLOPs but
 # split each expert into k smaller ones: num_experts = group_size * k, expert_size = d_ff / k.
 _MEDIUM = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, intermediate_size=2048)
 _BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
@@ -72,7 +81,8 @@ class MoTConfig(PreTrainedConfig):
         position_embedding_type: "learned" (default: absolute position embeddings, the paper's) or "rope" (rotary
             embeddings from transformers' own utilities: `rope_parameters`, or `rope_theta` / `rope_scaling` as
             transformers 5 reads them).
-        rope_parameters: transformers 5's RoPE dict (`rope_type`, `rope_theta`, ...); used with "rope" only.
+        rope_parameters: transformers 5's RoPE dict (`rope_type`, `rope_theta`, ...); only with "rope" (a
+            learned-position config has no such attribute).
         norm_type: "layernorm" (default) or "rmsnorm" (Llama's, with `rms_norm_eps`).
         gated_mlp: false (default): `act(x W_up) W_down`; true: `(act(x W_gate) * (x W_up)) W_down` (SwiGLU with
             silu) in the dense feed-forward layers and in every expert of every routed layer. Flop-matching is
@@ -123,7 +133,6 @@ class MoTConfig(PreTrainedConfig):
     intermediate_size: int = 2048
     max_position_embeddings: int = 256
     position_embedding_type: str = "learned"
-    rope_parameters: dict | None = None
     norm_type: str = "layernorm"
     rms_norm_eps: float = 1e-6
     gated_mlp: bool = False
@@ -167,14 +176,17 @@ class MoTConfig(PreTrainedConfig):
             self.learnable_temperature = "off"
         elif self.learnable_temperature is True:
             self.learnable_temperature = "shared"
+        # Only a rotary config has `rope_parameters` (transformers standardises it, from `rope_theta` /
+        # `rope_scaling` too); a learned-position one has none, so nothing takes it for a RoPE model. Its RoPE
+        # keys, as configs saved by earlier versions carry, are dropped.
+        rope_keys = ("rope_parameters", "rope_theta", "rope_scaling")
+        if self.position_embedding_type == "rope":
+            self.rope_parameters = kwargs.pop("rope_parameters", None)
+        else:
+            kwargs = {key: value for key, value in kwargs.items() if key not in rope_keys}
         super().__post_init__(**kwargs)
         if getattr(self, "auto_map", None) is None:
-            # Every Auto class we support, so a saved folder loads with trust_remote_code=True anywhere.
-            self.auto_map = {
-                "AutoConfig": "configuration_mot.MoTConfig",
-                "AutoModel": "modeling_mot.MoTModel",
-                "AutoModelForCausalLM": "modeling_mot.MoTForCausalLM",
-            }
+            self.auto_map = dict(AUTO_MAP)
         self.validate_mot()
 
     def validate_mot(self) -> None:
@@ -258,5 +270,16 @@ class MoTConfig(PreTrainedConfig):
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
+    @property
+    def routed_layer_types(self) -> list[str]:
+        """The routed feed-forward types among `mlp_types` (a router and experts), in MLP_TYPES order."""
+        return [kind for kind in ROUTED_TYPES if kind in self.mlp_types]
 
-__all__ = ["MoTConfig", "PRESETS", "MLP_TYPES"]
+    @property
+    def grouped_layer_types(self) -> list[str]:
+        """The types among `mlp_types` that group rows of a batch (MoT, Expert Choice): if any, the model's output
+        for one sequence depends on the other sequences of its batch."""
+        return [kind for kind in GROUPED_TYPES if kind in self.mlp_types]
+
+
+__all__ = ["MoTConfig", "PRESETS", "MLP_TYPES", "ROUTED_TYPES", "GROUPED_TYPES"]

@@ -110,7 +110,8 @@ def read_llama_weights(src: Path) -> dict:
 
 
 def mot_state_from_llama(weights: dict, config) -> dict:
-    """Our parameter names and layouts for the Llama tensors (routed blocks: experts from the block's FFN)."""
+    """Our state dict for the Llama tensors: the same names for everything but the routed blocks' experts, which
+    start from the block's FFN."""
     import torch
 
     def take(name):
@@ -118,42 +119,29 @@ def mot_state_from_llama(weights: dict, config) -> dict:
             raise UserError(f"the Llama weights lack {name}")
         return weights[name]
 
-    state = {"model.embed_tokens.weight": take("model.embed_tokens.weight"),
-             "model.norm.weight": take("model.norm.weight")}
-    if not config.tie_word_embeddings:
-        state["lm_head.weight"] = take("lm_head.weight")
+    routed = [f"model.layers.{index}.mlp." for index, kind in enumerate(config.mlp_types) if kind != "dense"]
+    state = {name: tensor for name, tensor in weights.items()
+             if not name.startswith(tuple(routed)) and not name.endswith(".rotary_emb.inv_freq")}
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
     slices = config.intermediate_size // config.expert_size
-    for index, mlp_type in enumerate(config.mlp_types):
-        ours, theirs = f"model.layers.{index}", f"model.layers.{index}"
-        state[f"{ours}.attn_norm.weight"] = take(f"{theirs}.input_layernorm.weight")
-        state[f"{ours}.mlp_norm.weight"] = take(f"{theirs}.post_attention_layernorm.weight")
-        projections = [f"{theirs}.self_attn.{name}_proj" for name in ("q", "k", "v")]
-        # Query, key and value in one projection, in that order (MoTAttention's layout).
-        state[f"{ours}.self_attn.qkv_proj.weight"] = torch.cat([take(f"{p}.weight") for p in projections])
-        state[f"{ours}.self_attn.o_proj.weight"] = take(f"{theirs}.self_attn.o_proj.weight")
-        if config.attention_bias:
-            state[f"{ours}.self_attn.qkv_proj.bias"] = torch.cat([take(f"{p}.bias") for p in projections])
-            state[f"{ours}.self_attn.o_proj.bias"] = take(f"{theirs}.self_attn.o_proj.bias")
-        suffixes = ("weight", "bias") if config.mlp_bias else ("weight",)
-        if mlp_type == "dense":
-            for name in ("gate_proj", "up_proj", "down_proj"):
-                for suffix in suffixes:
-                    state[f"{ours}.mlp.{name}.{suffix}"] = take(f"{theirs}.mlp.{name}.{suffix}")
-            continue
-        # Expert e = slice e mod k of the hidden units: [f_total, d] -> [k, f, d]; stack E of them as [E, d, f].
-        size, width = config.hidden_size, config.expert_size
-        chosen = [expert % slices for expert in range(config.num_experts)]
-        gate = take(f"{theirs}.mlp.gate_proj.weight").view(slices, width, size)
-        up = take(f"{theirs}.mlp.up_proj.weight").view(slices, width, size)
-        down = take(f"{theirs}.mlp.down_proj.weight").view(size, slices, width)
-        state[f"{ours}.mlp.w_gate"] = gate[chosen].transpose(1, 2).contiguous()  # [E, d, f]
-        state[f"{ours}.mlp.w1"] = up[chosen].transpose(1, 2).contiguous()  # [E, d, f]
-        state[f"{ours}.mlp.w2"] = down.permute(1, 2, 0)[chosen].contiguous()  # [E, f, d]
+    size, width = config.hidden_size, config.expert_size
+    chosen = [expert % slices for expert in range(config.num_experts)]
+    for prefix in routed:
+        # Expert e = slice e mod k of the hidden units: [f_total, d] -> [k, f, d] -> E of them, [E, f, d]; our
+        # experts are stored [E, in, out].
+        gate = take(f"{prefix}gate_proj.weight").view(slices, width, size)[chosen]
+        up = take(f"{prefix}up_proj.weight").view(slices, width, size)[chosen]
+        down = take(f"{prefix}down_proj.weight").view(size, slices, width).permute(1, 2, 0)[chosen]  # [E, f, d]
+        state[f"{prefix}experts.gate_up_proj"] = torch.cat([gate, up], dim=1).transpose(1, 2).contiguous()  # [E, d, 2f]
+        state[f"{prefix}experts.down_proj"] = down.contiguous()
         if config.mlp_bias:
-            state[f"{ours}.mlp.b_gate"] = take(f"{theirs}.mlp.gate_proj.bias").view(slices, width)[chosen]
-            state[f"{ours}.mlp.b1"] = take(f"{theirs}.mlp.up_proj.bias").view(slices, width)[chosen]
+            gate_bias = take(f"{prefix}gate_proj.bias").view(slices, width)[chosen]
+            up_bias = take(f"{prefix}up_proj.bias").view(slices, width)[chosen]
+            state[f"{prefix}experts.gate_up_proj_bias"] = torch.cat([gate_bias, up_bias], dim=1)
             # The down projection's bias is added once per token in Llama; each expert output carries it once.
-            state[f"{ours}.mlp.b2"] = take(f"{theirs}.mlp.down_proj.bias").expand(config.num_experts, size) / slices
+            state[f"{prefix}experts.down_proj_bias"] = take(f"{prefix}down_proj.bias").expand(config.num_experts,
+                                                                                             size) / slices
     return state
 
 
@@ -164,8 +152,8 @@ def convert_llama(src: str | Path, dst: str | Path, to: str, routed_layers: list
     import torch
 
     from . import MoTForCausalLM
-    from .cards import CONVERSION_FILE, refresh_card
-    from .model_folder import copy_tokenizer
+    from .cards import refresh_card
+    from .model_folder import CONVERSION_FILE, copy_tokenizer
     from .utils import atomic_directory
 
     src, dst = Path(src), Path(dst)
@@ -180,7 +168,7 @@ def convert_llama(src: str | Path, dst: str | Path, to: str, routed_layers: list
     model = MoTForCausalLM(config)
     dtype = state["model.embed_tokens.weight"].dtype
     missing, unexpected = model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=False)
-    fresh = [name for name in missing if name.endswith(".router")]
+    fresh = [name for name in missing if name.endswith(".mlp.gate.weight")]
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()  # the embedding, tied by post_init
     if set(missing) - set(fresh) - tied or unexpected:
         raise UserError(f"internal mapping error: missing {sorted(set(missing) - set(fresh) - tied)}, unexpected "

@@ -1,6 +1,6 @@
 """An lm-evaluation-harness model for Mixture of Tokens checkpoints, registered as `mot`.
 
-Why not the stock `hf` model: a MoT layer mixes the tokens of `group_size` sequences of a batch (DESIGN.md §4).
+Why not the stock `hf` model: a MoT layer mixes the tokens of `group_size` sequences of a batch (docs/design.md, "Batch dependence").
 lm-eval's `hf` model sorts requests by length, right-pads with token 0 and passes no attention mask, so a MoT
 model's scores would depend on padding tokens and on a length-sorted batch composition nobody can reproduce.
 
@@ -47,8 +47,6 @@ logger = logging.get_logger(__name__)
 # Under lm-eval's logger, so its command line shows these lines (at INFO) with its own, and `mot eval` does not.
 eval_logger = std_logging.getLogger("lm_eval.models.mot")
 
-BATCH_DEPENDENT_MLP_TYPES = ("mot", "expert_choice")
-
 BATCHING_RULE = (
     "per task; requests sorted by (document, choice); consecutive batches of batch_size rows; "
     "MoT group j = rows j*group_size..j*group_size+group_size-1 of a batch; right padding masked"
@@ -57,7 +55,7 @@ BATCHING_RULE = (
 
 def is_batch_dependent(config) -> bool:
     """Whether a model's output for one sequence depends on the other sequences of its batch."""
-    return any(kind in BATCH_DEPENDENT_MLP_TYPES for kind in getattr(config, "mlp_types", None) or ())
+    return bool(getattr(config, "grouped_layer_types", None))
 
 
 # --------------------------------------------------------------------------------------------------- quiet lm-eval

@@ -6,17 +6,22 @@ the tokens at one position of `group_size` different sequences are mixed, per ex
 over the group), each expert processes its mixed token, and the outputs are redistributed to the group's
 tokens with the same weights. Tokens at different positions never mix, so the model stays causal.
 
-The same file also holds the baselines of the paper: a dense feed-forward layer, Token Choice (Switch) and
-Expert Choice. The routed layers share their parameter names (`router`, `w1`, `w2`), so a MoT checkpoint
-becomes a Token Choice model by changing only the config (the paper's transition tuning).
+The layout is that of transformers' MoE models (OLMoE, Qwen2-MoE): attention `q/k/v/o_proj`, `input_layernorm`,
+`post_attention_layernorm`, and in routed blocks a router module `mlp.gate` (`.weight [E, d]`) and an experts
+module `mlp.experts` (`gate_up_proj [E, d, 2f]` or `up_proj [E, d, f]`, `down_proj [E, f, d]`). The MoT, Token
+Choice and Expert Choice layers are short compositions of the two and share their names, so a MoT checkpoint
+becomes a Token Choice model by changing only `mlp_types` (the paper's transition tuning). Token Choice sends its
+tokens through transformers' experts interface (`experts_implementation=`: eager, batched_mm, grouped_mm, ...).
 
 This file holds the method and transformers' plumbing; its performance paths (the chunked training loss, layout
 helpers) are in `performance_mot.py`. Both, with `configuration_mot.py`, travel to the Hub as custom code
-(`trust_remote_code=True`): they import only each other and installed packages.
+(`trust_remote_code=True`): they import only each other and installed packages. The method's design is in the
+repository's docs/design.md.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from collections.abc import Callable
@@ -28,13 +33,16 @@ from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.generation import GenerationMixin
+from transformers.generation import GenerationConfig, GenerationMixin
+from transformers.integrations import use_experts_implementation
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import can_return_tuple, logging
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_mot import MoTConfig
 
@@ -70,27 +78,18 @@ def merge_cache_arguments(cache: Cache | None, past_key_values: Cache | None) ->
 
 @dataclass
 class MoTModelOutputWithPast(MoeModelOutputWithPast):
-    """`MoeModelOutputWithPast` plus `routing_stats`: one dict of scalar tensors per block (None for dense
-    blocks), filled when `output_routing_stats=True`."""
+    """`MoeModelOutputWithPast` plus `routing_stats` (one dict of scalar tensors per routed block, in block order,
+    recorded when `output_routing_stats=True`) and `aux_loss` (the Token Choice router losses while training)."""
 
-    routing_stats: tuple[dict[str, torch.Tensor] | None, ...] | None = None
+    routing_stats: tuple[dict[str, torch.Tensor], ...] | None = None
     aux_loss: torch.Tensor | None = None
 
 
 @dataclass
 class MoTCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
-    """`MoeCausalLMOutputWithPast` plus per-block `routing_stats` (see `MoTModelOutputWithPast`)."""
+    """`MoeCausalLMOutputWithPast` plus `routing_stats` (see `MoTModelOutputWithPast`)."""
 
-    routing_stats: tuple[dict[str, torch.Tensor] | None, ...] | None = None
-
-
-@dataclass
-class FeedForwardOutput:
-    """What a feed-forward layer hands back to its block besides the hidden states."""
-
-    aux_loss: torch.Tensor | None = None  # weighted router losses of Token Choice, part of the training loss
-    router_logits: torch.Tensor | None = None
-    stats: dict[str, torch.Tensor] | None = None
+    routing_stats: tuple[dict[str, torch.Tensor], ...] | None = None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -214,9 +213,9 @@ class MoTAttention(nn.Module):
         self.scaling = self.head_dim**-0.5
         self.is_causal = True
         self.num_key_value_groups = self.num_heads // self.num_key_value_heads  # read by transformers' integrations
-        # One projection for query, key and value, in that order: heads + 2 * kv_heads blocks of head_dim features.
-        projected = (self.num_heads + 2 * self.num_key_value_heads) * self.head_dim
-        self.qkv_proj = nn.Linear(config.hidden_size, projected, bias=config.attention_bias)
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=config.attention_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.attention_bias)
 
     def forward(
@@ -228,13 +227,16 @@ class MoTAttention(nn.Module):
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch_size, seq_len, hidden_size = hidden_states.shape
-        # [B, S, (heads + 2 kv_heads) * head_dim] -> [B, heads + 2 kv_heads, S, head_dim] -> query, key, value
-        qkv = self.qkv_proj(hidden_states).view(batch_size, seq_len, -1, self.head_dim).transpose(1, 2)
-        query, key, value = qkv.split([self.num_heads, self.num_key_value_heads, self.num_key_value_heads], dim=1)
+        # [B, S, heads * head_dim] -> [B, heads, S, head_dim] (kv_heads for key and value)
+        shape = (batch_size, seq_len, -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
         if position_embeddings is not None:
             query, key = apply_rotary(query, key, *position_embeddings)
         if cache is not None:
-            key, value = cache.update(key, value, self.layer_idx)
+            # `kwargs`: the paged cache of continuous batching updates the attention arguments in place.
+            key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
@@ -245,7 +247,7 @@ class MoTAttention(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Feed-forward layers
+# Feed-forward layers: dense, and the routed ones composed of a router and an experts module
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -259,12 +261,137 @@ class DenseFeedForward(nn.Module):
         self.gate_proj = nn.Linear(size, width, bias=bias) if config.gated_mlp else None
         self.up_proj = nn.Linear(size, width, bias=bias)
         self.down_proj = nn.Linear(width, size, bias=bias)
-        self.act = ACT2FN[config.hidden_act]
+        self.act_fn = ACT2FN[config.hidden_act]
 
-    def forward(self, hidden_states, token_mask=None, output_stats=False):
+    def forward(self, hidden_states, token_mask=None, want_stats=False):
+        """Like every feed-forward layer here: `(output, aux_loss, routing statistics)`; a dense layer has neither."""
         hidden = self.up_proj(hidden_states)
-        hidden = self.act(hidden) if self.gate_proj is None else self.act(self.gate_proj(hidden_states)) * hidden
-        return self.down_proj(hidden), FeedForwardOutput()
+        hidden = self.act_fn(hidden) if self.gate_proj is None else self.act_fn(self.gate_proj(hidden_states)) * hidden
+        return self.down_proj(hidden), None, None
+
+
+class MoTRouter(nn.Module):
+    """The router (MoT's controller): one score per expert for every token, `x W^T` with `weight [E, d]`."""
+
+    def __init__(self, config: MoTConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden_states, self.weight)  # [..., d] -> [..., E]
+
+
+class TopKRouter(MoTRouter):
+    """Token Choice's router (Switch): softmax over experts in fp32, top-k; the gates are the top-k probabilities,
+    not renormalised (Qwen2-MoE's router with `norm_topk_prob=False`)."""
+
+    def __init__(self, config: MoTConfig):
+        super().__init__(config)
+        self.top_k = config.num_experts_per_tok
+
+    def forward(self, hidden_states: torch.Tensor):
+        """`[N, d]` -> router logits `[N, E]`, probabilities `[N, E]` (fp32), gates and expert indices `[N, k]`."""
+        router_logits = F.linear(hidden_states, self.weight)
+        router_probs = torch.softmax(router_logits.float(), dim=-1)
+        top_k_weights, top_k_index = router_probs.topk(self.top_k, dim=-1)
+        return router_logits, router_probs, top_k_weights, top_k_index
+
+
+def _batched_projection(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`[E, N, in] @ [E, in, out] (+ [E, out])` -> `[E, N, out]`."""
+    if bias is None:
+        return torch.bmm(inputs, weight)
+    return torch.baddbmm(bias.unsqueeze(1), inputs, weight)
+
+
+# Weights stored `[E, in, out]` (transformers' `is_transposed` layout, as GPT-OSS's): the batched matmuls of MoT then
+# read them as they are; through a transposed view, CPU bf16 bmm ran at half the speed (forward + backward).
+@use_experts_implementation(is_transposed=True)
+class MoTExperts(nn.Module):
+    """`E` feed-forward experts with stacked weights, under transformers' MoE names in its transposed layout:
+    `gate_up_proj [E, d, 2f]` (gate columns first; with `gated_mlp`) or `up_proj [E, d, f]`, and `down_proj [E, f, d]`,
+    with `*_bias [E, out]` under `mlp_bias`. Expert `e` computes what the dense feed-forward layer computes, with its
+    own weights.
+
+    `process` is the one computation of MoT and Expert Choice (and Token Choice's capacity-limited training path):
+    `[E, N, d] -> [E, N, d]`, expert `e` on row block `e`. `forward(hidden_states, top_k_index, top_k_weights)`
+    is transformers' token-routed interface; `config._experts_implementation` picks the function that runs it
+    (eager: the loop below; batched_mm, grouped_mm or any function registered in `ALL_EXPERTS_FUNCTIONS`).
+    """
+
+    def __init__(self, config: MoTConfig):
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.hidden_dim = config.hidden_size
+        self.intermediate_dim = config.expert_size
+        experts, size, width, bias = config.num_experts, config.hidden_size, config.expert_size, config.mlp_bias
+        if config.gated_mlp:
+            self.gate_up_proj = nn.Parameter(torch.empty(experts, size, 2 * width))
+            self.gate_up_proj_bias = nn.Parameter(torch.empty(experts, 2 * width)) if bias else None
+        else:
+            self.up_proj = nn.Parameter(torch.empty(experts, size, width))
+            self.up_proj_bias = nn.Parameter(torch.empty(experts, width)) if bias else None
+        self.down_proj = nn.Parameter(torch.empty(experts, width, size))
+        self.down_proj_bias = nn.Parameter(torch.empty(experts, size)) if bias else None
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def process(self, expert_inputs: torch.Tensor) -> torch.Tensor:
+        """`[E, N, d]` -> `[E, N, d]`: expert `e` processes row block `e`."""
+        if self.has_gate:
+            gate, up = _batched_projection(expert_inputs, self.gate_up_proj, self.gate_up_proj_bias).chunk(2, dim=-1)
+            hidden = self.act_fn(gate) * up  # [E, N, f]
+        else:
+            hidden = _batched_projection(expert_inputs, self.up_proj, self.up_proj_bias)
+            # In place for ReLU: bmm keeps its inputs, not its output, for backward, so this saves an [E, N, f] tensor.
+            hidden = hidden.relu_() if isinstance(self.act_fn, nn.ReLU) else self.act_fn(hidden)
+        return _batched_projection(hidden, self.down_proj, self.down_proj_bias)
+
+    def process_one(self, expert: int, inputs: torch.Tensor) -> torch.Tensor:
+        """`[N, d]` -> `[N, d]` through expert `expert` alone."""
+
+        def project(x, weight, bias):
+            return x @ weight[expert] if bias is None else torch.addmm(bias[expert], x, weight[expert])
+
+        if self.has_gate:
+            gate, up = project(inputs, self.gate_up_proj, self.gate_up_proj_bias).chunk(2, dim=-1)
+            hidden = self.act_fn(gate) * up
+        else:
+            hidden = self.act_fn(project(inputs, self.up_proj, self.up_proj_bias))
+        return project(hidden, self.down_proj, self.down_proj_bias)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        """Eager: `[N, d]` tokens, `[N, k]` chosen experts and gates -> `[N, d]`, each used expert once on its tokens.
+        Reads the experts' token counts back to the host once (batched_mm and grouped_mm do not)."""
+        num_tokens, top_k = top_k_index.shape
+        flat = top_k_index.reshape(-1)  # [N*k], assignment a = token a // k
+        weights = top_k_weights.reshape(-1, 1).to(hidden_states.dtype)
+        if 0 < flat.numel() <= self.num_experts:
+            # Few assignments (decoding): one small product each costs less than sorting them by expert.
+            rows = [self.process_one(expert, hidden_states[a // top_k : a // top_k + 1])
+                    for a, expert in enumerate(flat.tolist())]
+            return (torch.cat(rows) * weights).view(num_tokens, top_k, -1).sum(1)
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        output = torch.zeros_like(hidden_states)
+        start = 0
+        for expert, count in enumerate(counts):
+            if count:
+                chosen = order[start : start + count]
+                token = chosen // top_k
+                gate = weights[chosen]
+                # index_put_(accumulate=True), not index_add_: the latter is much slower on CPU (torch 2.13).
+                output.index_put_((token,), self.process_one(expert, hidden_states[token]) * gate, accumulate=True)
+                start += count
+        return output
+
+
+class RoutedExperts(MoTExperts):
+    """The experts of one routed layer. `@use_experts_implementation` states one layout per class; ours follows the
+    config (gated or not, biases or not), so the flags the experts functions read are set from it here."""
+
+    def __init__(self, config: MoTConfig):
+        super().__init__(config)
+        self.has_gate, self.has_bias = config.gated_mlp, config.mlp_bias
 
 
 def group_rows(
@@ -283,7 +410,7 @@ def group_rows(
         if token_mask is None:
             token_mask = torch.ones(batch_size, seq_len, dtype=torch.bool, device=hidden_states.device)
         token_mask = F.pad(token_mask, (0, 0, 0, missing), value=False)
-    if batch_size < group_size or missing:
+    if (batch_size < group_size or missing) and not torch.compiler.is_compiling():
         logger.warning_once(
             f"A Mixture of Tokens layer ran with groups smaller than group_size={group_size} (batch of "
             f"{batch_size} sequences). Outputs depend on which sequences share a group; a model trained with full "
@@ -297,68 +424,20 @@ def group_rows(
     return grouped, token_mask
 
 
-class RoutedFeedForward(nn.Module):
-    """Parameters shared by every routed layer: a router `[d, E]` and `E` experts `W1 [E, d, f]`, `W2 [E, f, d]`
-    (with `gated_mlp` also `W_gate [E, d, f]`; with `mlp_bias` biases `b1`, `b2`, `b_gate`). Each expert computes
-    what the dense feed-forward layer computes, with its own weights.
-
-    Keeping one set of names for MoT, Token Choice and Expert Choice makes a checkpoint of one loadable as
-    another by changing only `mlp_types` in the config.
-    """
-
-    def __init__(self, config: MoTConfig):
-        super().__init__()
-        self.config = config
-        self.num_experts = config.num_experts
-        experts, size, width = config.num_experts, config.hidden_size, config.expert_size
-        self.router = nn.Parameter(torch.empty(size, experts))
-        self.w1 = nn.Parameter(torch.empty(experts, size, width))
-        self.w2 = nn.Parameter(torch.empty(experts, width, size))
-        self.w_gate = nn.Parameter(torch.empty(experts, size, width)) if config.gated_mlp else None
-        bias = config.mlp_bias
-        self.b1 = nn.Parameter(torch.empty(experts, width)) if bias else None
-        self.b2 = nn.Parameter(torch.empty(experts, size)) if bias else None
-        self.b_gate = nn.Parameter(torch.empty(experts, width)) if bias and config.gated_mlp else None
-        self.act = ACT2FN[config.hidden_act]
-
-    @staticmethod
-    def _project(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """`[E, N, a] @ [E, a, b] (+ [E, b])` -> `[E, N, b]`."""
-        return torch.bmm(inputs, weight) if bias is None else torch.baddbmm(bias.unsqueeze(1), inputs, weight)
-
-    def run_experts(self, expert_inputs: torch.Tensor) -> torch.Tensor:
-        """`[E, N, d]` -> `[E, N, d]`: expert `e` processes row block `e`."""
-        hidden = self._project(expert_inputs, self.w1, self.b1)  # [E, N, f]
-        if self.w_gate is not None:
-            hidden = self.act(self._project(expert_inputs, self.w_gate, self.b_gate)) * hidden
-        elif isinstance(self.act, nn.ReLU):
-            # In place: bmm keeps its inputs, not its output, for backward, so this saves an [E, N, f] tensor.
-            hidden = hidden.relu_()
-        else:
-            hidden = self.act(hidden)
-        return self._project(hidden, self.w2, self.b2)
-
-    def run_one_expert(self, expert: int, inputs: torch.Tensor) -> torch.Tensor:
-        """`[N, d]` -> `[N, d]` through expert `expert` alone."""
-
-        def project(x, weight, bias):
-            return x @ weight[expert] if bias is None else x @ weight[expert] + bias[expert]
-
-        hidden = project(inputs, self.w1, self.b1)
-        gate = None if self.w_gate is None else project(inputs, self.w_gate, self.b_gate)
-        hidden = self.act(hidden) if gate is None else self.act(gate) * hidden
-        return project(hidden, self.w2, self.b2)
-
-
 MIN_LOG_TEMPERATURE = math.log(1e-4)
+
+
+def _one_hot(index: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """`F.one_hot` without its range check, which reads the indices back to the host."""
+    return (index.unsqueeze(-1) == torch.arange(num_classes, device=index.device)).long()
 
 
 def _entropy(probs: torch.Tensor, dim: int) -> torch.Tensor:
     return -(probs * probs.clamp_min(1e-20).log()).sum(dim)
 
 
-class MixtureOfTokens(RoutedFeedForward):
-    """The MoT layer (DESIGN §1).
+class MixtureOfTokens(nn.Module):
+    """The MoT layer (docs/design.md; the paper's section 3).
 
     For each group (contiguous block of `G` rows) and position: logits `x W_c`, weights = softmax over the
     group's tokens (separately per expert) of `logits / T`; expert `e` gets `sum_g w[g, e] x[g]`, and token `g`
@@ -366,9 +445,13 @@ class MixtureOfTokens(RoutedFeedForward):
     """
 
     def __init__(self, config: MoTConfig):
-        super().__init__(config)
+        super().__init__()
+        self.config = config
+        self.num_experts = config.num_experts
         self.group_size = config.group_size
         self.routing = config.mot_routing
+        self.gate = MoTRouter(config)
+        self.experts = RoutedExperts(config)
         if config.learnable_temperature == "off":
             self.log_temperature = None
         else:
@@ -389,7 +472,7 @@ class MixtureOfTokens(RoutedFeedForward):
             # The paper's "uniform routing" ablation: a controller frozen at zero.
             logits = grouped.new_zeros(*grouped.shape[:-1], self.num_experts)
         else:
-            logits = grouped @ self.router
+            logits = self.gate(grouped)
             temperature = self.temperature()
             if not (isinstance(temperature, float) and temperature == 1.0):  # the paper's fixed T = 1
                 logits = logits / temperature
@@ -407,7 +490,7 @@ class MixtureOfTokens(RoutedFeedForward):
             weights = weights * group_mask
         return weights
 
-    def forward(self, hidden_states, token_mask=None, output_stats=False):
+    def forward(self, hidden_states, token_mask=None, want_stats=False):
         batch_size, seq_len, hidden_size = hidden_states.shape
         # Cast once (autocast would cast again for every matmul that reads the tokens).
         hidden_states = hidden_states.to(compute_dtype(hidden_states))
@@ -419,20 +502,19 @@ class MixtureOfTokens(RoutedFeedForward):
         tokens = ContiguousTranspose.apply(grouped, 1, 2).view(-1, group_size, hidden_size)  # [p, G, d]
         if group_mask is not None:
             group_mask = group_mask.transpose(1, 2).reshape(-1, group_size, 1)  # [p, G, 1]
-        # Steps 1-2 (DESIGN §1): controller logits, softmax over the group's tokens for each expert.
+        # Steps 1-2: controller logits, softmax over the group's tokens for each expert.
         weights = self.mixing_weights(tokens, group_mask)  # [p, G, E], softmax over G; fp32 under autocast
         mixing = weights.to(tokens.dtype)
         # Step 3, merge: one mixed token per expert, m_e = sum_g w[g, e] x[g].
         merged = torch.bmm(mixing.transpose(1, 2), tokens)  # [p, E, G] @ [p, G, d] -> [p, E, d]
         # Step 4, process: expert e on its mixed token of every (group, position).
-        processed = self.run_experts(ContiguousTranspose.apply(merged, 0, 1))  # [E, p, d]
+        processed = self.experts.process(ContiguousTranspose.apply(merged, 0, 1))  # [E, p, d]
         # Step 5, emit with the same weights: y[g] = sum_e w[g, e] h_e.
         output = torch.bmm(mixing, ContiguousTranspose.apply(processed, 0, 1))  # [p, G, E] @ [p, E, d]
         # [p, G, d] = [n, S, G, d] -> [n, G, S, d] -> [B, S, d]
         output = ContiguousTranspose.apply(output.view(num_groups, seq_len, group_size, hidden_size), 1, 2)
         output = drop_group_padding(output.view(-1, seq_len, hidden_size), batch_size)
-
-        return output, FeedForwardOutput(stats=self.mixing_stats(weights) if output_stats else None)
+        return output, None, self.mixing_stats(weights) if want_stats else None
 
     @torch.no_grad()
     def mixing_stats(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -446,115 +528,107 @@ class MixtureOfTokens(RoutedFeedForward):
         }
 
 
-class TokenChoice(RoutedFeedForward):
+class TokenChoice(nn.Module):
     """Token Choice (Switch) routing: softmax over experts per token, top-k, output scaled by the router
     probability. While training each expert takes at most `capacity_factor * tokens * k / E` tokens (the rest
-    are dropped); in eval mode it is dropless, so a sequence's output never depends on the rest of the batch.
+    are dropped); in eval mode it is dropless, through transformers' experts interface, so a sequence's output
+    never depends on the rest of the batch.
     """
 
     def __init__(self, config: MoTConfig):
-        super().__init__(config)
+        super().__init__()
+        self.config = config
+        self.num_experts = config.num_experts
         self.top_k = config.num_experts_per_tok
         self.capacity_factor = config.capacity_factor
+        self.gate = TopKRouter(config)
+        self.experts = RoutedExperts(config)
 
-    def forward(self, hidden_states, token_mask=None, output_stats=False):
+    def forward(self, hidden_states, token_mask=None, want_stats=False):
         batch_size, seq_len, hidden_size = hidden_states.shape
         tokens = hidden_states.reshape(-1, hidden_size)  # [N, d]
-        router_logits = tokens @ self.router  # [N, E]
-        probs = torch.softmax(router_logits.float(), dim=-1)
-        gate, expert_index = probs.topk(self.top_k, dim=-1)  # [N, k]
-        valid = None if token_mask is None else token_mask.reshape(-1)
-
-        # Assignments in priority order: every token's first choice before any second choice (Switch/GShard).
-        assigned_expert = expert_index.t().reshape(-1)  # [k*N]
-        assigned_token = torch.arange(tokens.shape[0], device=tokens.device).repeat(self.top_k)
-        assigned_gate = gate.t().reshape(-1)
-        if valid is not None:
-            keep = valid.repeat(self.top_k)
-            assigned_expert, assigned_token, assigned_gate = (
-                assigned_expert[keep], assigned_token[keep], assigned_gate[keep]
-            )
-        num_real_tokens = tokens.shape[0] if valid is None else valid.sum()
-
-        output = torch.zeros_like(tokens)
+        router_logits, router_probs, top_k_weights, top_k_index = self.gate(tokens)
+        valid = None if token_mask is None else token_mask.reshape(-1, 1)  # [N, 1]
+        dropped = None
         if self.training:
-            dropped = self._dispatch_with_capacity(
-                tokens, output, assigned_expert, assigned_token, assigned_gate, num_real_tokens
-            )
+            # Padding takes no capacity and gets a zero update.
+            output, dropped = self._dispatch_with_capacity(tokens, top_k_index, top_k_weights, valid)
         else:
-            self._dispatch_dropless(tokens, output, assigned_expert, assigned_token, assigned_gate)
-            dropped = None
+            # Each token on its own: padding is routed like any token, and its output is never read.
+            output = self.experts(tokens, top_k_index, top_k_weights.to(tokens.dtype))
 
-        # Load balancing (DESIGN §3): E * sum_e (mean router prob of e) * (fraction of assignments to e).
-        real_probs = probs if valid is None else probs[valid]
-        assignment_fraction = torch.bincount(assigned_expert, minlength=self.num_experts).float()
-        assignment_fraction = assignment_fraction / assignment_fraction.sum().clamp_min(1)
-        balance_loss = self.num_experts * (real_probs.mean(0) * assignment_fraction).sum()
-        real_logits = router_logits if valid is None else router_logits[valid]
-        z_loss = torch.logsumexp(real_logits.float(), dim=-1).square().mean()
-        aux_loss = self.config.router_aux_loss_coef * balance_loss + self.config.router_z_loss_coef * z_loss
+        aux_loss = stats = None
+        if self.training or want_stats:
+            # Load balancing (docs/design.md): E * sum_e (mean router prob of e) * (fraction of assignments to e).
+            weight = torch.ones_like(router_probs[:, :1]) if valid is None else valid.float()  # [N, 1]
+            num_real = weight.sum().clamp_min(1)
+            assignments = (_one_hot(top_k_index, self.num_experts).sum(1) * weight).sum(0)  # [E]
+            assignment_fraction = assignments / assignments.sum().clamp_min(1)
+            mean_probs = (router_probs * weight).sum(0) / num_real
+            balance_loss = self.num_experts * (mean_probs * assignment_fraction).sum()
+            z_loss = (torch.logsumexp(router_logits.float(), dim=-1, keepdim=True).square() * weight).sum() / num_real
+            aux_loss = self.config.router_aux_loss_coef * balance_loss + self.config.router_z_loss_coef * z_loss
+            if want_stats:
+                with torch.no_grad():
+                    stats = {
+                        "aux_loss": aux_loss.detach(),
+                        "balance_loss": balance_loss.detach(),
+                        "z_loss": z_loss.detach(),
+                        "expert_load_max": assignment_fraction.max() * self.num_experts,  # 1 = perfectly balanced
+                        "router_entropy": (_entropy(router_probs, dim=-1).unsqueeze(-1) * weight).sum() / num_real,
+                        "dropped_fraction": torch.zeros(()) if dropped is None else dropped.detach(),
+                        "expert_load": assignment_fraction.detach(),
+                    }
+        return output.view(batch_size, seq_len, hidden_size), aux_loss if self.training else None, stats
 
-        stats = None
-        if output_stats:
-            with torch.no_grad():
-                stats = {
-                    "balance_loss": balance_loss.detach(),
-                    "z_loss": z_loss.detach(),
-                    "expert_load_max": assignment_fraction.max() * self.num_experts,  # 1 = perfectly balanced
-                    "router_entropy": _entropy(real_probs, dim=-1).mean(),
-                    "dropped_fraction": torch.zeros(()) if dropped is None else dropped,
-                    "expert_load": assignment_fraction,
-                }
-        output = output.view(batch_size, seq_len, hidden_size)
-        return output, FeedForwardOutput(aux_loss=aux_loss, router_logits=router_logits, stats=stats)
-
-    def _dispatch_with_capacity(self, tokens, output, expert, token, gate, num_real_tokens) -> torch.Tensor:
-        """Static-shape training path: scatter into `[E, capacity, d]`, one batched matmul, gather back."""
-        capacity = max(1, math.ceil(self.capacity_factor * int(num_real_tokens) * self.top_k / self.num_experts))
-        # Position of each assignment in its expert's queue, in priority order.
-        one_hot = F.one_hot(expert, self.num_experts)  # [A, E]
-        position = (one_hot.cumsum(0) * one_hot).sum(-1) - 1  # [A]
-        fits = position < capacity
-        slot = (expert * capacity + position)[fits]
-        expert_inputs = tokens.new_zeros(self.num_experts * capacity, tokens.shape[1])
-        expert_inputs[slot] = tokens[token[fits]]
-        expert_outputs = self.run_experts(expert_inputs.view(self.num_experts, capacity, -1))
-        weighted = expert_outputs.view(-1, tokens.shape[1])[slot] * gate[fits, None].to(tokens.dtype)
-        # index_put_(accumulate=True), not index_add_: the latter is orders of magnitude slower on CPU (torch 2.13).
-        output.index_put_((token[fits],), weighted, accumulate=True)
-        return 1.0 - fits.float().mean() if fits.numel() else torch.zeros(())
-
-    def _dispatch_dropless(self, tokens, output, expert, token, gate) -> None:
-        """Eval path: every assignment is processed, expert by expert, so nothing depends on the batch."""
-        order = torch.argsort(expert, stable=True)
-        counts = torch.bincount(expert, minlength=self.num_experts).tolist()
-        start = 0
-        for expert_id, count in enumerate(counts):
-            if count:
-                chosen = order[start : start + count]
-                rows = token[chosen]
-                result = self.run_one_expert(expert_id, tokens[rows]) * gate[chosen, None].to(tokens.dtype)
-                output.index_put_((rows,), result, accumulate=True)
-                start += count
+    def _dispatch_with_capacity(self, tokens, top_k_index, top_k_weights, valid):
+        """Static-shape training path: scatter into `[E, capacity, d]`, one batched matmul, gather back. Its one host
+        synchronisation is the capacity, which counts the real tokens when there is padding."""
+        num_tokens, hidden_size = tokens.shape
+        num_real = num_tokens if valid is None else int(valid.sum())
+        capacity = max(1, math.ceil(self.capacity_factor * num_real * self.top_k / self.num_experts))
+        # Assignments in priority order: every token's first choice before any second choice (Switch/GShard).
+        expert = top_k_index.t().reshape(-1)  # [A = k * N]
+        gate = (top_k_weights if valid is None else top_k_weights * valid).t().reshape(-1)
+        one_hot = _one_hot(expert, self.num_experts)  # [A, E]
+        if valid is not None:
+            one_hot = one_hot * valid.reshape(1, -1).expand(self.top_k, -1).reshape(-1, 1)
+        position = (one_hot.cumsum(0) * one_hot).sum(-1) - 1  # place in its expert's queue; -1 for padding
+        fits = (position >= 0) & (position < capacity)
+        # Assignments that do not fit go to one spare row past the experts' slots, which is never processed.
+        spare = self.num_experts * capacity
+        slot = torch.where(fits, expert * capacity + position, spare)
+        token = torch.arange(num_tokens, device=tokens.device).repeat(self.top_k)
+        expert_inputs = tokens.new_zeros(spare + 1, hidden_size).index_put((slot,), tokens[token])
+        processed = self.experts.process(expert_inputs[:spare].view(self.num_experts, capacity, hidden_size))
+        processed = F.pad(processed.reshape(spare, hidden_size), (0, 0, 0, 1))  # the spare row reads zeros
+        weighted = processed[slot] * (gate * fits).unsqueeze(-1).to(tokens.dtype)  # [A, d]
+        output = weighted.view(self.top_k, num_tokens, hidden_size).sum(0)
+        real_assignments = one_hot.sum() if valid is not None else torch.tensor(expert.numel())
+        dropped = 1.0 - fits.sum() / real_assignments.clamp_min(1)
+        return output, dropped
 
 
-class ExpertChoice(RoutedFeedForward):
+class ExpertChoice(nn.Module):
     """Expert Choice: within the same cross-example groups as MoT (`G` rows at one position), each expert picks
     its `k * G / E` highest-scoring tokens (scores: softmax over experts per token) and scales its output by
     the score. Groups at one position keep the layer causal."""
 
     def __init__(self, config: MoTConfig):
-        super().__init__(config)
+        super().__init__()
+        self.num_experts = config.num_experts
         self.group_size = config.group_size
         self.tokens_per_expert = max(1, min(config.group_size,
                                             round(config.num_experts_per_tok * config.group_size / config.num_experts)))
+        self.gate = MoTRouter(config)
+        self.experts = RoutedExperts(config)
 
-    def forward(self, hidden_states, token_mask=None, output_stats=False):
+    def forward(self, hidden_states, token_mask=None, want_stats=False):
         batch_size, seq_len, hidden_size = hidden_states.shape
         grouped, group_mask = group_rows(hidden_states, token_mask, self.group_size)  # [n, G, S, d]
         num_groups, group_size = grouped.shape[:2]
         capacity = min(self.tokens_per_expert, group_size)
-        scores = torch.softmax((grouped @ self.router).float(), dim=-1)  # [n, G, S, E]
+        scores = torch.softmax(self.gate(grouped).float(), dim=-1)  # [n, G, S, E]
         if group_mask is not None:
             scores = scores * group_mask  # a padded token scores 0: picked only if nothing else is left
 
@@ -566,7 +640,7 @@ class ExpertChoice(RoutedFeedForward):
         # [n, S, E, c, d] -> [E, n*S*c, d]
         expert_inputs = picked.view(num_groups, seq_len, self.num_experts, capacity, hidden_size)
         expert_inputs = expert_inputs.permute(2, 0, 1, 3, 4).reshape(self.num_experts, -1, hidden_size)
-        expert_outputs = self.run_experts(expert_inputs)
+        expert_outputs = self.experts.process(expert_inputs)
         expert_outputs = expert_outputs.view(self.num_experts, num_groups, seq_len, capacity, hidden_size)
         expert_outputs = expert_outputs.permute(1, 2, 0, 3, 4) * choice_score.unsqueeze(-1).to(grouped.dtype)
         output = torch.zeros_like(by_position).scatter_add_(
@@ -576,12 +650,12 @@ class ExpertChoice(RoutedFeedForward):
         output = drop_group_padding(output.transpose(1, 2).reshape(-1, seq_len, hidden_size), batch_size)
 
         stats = None
-        if output_stats:
+        if want_stats:
             with torch.no_grad():
                 load = torch.zeros(num_groups, seq_len, group_size, device=scores.device)
                 load.scatter_add_(2, choice.reshape(num_groups, seq_len, -1), torch.ones_like(choice_score).flatten(2))
                 stats = {"unprocessed_fraction": (load == 0).float().mean()}
-        return output, FeedForwardOutput(stats=stats)
+        return output, None, stats
 
 
 FEED_FORWARD_CLASSES = {
@@ -598,14 +672,15 @@ FEED_FORWARD_CLASSES = {
 
 
 class MoTBlock(GradientCheckpointingLayer):
-    """Pre-norm Transformer block whose feed-forward type is `config.mlp_types[layer_idx]`."""
+    """Pre-norm Transformer block whose feed-forward type is `config.mlp_types[layer_idx]`. Returns the hidden
+    states, the feed-forward layer's router losses (Token Choice while training) and its routing statistics."""
 
     def __init__(self, config: MoTConfig, layer_idx: int):
         super().__init__()
         self.mlp_type = config.mlp_types[layer_idx]
-        self.attn_norm = make_norm(config)
+        self.input_layernorm = make_norm(config)
         self.self_attn = MoTAttention(config, layer_idx)
-        self.mlp_norm = make_norm(config)
+        self.post_attention_layernorm = make_norm(config)
         self.mlp = FEED_FORWARD_CLASSES[self.mlp_type](config)
 
     def forward(
@@ -614,13 +689,13 @@ class MoTBlock(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None = None,
         token_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
-        output_routing_stats: bool = False,
+        want_stats: bool = False,
         **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, FeedForwardOutput]:
-        attn_output, attn_weights = self.self_attn(self.attn_norm(hidden_states), attention_mask, cache=cache, **kwargs)
+    ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor] | None]:
+        attn_output, _ = self.self_attn(self.input_layernorm(hidden_states), attention_mask, cache=cache, **kwargs)
         hidden_states = hidden_states + attn_output
-        mlp_output, routing = self.mlp(self.mlp_norm(hidden_states), token_mask, output_routing_stats)
-        return hidden_states + mlp_output, attn_weights, routing
+        mlp_output, aux_loss, stats = self.mlp(self.post_attention_layernorm(hidden_states), token_mask, want_stats)
+        return hidden_states + mlp_output, aux_loss, stats
 
 
 class MoTPreTrainedModel(PreTrainedModel):
@@ -634,6 +709,13 @@ class MoTPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    # Recorded by transformers' output capturing when `output_<name>=True` (argument or config).
+    _can_record_outputs = {
+        "hidden_states": MoTBlock,
+        "attentions": OutputRecorder(MoTAttention, index=1),
+        "router_logits": OutputRecorder(TopKRouter, index=0),
+        "routing_stats": OutputRecorder(MoTBlock, index=2),
+    }
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -662,17 +744,51 @@ class MoTPreTrainedModel(PreTrainedModel):
             inv_freq, _ = module.rope_init_fn(module.config)
             init.copy_(module.inv_freq, inv_freq)
             init.copy_(module.original_inv_freq, inv_freq)
-        elif isinstance(module, RoutedFeedForward):
-            truncated(module.router, self.config.hidden_size)
-            truncated(module.w1, self.config.hidden_size)
-            truncated(module.w2, self.config.expert_size)
-            if module.w_gate is not None:
-                truncated(module.w_gate, self.config.hidden_size)
-            for bias in (module.b1, module.b2, module.b_gate):
-                if bias is not None:
-                    init.zeros_(bias)
-            if getattr(module, "log_temperature", None) is not None:
-                init.constant_(module.log_temperature, math.log(self.config.mot_temperature))
+        elif isinstance(module, MoTRouter):
+            truncated(module.weight, self.config.hidden_size)
+        elif isinstance(module, MoTExperts):
+            truncated(module.gate_up_proj if module.has_gate else module.up_proj, self.config.hidden_size)
+            truncated(module.down_proj, self.config.expert_size)
+            for name in ("gate_up_proj_bias", "up_proj_bias", "down_proj_bias"):
+                if getattr(module, name, None) is not None:
+                    init.zeros_(getattr(module, name))
+        elif isinstance(module, MixtureOfTokens) and module.log_temperature is not None:
+            init.constant_(module.log_temperature, math.log(self.config.mot_temperature))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """transformers' `from_pretrained`; a checkpoint written with the earlier parameter names (see
+        `LEGACY_NAMES`) is converted to today's on the way in, with identical results."""
+        legacy = None
+        if kwargs.get("state_dict") is None and pretrained_model_name_or_path is not None:
+            legacy = read_legacy_checkpoint(cls, pretrained_model_name_or_path, kwargs)
+        if legacy is None:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        # transformers takes converted tensors only without a path: the config and generation config come from it.
+        kwargs["state_dict"], kwargs["config"], hub = legacy
+        model = super().from_pretrained(None, *model_args, **kwargs)
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(pretrained_model_name_or_path, **hub)
+        except OSError:
+            pass  # no generation_config.json: the one built from the model's config stays
+        return model
+
+
+def new_token_padding(attention_mask, padding_mask: torch.Tensor | None, cache: Cache | None,
+                      seq_len: int) -> torch.Tensor | None:
+    """Which of the `seq_len` new tokens are real, `[B, S]` bool, for MoT's and Expert Choice's groups: from
+    `padding_mask` (what `generate()` passes beside a 4-D mask), a 2-D attention mask, or the diagonal of a 4-D one
+    over the keys of these tokens (a token attends to itself unless it is padding). None: nothing is padded."""
+    mask = padding_mask if padding_mask is not None else attention_mask
+    if not isinstance(mask, torch.Tensor):
+        return None  # no mask, or flex attention's BlockMask without a `padding_mask`
+    if mask.dim() == 2:
+        return mask[:, -seq_len:].bool()
+    if cache is not None and not isinstance(cache, DynamicCache):
+        return None  # keys at cache slots (static: generate() passes `padding_mask`) or packed requests (paged)
+    # [B, 1 or heads, S, keys]: the new tokens are the last S keys. Boolean masks allow with True, additive ones with 0.
+    diagonal = torch.diagonal(mask[:, 0, :, -seq_len:], dim1=-2, dim2=-1)  # [B, S]
+    return diagonal if diagonal.dtype == torch.bool else diagonal == 0
 
 
 class MoTModel(MoTPreTrainedModel):
@@ -697,7 +813,8 @@ class MoTModel(MoTPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    @can_return_tuple
+    @merge_with_config_defaults
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -706,102 +823,66 @@ class MoTModel(MoTPreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        output_routing_stats: bool | None = None,
-        output_router_logits: bool | None = None,
+        padding_mask: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
         **kwargs,
     ) -> MoTModelOutputWithPast:
         r"""
-        cache: the KV cache (a `Cache`) of earlier tokens; `past_key_values` is its name before transformers 5.24
-            and is still accepted.
-        output_routing_stats: return per-block routing statistics (`routing_stats`).
+        cache: the KV cache (a `Cache`) of earlier tokens; `past_key_values` is its name before transformers 5.24.
+        padding_mask: `[B, S]` (or `[B, cached + S]`), 1 for real tokens: which tokens MoT and Expert Choice leave
+            out of their groups when `attention_mask` is not 2-D. `generate()` passes it with a static cache.
+        output_routing_stats: return per-routed-block routing statistics (`routing_stats`).
         output_router_logits: return the Token Choice router logits (`router_logits`, one `[tokens, E]` tensor per
-            Token Choice block). The router losses do not depend on it: they are always in `aux_loss`.
+            Token Choice block). The router losses do not depend on it: while training they are in `aux_loss`.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         cache = merge_cache_arguments(cache, past_key_values)
-        # None falls back to the config (the transformers convention), an explicit value wins.
-        config = self.config
-        use_cache = config.use_cache if use_cache is None else use_cache
-        output_attentions = config.output_attentions if output_attentions is None else output_attentions
-        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
-        output_routing_stats = config.output_routing_stats if output_routing_stats is None else output_routing_stats
-        output_router_logits = config.output_router_logits if output_router_logits is None else output_router_logits
-        if self.gradient_checkpointing and self.training:
-            use_cache = False
         if use_cache and cache is None:
-            cache = DynamicCache(config=config)
-
+            cache = DynamicCache(config=self.config)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        batch_size, seq_len = inputs_embeds.shape[:2]
-        past_length = cache.get_seq_length() if cache is not None else 0
-        if self.embed_positions is not None and past_length + seq_len > self.config.max_position_embeddings:
-            raise ValueError(
-                f"sequence length {past_length + seq_len} (cached {past_length} + new {seq_len}) exceeds "
-                f"max_position_embeddings={self.config.max_position_embeddings} of this model"
-            )
-
-        # Padding mask of the new tokens, [B, S]; None when nothing is padded (the fast path).
-        token_mask = None
-        if attention_mask is not None and attention_mask.dim() == 2:
-            token_mask = attention_mask[:, -seq_len:].bool()
-            if bool(token_mask.all()):
-                token_mask = None
+        seq_len = inputs_embeds.shape[1]
+        token_mask = new_token_padding(attention_mask, padding_mask, cache, seq_len)
         if position_ids is None:
-            if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
-                # Left padding: count real tokens only (the same rule as `generate()`).
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -seq_len:]
-            else:
-                position_ids = torch.arange(past_length, past_length + seq_len, device=inputs_embeds.device)
-                position_ids = position_ids.unsqueeze(0)
+            position_ids = self.position_ids(attention_mask, cache, seq_len, inputs_embeds.device)
 
         # The cache goes positionally: its keyword is `cache` from transformers 5.24 and `past_key_values` before.
-        causal_mask = create_causal_mask(config, inputs_embeds, attention_mask, cache, position_ids=position_ids)
+        causal_mask = create_causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids=position_ids)
         if self.embed_positions is not None:
             hidden_states, position_embeddings = inputs_embeds + self.embed_positions(position_ids), None
         else:
             hidden_states, position_embeddings = inputs_embeds, self.rotary_emb(inputs_embeds, position_ids)
-
-        all_hidden_states = () if output_hidden_states else None
-        all_attentions = () if output_attentions else None
-        routing = []
+        # Routing statistics cost little next to a backward pass: computed while training (the telemetry reads
+        # them) and on request.
+        want_stats = self.training or bool(kwargs.get("output_routing_stats", self.config.output_routing_stats))
+        aux_losses = []
         for layer in self.layers:
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-            hidden_states, attn_weights, layer_routing = layer(
-                hidden_states,
-                attention_mask=causal_mask,
-                token_mask=token_mask,
-                cache=cache,
-                output_routing_stats=output_routing_stats,
-                position_embeddings=position_embeddings,
-                **kwargs,
-            )
-            routing.append(layer_routing)
-            if output_attentions:
-                all_attentions += (attn_weights,)
-        hidden_states = self.norm(hidden_states)
-        if output_hidden_states:
-            all_hidden_states += (hidden_states,)
-
-        aux_losses = [r.aux_loss for r in routing if r.aux_loss is not None]
-        router_logits = None
-        if output_router_logits:
-            router_logits = tuple(r.router_logits for r in routing if r.router_logits is not None) or None
+            hidden_states, aux_loss, _ = layer(hidden_states, attention_mask=causal_mask, token_mask=token_mask,
+                                               cache=cache, want_stats=want_stats,
+                                               position_embeddings=position_embeddings, **kwargs)
+            if aux_loss is not None:
+                aux_losses.append(aux_loss)
         return MoTModelOutputWithPast(
-            last_hidden_state=hidden_states,
+            last_hidden_state=self.norm(hidden_states),
             **{CACHE_NAME: cache if use_cache else None},
-            hidden_states=all_hidden_states,
-            attentions=all_attentions,
-            router_logits=router_logits,
-            routing_stats=tuple(r.stats for r in routing) if output_routing_stats else None,
             # Averaged over the routed layers, so the coefficient means the same at any depth.
             aux_loss=torch.stack(aux_losses).mean() if aux_losses else None,
         )
+
+    def position_ids(self, attention_mask, cache: Cache | None, seq_len: int, device) -> torch.Tensor:
+        """Positions of the new tokens: after the cached ones, counting real tokens only under a 2-D mask with
+        left padding (the same rule as `generate()`)."""
+        if attention_mask is not None and attention_mask.dim() == 2:
+            return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -seq_len:]
+        past_length = cache.get_seq_length() if cache is not None else 0
+        if self.embed_positions is not None and isinstance(past_length, int):
+            if past_length + seq_len > self.config.max_position_embeddings:
+                raise ValueError(
+                    f"sequence length {past_length + seq_len} (cached {past_length} + new {seq_len}) exceeds "
+                    f"max_position_embeddings={self.config.max_position_embeddings} of this model"
+                )
+        return torch.arange(seq_len, device=device).unsqueeze(0) + past_length
 
 
 class MoTForCausalLM(MoTPreTrainedModel, GenerationMixin):
@@ -825,6 +906,28 @@ class MoTForCausalLM(MoTPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
+    def prepare_inputs_for_generation(self, input_ids, *args, attention_mask=None, **kwargs):
+        inputs = super().prepare_inputs_for_generation(input_ids, *args, attention_mask=attention_mask, **kwargs)
+        # A compilable (static) cache turns the 2-D mask into a 4-D one, in which the new tokens' keys sit at cache
+        # slots; MoT's and Expert Choice's groups still need to know which new tokens are padding.
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and inputs.get(
+            "attention_mask"
+        ) is not attention_mask:
+            new = inputs["input_ids"] if inputs.get("input_ids") is not None else inputs["inputs_embeds"]
+            inputs["padding_mask"] = attention_mask[:, -new.shape[1]:]
+        return inputs
+
+    def init_continuous_batching(self, *args, **kwargs):
+        """transformers' continuous batching (`generate_batch`, `transformers serve`), for dense and Token Choice
+        models. It packs requests at different positions into one sequence, which MoT and Expert Choice cannot group
+        (their groups are rows at one position): those are refused here, before any request runs."""
+        grouped = self.config.grouped_layer_types
+        if grouped:
+            raise ValueError(f"continuous batching cannot run {' and '.join(grouped)} layers (their groups are batch "
+                             "rows at one position; it packs requests into one sequence): use generate(), or "
+                             "`mot transition` the model to Token Choice")
+        return super().init_continuous_batching(*args, **kwargs)
+
     @can_return_tuple
     def forward(
         self,
@@ -835,20 +938,14 @@ class MoTForCausalLM(MoTPreTrainedModel, GenerationMixin):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        output_routing_stats: bool | None = None,
-        output_router_logits: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         past_key_values: Cache | None = None,
         **kwargs,
     ) -> MoTCausalLMOutputWithPast:
         r"""
-        cache: the KV cache (a `Cache`) of earlier tokens; `past_key_values` is its name before transformers 5.24
-            and is still accepted.
+        cache: the KV cache (a `Cache`) of earlier tokens; `past_key_values` is its name before transformers 5.24.
         labels: token ids for the language-modelling loss (shifted inside; -100 is ignored).
-        output_routing_stats: return per-block routing statistics (`routing_stats`).
-        output_router_logits: return the Token Choice router logits (`router_logits`).
+        output_routing_stats, output_router_logits, padding_mask: see `MoTModel.forward`.
 
         While training with `labels` and `config.chunked_lm_loss` (the default), the loss is computed without
         materialising the logits and `logits` is None (see `ChunkedLMLoss`).
@@ -864,10 +961,6 @@ class MoTForCausalLM(MoTPreTrainedModel, GenerationMixin):
             cache=merge_cache_arguments(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            output_routing_stats=output_routing_stats,
-            output_router_logits=output_router_logits,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -884,14 +977,13 @@ class MoTForCausalLM(MoTPreTrainedModel, GenerationMixin):
             logits = self.lm_head(hidden_states)
             if labels is not None:
                 loss = self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
-        if loss is not None:
-            if self.training and outputs.aux_loss is not None:
-                share = 1.0
-                num_items_in_batch = kwargs.get("num_items_in_batch")
-                if num_items_in_batch is not None:
-                    local_items = (labels[..., 1:] != -100).sum()
-                    share = local_items / torch.as_tensor(num_items_in_batch, device=labels.device)
-                loss = loss + outputs.aux_loss.to(loss.device) * share
+        if loss is not None and self.training and outputs.aux_loss is not None:
+            share = 1.0
+            num_items_in_batch = kwargs.get("num_items_in_batch")
+            if num_items_in_batch is not None:
+                local_items = (labels[..., 1:] != -100).sum()
+                share = local_items / torch.as_tensor(num_items_in_batch, device=labels.device)
+            loss = loss + outputs.aux_loss.to(loss.device) * share
 
         return MoTCausalLMOutputWithPast(
             loss=loss,
@@ -905,6 +997,93 @@ class MoTForCausalLM(MoTPreTrainedModel, GenerationMixin):
         )
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Checkpoints with the earlier parameter names
+# --------------------------------------------------------------------------------------------------------------
+
+# Earlier name (suffix) -> today's. Fused attention and expert tensors are split or joined by
+# `convert_legacy_state_dict`. transformers' own key mapping (`register_checkpoint_conversion_mapping`) does not fit:
+# across the supported releases its operations differ (no size-aware split before 5.18), it skips custom code unless
+# registered globally, and `save_pretrained` would write the old names back.
+LEGACY_NAMES = {
+    ".attn_norm.": ".input_layernorm.",
+    ".mlp_norm.": ".post_attention_layernorm.",
+    ".self_attn.qkv_proj.": ".self_attn.{q,k,v}_proj.",
+    ".mlp.router": ".mlp.gate.weight",
+    ".mlp.w_gate / .mlp.w1": ".mlp.experts.gate_up_proj (gated) or .mlp.experts.up_proj",
+    ".mlp.w2": ".mlp.experts.down_proj",
+    ".mlp.b_gate / .mlp.b1 / .mlp.b2": ".mlp.experts.{gate_up,up,down}_proj_bias",
+}
+
+
+def is_legacy_state_dict(names) -> bool:
+    return any(name.endswith((".qkv_proj.weight", ".mlp.router", ".attn_norm.weight")) for name in names)
+
+
+def convert_legacy_state_dict(state_dict: dict[str, torch.Tensor], config: MoTConfig) -> dict[str, torch.Tensor]:
+    """A state dict with the earlier names (fused `qkv_proj`, `attn_norm`/`mlp_norm`, `router [d, E]`, experts
+    `w1`/`w_gate [E, d, f]`, `w2 [E, f, d]`, `b1`/`b_gate`/`b2`) in today's names; the experts keep their layout."""
+    converted = {}
+    sizes = [config.num_attention_heads * config.head_dim] + [config.num_key_value_heads * config.head_dim] * 2
+    for name, tensor in state_dict.items():
+        stem, _, leaf = name.rpartition(".")
+        if ".attn_norm." in name or ".mlp_norm." in name:
+            name = name.replace(".attn_norm.", ".input_layernorm.").replace(".mlp_norm.", ".post_attention_layernorm.")
+            converted[name] = tensor
+        elif stem.endswith(".self_attn.qkv_proj"):
+            base = stem.removesuffix("qkv_proj")
+            for part, piece in zip("qkv", tensor.split(sizes, dim=0), strict=True):
+                converted[f"{base}{part}_proj.{leaf}"] = piece.contiguous()
+        elif stem.endswith(".mlp") and leaf == "router":
+            converted[f"{stem}.gate.weight"] = tensor.t().contiguous()
+        elif stem.endswith(".mlp") and leaf in ("w1", "w_gate", "b1", "b_gate"):
+            if leaf in ("w1", "b1"):  # the up projection, joined after the gate's when gated
+                gate = state_dict.get(f"{stem}.{'w_gate' if leaf == 'w1' else 'b_gate'}")
+                target = ("gate_up_proj" if gate is not None else "up_proj") + ("" if leaf == "w1" else "_bias")
+                up = tensor if gate is None else torch.cat([gate, tensor], dim=-1)  # [E, d, 2f] / [E, 2f]
+                converted[f"{stem}.experts.{target}"] = up.contiguous()
+        elif stem.endswith(".mlp") and leaf == "w2":
+            converted[f"{stem}.experts.down_proj"] = tensor
+        elif stem.endswith(".mlp") and leaf == "b2":
+            converted[f"{stem}.experts.down_proj_bias"] = tensor
+        else:
+            converted[name] = tensor
+    return converted
+
+
+def read_legacy_checkpoint(model_class, path, kwargs) -> tuple[dict, MoTConfig, dict] | None:
+    """The converted tensors, config and Hub arguments of the safetensors checkpoint at `path` (a folder or a Hub id,
+    with `from_pretrained`'s Hub arguments) if it uses the earlier names, else None (only one header was read)."""
+    from safetensors import safe_open
+    from transformers.utils import cached_file
+
+    hub = {key: kwargs[key] for key in ("cache_dir", "force_download", "local_files_only", "token", "revision",
+                                        "subfolder", "proxies") if kwargs.get(key) is not None}
+
+    def fetch(filename):
+        return cached_file(path, filename, _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False, **hub)
+
+    files = [fetch("model.safetensors")]
+    if files[0] is None:
+        index = fetch("model.safetensors.index.json")
+        if index is None:
+            return None
+        with open(index) as handle:
+            files = [fetch(name) for name in sorted(set(json.load(handle)["weight_map"].values()))]
+    with safe_open(files[0], framework="pt") as handle:
+        if not is_legacy_state_dict(handle.keys()):
+            return None
+    state_dict = {}
+    for file in files:
+        with safe_open(file, framework="pt") as handle:
+            state_dict.update({name: handle.get_tensor(name) for name in handle.keys()})
+    config = kwargs.get("config")
+    if not isinstance(config, MoTConfig):
+        config = model_class.config_class.from_pretrained(path, **hub)
+    return convert_legacy_state_dict(state_dict, config), config, hub
+
+
 __all__ = [
     "MoTPreTrainedModel",
     "MoTModel",
@@ -913,4 +1092,6 @@ __all__ = [
     "TokenChoice",
     "ExpertChoice",
     "DenseFeedForward",
+    "MoTExperts",
+    "MoTRouter",
 ]

@@ -1,7 +1,7 @@
 """Routing telemetry for Trainer: per-layer MoT / Token Choice / Expert Choice statistics in the logs, and plots.
 
-`RoutingTelemetryCallback` asks the model for its routing statistics (`output_routing_stats`) during training
-steps only, averages them over the logging window (like Trainer's loss) and adds them to every training log
+`RoutingTelemetryCallback` reads the routing statistics that every routed layer returns while training (forward
+hooks on the layers; nothing in the model or its config is switched), averages them over the logging window (like Trainer's loss) and adds them to every training log
 as `routing/layer_{i}/{statistic}`: mixing-weight entropy, max weight and (if learned) temperature of MoT
 layers; expert load, dropped fraction, router entropy and aux loss of Token Choice layers; the fraction of
 tokens no expert picked for Expert Choice. The callback puts itself first among the callbacks, so the
@@ -51,7 +51,6 @@ class RoutingTelemetryCallback(TrainerCallback):
                 self._hooks.append(block.mlp.register_forward_hook(self._make_hook(index, mlp_type)))
 
     def on_train_end(self, args, state, control, **kwargs):
-        self._set_collecting(False)
         self.remove_hooks()
         if self.write_plots_at_end and state.is_world_process_zero:
             write_training_plots(state.log_history, args.output_dir)
@@ -61,28 +60,13 @@ class RoutingTelemetryCallback(TrainerCallback):
             hook.remove()
         self._hooks = []
 
-    def _set_collecting(self, on: bool):
-        # The statistics are requested only inside training steps, so evaluation does not pay for them and the
-        # configs saved in checkpoints keep output_routing_stats=False.
-        if self._config is not None and self._hooks:
-            self._config.output_routing_stats = on
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._set_collecting(True)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self._set_collecting(False)
-
     def _make_hook(self, index: int, mlp_type: str):
-        coefficients = (self._config.router_aux_loss_coef, self._config.router_z_loss_coef)
-
         def hook(module, inputs, outputs):
-            stats = outputs[1].stats if isinstance(outputs, tuple) and len(outputs) > 1 else None
+            # A feed-forward layer returns (output, aux_loss, statistics); the statistics are there while training.
+            stats = outputs[2] if isinstance(outputs, tuple) and len(outputs) > 2 else None
             if not module.training or not stats:
                 return
             values = {name: value for name, value in stats.items() if getattr(value, "numel", lambda: 0)() == 1}
-            if mlp_type == "token_choice" and "balance_loss" in values:
-                values["aux_loss"] = coefficients[0] * values["balance_loss"] + coefficients[1] * values["z_loss"]
             if mlp_type == "mot" and self._config.learnable_temperature == "off":
                 values.pop("temperature", None)  # a constant is not worth a log line
             for name in LOGGED_STATS[mlp_type]:

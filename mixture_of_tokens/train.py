@@ -2,7 +2,7 @@
 model with `HfArgumentParser` + `TrainingArguments` + `Trainer`.
 
 Every `TrainingArguments` flag works (`--max_steps` or `--max-steps`); the defaults are the paper's recipe
-(DESIGN §2): AdamW (0.9, 0.999), weight decay 0.1, gradient clipping 0.5, cosine schedule with warm-up down to
+(docs/design.md, "The model"): AdamW (0.9, 0.999), weight decay 0.1, gradient clipping 0.5, cosine schedule with warm-up down to
 0.1x the peak learning rate, bf16 autocast where the GPU supports it.
 
 Other modules reuse `run_training(model_args, data_args, training_args, model=..., init_optimizer_from=...)`;
@@ -16,8 +16,7 @@ import json
 import os
 import shutil
 import sys
-import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, make_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,6 +32,7 @@ from .cards import refresh_card
 from .configuration_mot import PRESETS, MoTConfig
 from .cpu_memory import retain_freed_cpu_memory
 from .data import DataArguments, collate_blocks, limit_blocks, load_raw_text, pack_blocks, require_blocks
+from .model_folder import TRAIN_RESULTS_FILE, TRAINER_STATE_FILE, TRAINING_ARGS_FILE
 from .utils import UserError, apply_umask
 
 if TYPE_CHECKING:
@@ -42,18 +42,52 @@ logger = logging.get_logger(__name__)
 
 DEFAULT_PRESET = "tiny-mot"
 PAPER_WARMUP_FRACTION = 2_500 / 150_000  # 2.5K warm-up steps of 150K
-GROUPED_MLP_TYPES = ("mot", "expert_choice")  # layers whose output depends on the other rows of the micro-batch
-# Overrides of the model configuration accepted on the command line (ModelArguments fields of the same name).
-CONFIG_OVERRIDES = (
-    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-    "max_position_embeddings", "mlp_types", "group_size", "num_experts", "expert_size", "mot_temperature",
-    "learnable_temperature", "mot_routing", "num_experts_per_tok", "capacity_factor", "router_aux_loss_coef",
-    "router_z_loss_coef", "hidden_act", "chunked_lm_loss", "embedding_init", "final_norm",
-    "position_embedding_type", "norm_type", "gated_mlp", "num_key_value_heads", "attention_bias", "mlp_bias",
-    "tie_word_embeddings",
-)
-RESULTS_FILE = "train_results.json"
-ARGUMENTS_FILE = "training_args.json"
+# Fields of MoTConfig that `mot train` takes as flags (`--group_size 16`), with their help where the name alone says
+# too little. Each becomes a ModelArguments field of the same name, typed from MoTConfig: a new config field is
+# a flag by one line here.
+CONFIG_FLAGS = {
+    "vocab_size": "Override (default: the tokenizer's size).",
+    "hidden_size": None,
+    "num_hidden_layers": None,
+    "num_attention_heads": None,
+    "intermediate_size": None,
+    "max_position_embeddings": None,
+    "mlp_types": "Comma-separated, e.g. dense,dense,mot,mot.",
+    "group_size": None,
+    "num_experts": None,
+    "expert_size": None,
+    "mot_temperature": None,
+    "learnable_temperature": None,
+    "mot_routing": None,
+    "num_experts_per_tok": None,
+    "capacity_factor": None,
+    "router_aux_loss_coef": None,
+    "router_z_loss_coef": None,
+    "hidden_act": None,
+    "chunked_lm_loss": ("Compute the training loss without the full logits (config default: true); false if a "
+                        "callback needs outputs.logits in training."),
+    "embedding_init": "fan_in_hidden (config default) or unit_fan_in (the authors' embedding initialisation).",
+    "final_norm": "LayerNorm before the output head (config default: true; the authors' code has none).",
+    # The modern (Llama-style) block options; the tiny-modern-* and modern-* presets set them all.
+    "position_embedding_type": "learned (default) or rope",
+    "norm_type": "layernorm (default) or rmsnorm",
+    "gated_mlp": "SwiGLU-style gated dense layers and experts",
+    "num_key_value_heads": "grouped-query attention",
+    "attention_bias": None,
+    "mlp_bias": None,
+    "tie_word_embeddings": None,
+}
+
+
+def _flag_type(name: str) -> type:
+    """The command-line type of config field `name`: its MoTConfig annotation without None (mlp_types: a string)."""
+    if name == "mlp_types":
+        return str
+    annotation = str(MoTConfig.__dataclass_fields__[name].type)  # e.g. "int", "float", "int | None"
+    return {"int": int, "float": float, "bool": bool, "str": str}[annotation.split("|")[0].strip()]
+
+
+FINAL_STAGING = ".final.partial"  # the finished folder is assembled here, then moved into place
 
 
 def _bf16_supported() -> bool:
@@ -83,49 +117,21 @@ class ModelArguments:
         "Trainer checkpoint (or run folder: its last checkpoint) whose AdamW state and learning-rate schedule "
         "position this run continues, for models converted from it (transition tuning)."
     )})
-    # configuration overrides
-    vocab_size: int | None = field(default=None, metadata={"help": "Override (default: the tokenizer's size)."})
-    hidden_size: int | None = None
-    num_hidden_layers: int | None = None
-    num_attention_heads: int | None = None
-    intermediate_size: int | None = None
-    max_position_embeddings: int | None = None
-    mlp_types: str | None = field(default=None, metadata={"help": "Comma-separated, e.g. dense,dense,mot,mot."})
-    group_size: int | None = None
-    num_experts: int | None = None
-    expert_size: int | None = None
-    mot_temperature: float | None = None
-    learnable_temperature: str | None = None
-    mot_routing: str | None = None
-    num_experts_per_tok: int | None = None
-    capacity_factor: float | None = None
-    router_aux_loss_coef: float | None = None
-    router_z_loss_coef: float | None = None
-    hidden_act: str | None = None
-    chunked_lm_loss: bool | None = field(default=None, metadata={"help": (
-        "Compute the training loss without the full logits (config default: true); false if a callback needs "
-        "outputs.logits in training."
-    )})
-    embedding_init: str | None = field(default=None, metadata={"help": (
-        "fan_in_hidden (config default) or unit_fan_in (the authors' embedding initialisation)."
-    )})
-    final_norm: bool | None = field(default=None, metadata={"help": (
-        "LayerNorm before the output head (config default: true; the authors' code has none)."
-    )})
-    # The modern (Llama-style) block options; the tiny-modern-* and modern-* presets set them all.
-    position_embedding_type: str | None = field(default=None, metadata={"help": "learned (default) or rope"})
-    norm_type: str | None = field(default=None, metadata={"help": "layernorm (default) or rmsnorm"})
-    gated_mlp: bool | None = field(default=None, metadata={"help": "SwiGLU-style gated dense layers and experts"})
-    num_key_value_heads: int | None = field(default=None, metadata={"help": "grouped-query attention"})
-    attention_bias: bool | None = None
-    mlp_bias: bool | None = None
-    tie_word_embeddings: bool | None = None
-
     def config_overrides(self) -> dict:
-        overrides = {name: getattr(self, name) for name in CONFIG_OVERRIDES if getattr(self, name) is not None}
+        overrides = {name: getattr(self, name) for name in CONFIG_FLAGS if getattr(self, name) is not None}
         if "mlp_types" in overrides:
             overrides["mlp_types"] = [t.strip() for t in overrides["mlp_types"].split(",") if t.strip()]
         return overrides
+
+
+# ModelArguments plus one optional field per config flag (None: the preset's or config's value).
+ModelArguments = make_dataclass(
+    "ModelArguments",
+    [(name, _flag_type(name) | None, field(default=None, metadata={"help": help} if help else {}))
+     for name, help in CONFIG_FLAGS.items()],
+    bases=(ModelArguments,),
+)
+ModelArguments.__doc__ = "Which model to train, its tokenizer, and overrides of its configuration."
 
 
 @dataclass
@@ -210,7 +216,7 @@ def build_config(model_args: ModelArguments) -> MoTConfig:
 
 def check_group_contract(config: MoTConfig, training_args: TrainingArguments) -> None:
     """MoT and Expert Choice group `group_size` rows of each per-device micro-batch: the batch must divide."""
-    grouped = sorted({t for t in config.mlp_types if t in GROUPED_MLP_TYPES})
+    grouped = config.grouped_layer_types
     if not grouped:
         return
     group = config.group_size
@@ -311,7 +317,7 @@ def resolve_resume(training_args: TrainingArguments) -> str | None:
         if last is None:
             raise UserError(f"--resume_from_checkpoint {value}: no checkpoint-N folder in {training_args.output_dir}")
         return last
-    if not (Path(value) / "trainer_state.json").is_file():
+    if not (Path(value) / TRAINER_STATE_FILE).is_file():
         raise UserError(f"--resume_from_checkpoint {value!r} is not a Trainer checkpoint (no trainer_state.json)")
     return str(value)
 
@@ -340,6 +346,7 @@ def run_training(
     tokenizer=None,
     init_optimizer_from: str | os.PathLike | None = None,
     callbacks: list | None = None,
+    write_extra_files=None,
 ) -> TrainingOutcome:
     """Train and write a complete model folder to `training_args.output_dir`. Reusable by other commands.
 
@@ -347,6 +354,7 @@ def run_training(
     `init_optimizer_from`: a Trainer checkpoint (or run folder) whose optimizer state and LR-schedule position
     this run continues (overrides `model_args.init_optimizer_from`); see `MoTTrainer`.
     `callbacks`: extra `TrainerCallback`s.
+    `write_extra_files(folder)`: writes more files into the output folder before it is complete (e.g. lineage).
     Raises `UserError` for bad input, before anything is written.
     """
     from .trainer import MoTTrainer, find_optimizer_checkpoint
@@ -421,8 +429,7 @@ def run_training(
                    num_parameters=sum(p.numel() for p in model.parameters()), world_size=training_args.world_size,
                    tokens_per_step=block_size * training_args.per_device_train_batch_size
                    * training_args.gradient_accumulation_steps * training_args.world_size)
-    if training_args.should_save:
-        finalize_output_folder(trainer, out, metrics, {
+    finalize_output_folder(trainer, out, metrics, write_extra_files, {
             "model_args": asdict(model_args), "data_args": asdict(data_args),
             "training_args": json.loads(training_args.to_json_string()),
             "init_optimizer_from": None if trainer.init_optimizer_from is None else str(trainer.init_optimizer_from),
@@ -431,7 +438,7 @@ def run_training(
     return TrainingOutcome(output_dir=out, metrics=metrics, trainer=trainer)
 
 
-def finalize_output_folder(trainer: MoTTrainer, out: Path, metrics: dict, arguments: dict) -> None:
+def finalize_output_folder(trainer: MoTTrainer, out: Path, metrics: dict, write_extra_files, arguments: dict) -> None:
     """Write the finished model folder: weights, config (with auto_map), generation config, tokenizer, both code
     files, training arguments, results and plots. Everything is written into a staging folder first and then
     moved into `out` file by file, config.json last, so a folder with a config.json is a complete model.
@@ -441,20 +448,30 @@ def finalize_output_folder(trainer: MoTTrainer, out: Path, metrics: dict, argume
     """
     from .telemetry import write_training_plots
 
-    out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".final-", suffix=".partial", dir=out))
+    main_process = trainer.args.should_save
+    staging = out / FINAL_STAGING
+    if main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)  # leftovers of a crashed run
+        staging.mkdir()
+    trainer.accelerator.wait_for_everyone()
     try:
-        trainer.model.config.output_routing_stats = False
+        # Every process takes part (FSDP gathers the weights from all of them); the main process writes.
         trainer.save_model(str(staging))  # model.safetensors, config, generation config, code, tokenizer, args
+        if not main_process:
+            return
         write_training_plots(trainer.state.log_history, staging)
-        (staging / RESULTS_FILE).write_text(json.dumps(metrics, indent=2, default=str) + "\n", encoding="utf-8")
-        (staging / ARGUMENTS_FILE).write_text(json.dumps(arguments, indent=2, default=str) + "\n", encoding="utf-8")
+        (staging / TRAIN_RESULTS_FILE).write_text(json.dumps(metrics, indent=2, default=str) + "\n", encoding="utf-8")
+        (staging / TRAINING_ARGS_FILE).write_text(json.dumps(arguments, indent=2, default=str) + "\n", encoding="utf-8")
+        if write_extra_files is not None:
+            write_extra_files(staging)
         apply_umask(staging)  # transformers writes model.safetensors private (0600)
         names = sorted(p.name for p in staging.iterdir())
         for name in sorted(names, key=lambda n: n == "config.json"):  # config.json last: marks completion
             os.replace(staging / name, out / name)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if main_process:
+            shutil.rmtree(staging, ignore_errors=True)
     # The card is titled after the folder, so it is rendered in place; it only reads the files moved in above.
     refresh_card(out)
 

@@ -17,6 +17,7 @@ from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 from transformers.utils import logging
 
+from .model_folder import TRAINER_STATE_FILE
 from .telemetry import RoutingTelemetryCallback
 from .utils import UserError, apply_umask
 
@@ -36,7 +37,7 @@ def find_optimizer_checkpoint(path: str | os.PathLike) -> Path | None:
 
 
 def checkpoint_global_step(checkpoint: str | os.PathLike) -> int:
-    with open(Path(checkpoint) / "trainer_state.json", encoding="utf-8") as handle:
+    with open(Path(checkpoint) / TRAINER_STATE_FILE, encoding="utf-8") as handle:
         return int(json.load(handle)["global_step"])
 
 
@@ -87,7 +88,7 @@ class MoTTrainer(Trainer):
             apply_umask(staged)  # transformers writes the weights private (0600)
             if self.state.best_model_checkpoint and self.state.best_model_checkpoint.startswith(staging_root):
                 self.state.best_model_checkpoint = self.state.best_model_checkpoint.replace(staging_root, run_dir, 1)
-                self.state.save_to_json(os.path.join(staged, "trainer_state.json"))
+                self.state.save_to_json(os.path.join(staged, TRAINER_STATE_FILE))
             if os.path.exists(final):  # re-saving a step (e.g. after a resume): retire the old copy first
                 retired = os.path.join(staging_root, f"{name}.old")
                 shutil.rmtree(retired, ignore_errors=True)
@@ -101,6 +102,19 @@ class MoTTrainer(Trainer):
             with contextlib.suppress(OSError):
                 os.rmdir(staging_root)  # only when empty
         self.accelerator.wait_for_everyone()
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        # FSDP2 swaps the model's class for a generated subclass (FSDPMoTForCausalLM, defined in torch's modules);
+        # saved as such, the folder's auto_map and code files would name torch's class. Save under our own class.
+        model = self.accelerator.unwrap_model(self.model)
+        wrapped = type(model)
+        own = next((cls for cls in wrapped.__mro__ if not cls.__module__.startswith("torch.")
+                    and not cls.__name__.startswith("FSDP")), wrapped)
+        model.__class__ = own
+        try:
+            super()._save(output_dir, state_dict)
+        finally:
+            model.__class__ = wrapped
 
     # -- continuing another run's optimizer ---------------------------------------------------------------------
     def create_scheduler(self, num_training_steps: int, optimizer=None):

@@ -84,3 +84,17 @@ def trained_tiny_mot(tmp_path_factory, novels_text, tiny_tokenizer) -> Path:
     model.save_pretrained(out / "model")
     tiny_tokenizer.save_pretrained(out / "model")
     return out / "model"
+
+
+@pytest.fixture
+def free_port():
+    """A function returning a TCP port free right now, for the multi-process tests (no fixed ports: parallel runs
+    and other programs could hold them)."""
+    import socket
+
+    def pick() -> int:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+
+    return pick

@@ -81,19 +81,19 @@ def test_upcycled_mot_and_token_choice_start_from_the_llama_ffn(tmp_path):
     x = torch.randn(5, 64)
     reference = llama.model.layers[2].mlp(x)
     for expert in range(4):
-        torch.testing.assert_close(layer.run_one_expert(expert, x), reference, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(layer.experts.process_one(expert, x), reference, atol=1e-5, rtol=1e-5)
     mot_model = convert(folder, tmp_path / "mot", "--to", "mot", "--group_size", "4", "--expert_size", "48")
     assert mot_model.config.mlp_types == ["dense", "dense", "mot", "mot"] and mot_model.config.expert_size == 48
     # Two slices of the FFN's 96 hidden units: the sum of expert 0 and expert 1 is the whole FFN.
     layer = mot_model.model.layers[3].mlp
-    torch.testing.assert_close(layer.run_one_expert(0, x) + layer.run_one_expert(1, x), llama.model.layers[3].mlp(x),
+    torch.testing.assert_close(layer.experts.process_one(0, x) + layer.experts.process_one(1, x), llama.model.layers[3].mlp(x),
                                atol=1e-5, rtol=1e-5)
     ids, _ = inputs(batch=4, pad=())
     with torch.no_grad():
         assert torch.isfinite(mot_model(ids).logits).all()
     lineage = json.loads((tmp_path / "mot" / "conversion.json").read_text())
     assert lineage["base_model_type"] == "llama" and lineage["method"] == "llama_to_mot"
-    assert sorted(lineage["fresh_tensors"]) == ["model.layers.2.mlp.router", "model.layers.3.mlp.router"]
+    assert sorted(lineage["fresh_tensors"]) == ["model.layers.2.mlp.gate.weight", "model.layers.3.mlp.gate.weight"]
     card = (tmp_path / "mot" / "README.md").read_text()
     assert "llama" in card.lower()
 

@@ -1,4 +1,4 @@
-"""The core model: the MoT layer's method (DESIGN §1), the baselines, and transformers integration."""
+"""The core model: the MoT layer's method (docs/design.md, "The MoT layer"), the baselines, and transformers integration."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 import mixture_of_tokens  # noqa: F401  (registers the Auto classes)
 from mixture_of_tokens import MoTConfig, MoTForCausalLM, performance_mot
 from mixture_of_tokens.modeling_mot import ExpertChoice, MixtureOfTokens, TokenChoice
+from mixture_of_tokens.reference import mixture_of_tokens_reference
 
 VOCAB = 97
 FFN_TYPES = ["mot", "token_choice", "expert_choice", "dense"]
@@ -47,43 +48,46 @@ def random_ids(batch, length, seed=1):
 # ---------------------------------------------------------------- the MoT layer itself
 
 
-def test_mot_layer_matches_a_literal_reading_of_the_method():
-    """Group j = rows j*G..j*G+G-1 at one position; softmax over the group per expert; merge, process, emit."""
-    config = small_config(group_size=3, num_experts=2, mot_temperature=0.7)
-    layer = MixtureOfTokens(config)
-    torch.nn.init.normal_(layer.router, std=0.5)
-    torch.nn.init.normal_(layer.w1, std=0.2)
-    torch.nn.init.normal_(layer.w2, std=0.2)
-    x = torch.randn(6, 5, 32)
-    output, _ = layer(x)
-    expected = torch.zeros_like(x)
-    for group_start in (0, 3):
-        for position in range(5):
-            tokens = x[group_start : group_start + 3, position]  # [G, d]
-            weights = torch.softmax(tokens @ layer.router / 0.7, dim=0)  # over the G tokens, per expert
-            for expert in range(2):
-                mixed = weights[:, expert] @ tokens
-                processed = torch.relu(mixed @ layer.w1[expert]) @ layer.w2[expert]
-                expected[group_start : group_start + 3, position] += weights[:, expert, None] * processed
-    torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-6)
+def randomize(layer, std=0.3, seed=0):
+    """Random values for every weight of a layer (its init is the model's job), biases included."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in layer.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
+    return layer
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+def test_mot_layer_matches_the_naive_reference_of_the_method(block):
+    """Group j = rows j*G..j*G+G-1 at one position; softmax over the group per expert; merge, process, emit: the
+    loops of mixture_of_tokens.reference, with padding, a smaller last group and a learned temperature."""
+    config = small_config(group_size=3, num_experts=2, mot_temperature=0.7, learnable_temperature="per_expert",
+                          **BLOCKS[block])
+    layer = randomize(MixtureOfTokens(config), std=0.4)
+    x = torch.randn(8, 5, 32)  # groups of 3, 3 and 2
+    mask = torch.ones(8, 5, dtype=torch.bool)
+    mask[1, :2] = False
+    mask[7, :] = False
+    for token_mask in (None, mask):
+        output = layer(x, token_mask)[0]
+        torch.testing.assert_close(output, mixture_of_tokens_reference(layer, x, token_mask), rtol=1e-5, atol=1e-5)
 
 
 def test_group_size_one_is_a_dense_ffn_of_width_experts_times_expert_size():
     config = small_config(group_size=1, num_experts=4, expert_size=16)
     layer = MixtureOfTokens(config)
-    for parameter in (layer.router, layer.w1, layer.w2):
-        torch.nn.init.normal_(parameter, std=0.3)
+    randomize(layer)
     x = torch.randn(3, 7, 32)
-    up = layer.w1.permute(1, 0, 2).reshape(32, 4 * 16)  # [d, E*f]
-    down = layer.w2.reshape(4 * 16, 32)  # [E*f, d]
+    up = layer.experts.up_proj.permute(1, 0, 2).reshape(32, 4 * 16)  # [E, d, f] -> [d, E*f]
+    down = layer.experts.down_proj.reshape(4 * 16, 32)  # [E, f, d] -> [E*f, d]
     dense = torch.relu(x @ up) @ down
-    output, _ = layer(x)
+    output = layer(x)[0]
     torch.testing.assert_close(output, dense, rtol=1e-5, atol=1e-5)
 
 
 def test_uniform_routing_gives_weights_one_over_group_size():
     layer = MixtureOfTokens(small_config(mot_routing="uniform", group_size=4))
-    torch.nn.init.normal_(layer.router, std=1.0)  # ignored: the controller is frozen at zero
+    torch.nn.init.normal_(layer.gate.weight, std=1.0)  # ignored: the controller is frozen at zero
     grouped = torch.randn(2, 4, 3, 32)
     weights = layer.mixing_weights(grouped, None)
     torch.testing.assert_close(weights, torch.full_like(weights, 0.25))
@@ -91,35 +95,33 @@ def test_uniform_routing_gives_weights_one_over_group_size():
 
 def test_discrete_routing_gives_each_expert_exactly_one_token():
     layer = MixtureOfTokens(small_config(mot_routing="discrete", group_size=4)).eval()
-    torch.nn.init.normal_(layer.router, std=1.0)
+    torch.nn.init.normal_(layer.gate.weight, std=1.0)
     grouped = torch.randn(2, 4, 3, 32)
     weights = layer.mixing_weights(grouped, None)  # [n, G, S, E]
     assert torch.equal((weights > 0).sum(dim=1), torch.ones(2, 3, 4, dtype=torch.long))
     assert torch.equal(weights.sum(dim=1), torch.ones(2, 3, 4))
     # ... and it is the limit of softmax as the temperature goes to zero
     soft = MixtureOfTokens(small_config(mot_temperature=1e-4, group_size=4))
-    soft.router.data.copy_(layer.router.data)
+    soft.gate.weight.data.copy_(layer.gate.weight.data)
     torch.testing.assert_close(soft.mixing_weights(grouped, None), weights, atol=1e-4, rtol=0)
 
 
 def test_discrete_routing_still_trains_the_controller():
     layer = MixtureOfTokens(small_config(mot_routing="discrete")).train()
-    for parameter in (layer.router, layer.w1, layer.w2):
-        torch.nn.init.normal_(parameter, std=0.3)
-    output, _ = layer(torch.randn(8, 3, 32))
+    randomize(layer)
+    output = layer(torch.randn(8, 3, 32))[0]
     output.square().sum().backward()
-    assert layer.router.grad is not None and layer.router.grad.abs().sum() > 0
+    assert layer.gate.weight.grad is not None and layer.gate.weight.grad.abs().sum() > 0
 
 
 def test_padding_takes_no_part_and_gets_a_zero_update():
     layer = MixtureOfTokens(small_config(group_size=4))
-    for parameter in (layer.router, layer.w1, layer.w2):
-        torch.nn.init.normal_(parameter, std=0.3)
+    randomize(layer)
     x = torch.randn(4, 6, 32)
     mask = torch.ones(4, 6, dtype=torch.bool)
     mask[1, 2:] = False  # row 1 padded after position 1
     mask[:, 5] = False  # a column of padding only
-    output, _ = layer(x, mask)
+    output = layer(x, mask)[0]
     assert torch.isfinite(output).all()
     assert torch.equal(output[~mask], torch.zeros_like(output[~mask]))
     # a padded token's content cannot change anyone's output
@@ -130,13 +132,12 @@ def test_padding_takes_no_part_and_gets_a_zero_update():
 
 def test_ragged_last_group_leaves_full_groups_unchanged_and_warns_once(caplog):
     layer = MixtureOfTokens(small_config(group_size=4))
-    for parameter in (layer.router, layer.w1, layer.w2):
-        torch.nn.init.normal_(parameter, std=0.3)
+    randomize(layer)
     x = torch.randn(10, 5, 32)  # groups of 4, 4 and 2
-    full_only, _ = layer(x[:8])
-    ragged, _ = layer(x)
+    full_only = layer(x[:8])[0]
+    ragged = layer(x)[0]
     torch.testing.assert_close(ragged[:8], full_only, rtol=0, atol=1e-6)
-    alone, _ = layer(x[8:])  # the small group alone equals the small group inside the batch
+    alone = layer(x[8:])[0]  # the small group alone equals the small group inside the batch
     torch.testing.assert_close(ragged[8:], alone, rtol=0, atol=1e-6)
     assert torch.isfinite(ragged).all()
 
@@ -144,10 +145,9 @@ def test_ragged_last_group_leaves_full_groups_unchanged_and_warns_once(caplog):
 def test_learnable_temperature_gets_gradients_and_stays_positive():
     for mode, shape in (("shared", (1,)), ("per_expert", (4,))):
         layer = MixtureOfTokens(small_config(learnable_temperature=mode, mot_temperature=2.0))
-        for parameter in (layer.router, layer.w1, layer.w2):
-            torch.nn.init.normal_(parameter, std=0.3)
+        randomize(layer)
         assert layer.log_temperature.shape == shape
-        output, _ = layer(torch.randn(8, 3, 32))
+        output = layer(torch.randn(8, 3, 32))[0]
         output.square().sum().backward()
         assert layer.log_temperature.grad.abs().sum() > 0
         with torch.no_grad():
@@ -200,7 +200,7 @@ def test_token_choice_drops_over_capacity_in_training_and_adds_its_aux_loss():
     ids = random_ids(8, 10)
     model.train()
     out = model(ids, labels=ids, output_routing_stats=True)
-    stats = out.routing_stats[1]
+    stats = out.routing_stats[0]
     assert stats["dropped_fraction"] >= 0.5 - 1e-6  # half the capacity: at least half the tokens dropped
     model.eval()
     lm_only = model(ids, labels=ids).loss
@@ -211,7 +211,7 @@ def test_token_choice_drops_over_capacity_in_training_and_adds_its_aux_loss():
     no_aux.load_state_dict(model.state_dict())
     no_aux.train()
     difference = model(ids, labels=ids).loss - no_aux(ids, labels=ids).loss
-    z_weighted = 1e-3 * out.routing_stats[1]["z_loss"]
+    z_weighted = 1e-3 * out.routing_stats[0]["z_loss"]
     torch.testing.assert_close(difference, 0.01 * stats["balance_loss"] + z_weighted, rtol=1e-4, atol=1e-6)
     assert torch.isfinite(lm_only)
 
@@ -220,23 +220,21 @@ def test_expert_choice_picks_tokens_within_each_group():
     config = small_config("expert_choice", group_size=4, num_experts=2, num_experts_per_tok=1)
     layer = ExpertChoice(config)
     assert layer.tokens_per_expert == 2  # k * G / E
-    for parameter in (layer.router, layer.w1, layer.w2):
-        torch.nn.init.normal_(parameter, std=0.3)
+    randomize(layer)
     x = torch.randn(8, 3, 32)
-    output, _ = layer(x)
-    first_group_alone, _ = layer(x[:4])
+    output = layer(x)[0]
+    first_group_alone = layer(x[:4])[0]
     torch.testing.assert_close(output[:4], first_group_alone)
 
 
 def test_token_choice_dispatch_paths_agree_when_nothing_is_dropped():
     layer = TokenChoice(small_config("token_choice", capacity_factor=100.0, num_experts_per_tok=2))
-    for parameter in (layer.router, layer.w1, layer.w2):
-        torch.nn.init.normal_(parameter, std=0.3)
+    randomize(layer)
     x = torch.randn(4, 5, 32)
     layer.eval()
-    dropless, _ = layer(x)
+    dropless = layer(x)[0]
     layer.train()
-    with_capacity, _ = layer(x)
+    with_capacity = layer(x)[0]
     torch.testing.assert_close(with_capacity, dropless, rtol=1e-5, atol=1e-5)
 
 
@@ -466,7 +464,7 @@ def test_mot_temperature_never_leaks_into_generation_config():
 
 
 def test_presets_match_the_papers_parameter_counts():
-    expected = {  # DESIGN §2
+    expected = {  # docs/design.md, "The model"
         "transformer-medium": 76.8e6, "mot-medium-32e": 336.9e6, "mot-medium-32e-8": 337.4e6,
         "mot-medium-32e-16": 337.9e6, "transformer-base": 162.4e6, "mot-base-32e": 1.04e9,
         # Llama-style counterparts: a gated d_ff of 1408 keeps the feed-forward's parameters (3 x 512 x 1408 ~
@@ -550,19 +548,21 @@ def test_gated_experts_compute_the_gated_dense_layer_with_their_own_weights(ffn)
     layer = small_model(ffn, **MODERN).model.layers[1].mlp
     dense = small_model("dense", **MODERN, intermediate_size=64).model.layers[1].mlp
     x = torch.randn(5, 32)
+    experts = layer.experts
     with torch.no_grad():
+        torch.nn.init.normal_(experts.gate_up_proj_bias)  # not zero, or a missing bias would pass
         for expert in range(4):
-            dense.gate_proj.weight.copy_(layer.w_gate[expert].t())
-            dense.up_proj.weight.copy_(layer.w1[expert].t())
-            dense.down_proj.weight.copy_(layer.w2[expert].t())
-            dense.gate_proj.bias.copy_(layer.b_gate[expert])
-            dense.up_proj.bias.copy_(layer.b1[expert])
-            dense.down_proj.bias.copy_(layer.b2[expert])
-            torch.nn.init.normal_(dense.up_proj.bias)  # not zero, or a missing bias would pass
-            layer.b1[expert].copy_(dense.up_proj.bias)
+            gate, up = experts.gate_up_proj[expert].chunk(2, dim=1)  # [d, 2f]: gate columns first
+            gate_bias, up_bias = experts.gate_up_proj_bias[expert].chunk(2)
+            dense.gate_proj.weight.copy_(gate.T)
+            dense.up_proj.weight.copy_(up.T)
+            dense.down_proj.weight.copy_(experts.down_proj[expert].T)
+            dense.gate_proj.bias.copy_(gate_bias)
+            dense.up_proj.bias.copy_(up_bias)
+            dense.down_proj.bias.copy_(experts.down_proj_bias[expert])
             expected = dense(x)[0]
-            torch.testing.assert_close(layer.run_one_expert(expert, x), expected)
-            batched = layer.run_experts(x.expand(4, 5, 32).contiguous())[expert]
+            torch.testing.assert_close(experts.process_one(expert, x), expected)
+            batched = experts.process(x.expand(4, 5, 32).contiguous())[expert]
             torch.testing.assert_close(batched, expected, rtol=1e-5, atol=1e-6)
 
 

@@ -89,7 +89,7 @@ def test_end_to_end_on_novels_eval_loss_drops_and_folder_is_hub_ready(tmp_path, 
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "staging folders left behind"
     config = json.loads((out / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_mot.MoTForCausalLM"
-    assert config["output_routing_stats"] is False  # telemetry switched it on only during steps
+    assert config["output_routing_stats"] is False  # the telemetry reads the layers, never the config
     model = AutoModelForCausalLM.from_pretrained(out)
     assert isinstance(model, MoTForCausalLM) and model.config.vocab_size == 512
 
@@ -362,19 +362,19 @@ def test_bad_inputs_give_one_clear_error_and_no_output(tmp_path, capsys, case):
 
 
 @pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
-def test_two_process_cpu_run(tmp_path, launcher):
+def test_two_process_cpu_run(tmp_path, launcher, free_port):
     out = tmp_path / "ddp"
     train = ["-m", "mixture_of_tokens.train", *small_run(out, None, "--max_steps", "3", "--use_cpu", "true",
                                                          "--train_tokenizer", "300", "--eval_steps", "3",
                                                          "--save_steps", "3", "--max_eval_blocks", "16")]
     bin_dir = Path(sys.executable).parent
     if launcher == "torchrun":
-        command = [str(bin_dir / "torchrun"), "--nproc_per_node", "2", "--master_port", "29531", *train]
+        command = [str(bin_dir / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), *train]
     else:
         # accelerate's --cpu launches one process; its torch.distributed launcher (--multi_gpu) runs CPU workers
         # too when the script itself is told --use_cpu.
         command = [str(bin_dir / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-                   "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29532", *train]
+                   "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), *train]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -394,3 +394,15 @@ def test_speed_switches_parse_and_reach_the_config(tmp_path):
     model_args, _, training_args = parse_args(small_run(tmp_path / "out", None))
     assert "chunked_lm_loss" not in model_args.config_overrides()
     assert training_args.retain_freed_cpu_memory is True
+
+
+def test_every_config_flag_is_a_config_field_typed_like_it():
+    """`mot train`'s configuration flags come from MoTConfig: each is a field, parsed to the field's type."""
+    from mixture_of_tokens.train import CONFIG_FLAGS
+
+    fields = MoTConfig.__dataclass_fields__
+    assert set(CONFIG_FLAGS) <= set(fields)
+    model_args, _, _ = parse_args(["--output_dir", "unused", "--num_experts", "6", "--capacity_factor", "1.5",
+                                   "--mlp_bias", "true", "--mot_routing", "uniform"])
+    assert model_args.config_overrides() == {"num_experts": 6, "capacity_factor": 1.5, "mlp_bias": True,
+                                             "mot_routing": "uniform"}

@@ -7,7 +7,7 @@ The harness comes from the sdist of the installed transformers (transformers_com
 the module fails under CI=true and is skipped with one line otherwise.
 
 Skips by design: for the batch-dependent variants (MoT, Expert Choice), the batching-equivalence test (a sequence's
-output depends on the other sequences of its group, DESIGN §4); for the paper's block (learned absolute positions),
+output depends on the other sequences of its group, docs/design.md, "Batch dependence"); for the paper's block (learned absolute positions),
 the RoPE-scaling tests, which the modern variants run. Nothing else is skipped beyond what the harness skips itself.
 """
 
@@ -122,11 +122,6 @@ class MoTCommonTests(ModelTesterMixin, GenerationTesterMixin):
     test_can_init_all_missing_weights_before_2023 = True
 
     def setUp(self):
-        if not self.modern and self._testMethodName.startswith("test_model_rope_scaling"):
-            # The config carries transformers' standard `rope_parameters` either way, which makes the harness try
-            # RoPE scaling; the paper's block has learned absolute positions and no RoPE to scale. The modern
-            # variants run these tests.
-            self.skipTest("learned absolute position embeddings (the paper's block): no RoPE to scale")
         # The harness finds a model's role (base model, causal LM: which get labels, which train) in transformers'
         # name tables of its in-tree models; enter ours there for the duration of each test.
         for table, name in ((modeling_auto.MODEL_MAPPING_NAMES, "MoTModel"),
