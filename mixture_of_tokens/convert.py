@@ -1,4 +1,4 @@
-"""`mot convert` and `mot transition`: the paper's transition tuning (DESIGN §3).
+"""`mot convert` and `mot transition`: the paper's transition tuning (docs/design.md, "Transition tuning").
 
 A trained MoT model's output for one sequence depends on the other sequences of its group, so it cannot serve one
 request at a time. Transition tuning reads the *same tensors* as a Token Choice model: expert `e` stays expert
@@ -16,14 +16,13 @@ import json
 import sys
 from pathlib import Path
 
-from .cards import CONVERSION_FILE, TRAINING_ARGS_FILE
-from .model_folder import check_config, check_weights, copy_tokenizer
+from .export import EXPORT_TARGETS, export_stock
+from .model_folder import CONVERSION_FILE, TRAINING_ARGS_FILE, check_config, check_weights, copy_tokenizer
 from .utils import UserError, atomic_directory
 
 # Tensors the target architecture has no place for (MoT's learnable temperature in a Token Choice model) are
 # kept here, byte for byte, so that converting back restores them and the round trip loses nothing.
 SET_ASIDE_FILE = "set_aside_tensors.safetensors"
-ROUTED_TYPES = ("mot", "token_choice", "expert_choice")
 TARGETS = ("token_choice", "mot")
 
 
@@ -32,6 +31,7 @@ def _load_source_config(src: str | Path):
     from transformers import AutoConfig
 
     from . import MoTConfig  # registers the "mot" model type
+    from .configuration_mot import ROUTED_TYPES
 
     src = Path(src)
     if not src.is_dir():
@@ -44,7 +44,7 @@ def _load_source_config(src: str | Path):
         )
     check_weights(src)  # missing, truncated or corrupted weights: one line, before anything is written
     config = AutoConfig.from_pretrained(src)
-    if not any(mlp_type in ROUTED_TYPES for mlp_type in config.mlp_types):
+    if not config.routed_layer_types:
         raise UserError(
             f"{str(src)!r} is a dense model (mlp_types {config.mlp_types}): it has no routed layers to convert; "
             f"conversion needs at least one layer of type {', '.join(ROUTED_TYPES)}"
@@ -62,7 +62,7 @@ def converted_config(config, to: str, top_k: int | None = None, capacity_factor:
     if capacity_factor is not None and not capacity_factor > 0:
         raise UserError(f"--capacity_factor must be positive, got {capacity_factor}")
     new = config.__class__.from_dict(config.to_dict())
-    new.mlp_types = [to if mlp_type in ROUTED_TYPES else mlp_type for mlp_type in config.mlp_types]
+    new.mlp_types = [to if mlp_type in config.routed_layer_types else mlp_type for mlp_type in config.mlp_types]
     if top_k is not None:
         new.num_experts_per_tok = top_k
     if capacity_factor is not None:
@@ -201,9 +201,13 @@ def convert_main(argv: list[str] | None = None) -> int:
                     "and code files are copied unchanged.",
     )
     _add_conversion_arguments(parser)
-    parser.add_argument("--to", choices=sorted(set(TARGETS) | {"dense"}), default=None,
-                        help="feed-forward type of the routed layers after conversion (default token_choice); from a "
-                             "Llama folder: dense, mot or token_choice")
+    parser.add_argument("--to", choices=sorted(set(TARGETS) | {"dense", "gguf"} | set(EXPORT_TARGETS)), default=None,
+                        help="feed-forward type of the routed layers after conversion (default token_choice); "
+                             "qwen2_moe (a Token Choice model) or llama (a dense model): a stock transformers folder "
+                             "for serving, modern block only; gguf: DST is a .gguf file for llama.cpp (its qwen2moe); "
+                             "from a Llama folder: dense, mot or token_choice")
+    parser.add_argument("--gguf_dtype", choices=("f32", "f16"), default="f32",
+                        help="with --to gguf: tensor type of the weight matrices (norms and routers stay f32)")
     llama = parser.add_argument_group("from a Llama folder (model_type llama: a LlamaForCausalLM and its tokenizer)")
     llama.add_argument("--routed_layers", default=None,
                        help="comma-separated block indices that become routed (default: the second half)")
@@ -224,6 +228,12 @@ def convert_main(argv: list[str] | None = None) -> int:
                 raise UserError(f"--routed_layers {args.routed_layers!r}: give block indices such as 2,3") from error
         dst = convert_llama(args.src, args.dst, args.to or "dense", routed, args.group_size, args.num_experts,
                             args.expert_size, overwrite=args.overwrite)
+    elif args.to in EXPORT_TARGETS:
+        dst = export_stock(args.src, args.dst, args.to, overwrite=args.overwrite)
+    elif args.to == "gguf":
+        from .gguf_export import export_gguf
+
+        dst = export_gguf(args.src, args.dst, overwrite=args.overwrite, dtype=args.gguf_dtype)
     else:
         llama_only = [name for name in ("routed_layers", "num_experts", "expert_size") if getattr(args, name)]
         if llama_only or args.to == "dense":
@@ -331,21 +341,23 @@ def transition(argv: list[str]):
 
     model, set_aside = load_converted_model(src, target_config)
     tokenizer = AutoTokenizer.from_pretrained(src)
-    outcome = run_training(model_args, data_args, training_args, model=model, tokenizer=tokenizer,
-                           init_optimizer_from=checkpoint)
-    if training_args.should_save:
+    lineage = _lineage(str(src), src, source_config, target_config, {
+        "method": "transition",
+        "transition_steps": args.steps,
+        "optimizer_continued_from": None if checkpoint is None else checkpoint.name,
+        "source_steps": None if checkpoint is None else checkpoint_global_step(checkpoint),
+    })
+
+    def write_lineage(folder: Path) -> None:
+        # Into the staging folder, before the output is complete: a finished folder always carries its lineage.
         from safetensors.torch import save_file
 
         if set_aside:
-            save_file({name: tensor.contiguous() for name, tensor in set_aside.items()}, dst / SET_ASIDE_FILE)
-        lineage = _lineage(str(src), src, source_config, target_config, {
-            "method": "transition",
-            "transition_steps": args.steps,
-            "optimizer_continued_from": None if checkpoint is None else checkpoint.name,
-            "source_steps": None if checkpoint is None else checkpoint_global_step(checkpoint),
-        })
-        (dst / CONVERSION_FILE).write_text(json.dumps(lineage, indent=2) + "\n")
-        write_card(dst)
+            save_file({name: tensor.contiguous() for name, tensor in set_aside.items()}, folder / SET_ASIDE_FILE)
+        (folder / CONVERSION_FILE).write_text(json.dumps(lineage, indent=2) + "\n")
+
+    outcome = run_training(model_args, data_args, training_args, model=model, tokenizer=tokenizer,
+                           init_optimizer_from=checkpoint, write_extra_files=write_lineage)
     return outcome, checkpoint
 
 

@@ -46,7 +46,7 @@ def test_convert_and_transition_keep_the_gated_experts(modern_run):
     converted = folder / "tc"
     assert mot(["convert", str(source), str(converted)]) == 0
     before, after = load_file(source / "model.safetensors"), load_file(converted / "model.safetensors")
-    assert before.keys() == after.keys() and any(name.endswith("mlp.w_gate") for name in after)
+    assert before.keys() == after.keys() and any(name.endswith("mlp.experts.gate_up_proj") for name in after)
     for name in before:
         assert torch.equal(before[name], after[name]), name  # a config change only
     config = MoTConfig.from_pretrained(converted)
@@ -87,3 +87,38 @@ def test_modern_options_are_mot_train_flags():
         "rope", "rmsnorm", True, 2)
     assert config.attention_bias and config.mlp_bias and config.tie_word_embeddings
     assert config.rope_parameters == {"rope_type": "default", "rope_theta": 10000.0}
+
+
+def test_deploy_path_mot_to_transition_to_qwen2_moe(modern_run, tmp_path):
+    """The README's deploy path at quick-start size: a trained MoT, `mot transition`, `mot convert --to qwen2_moe`,
+    then the folder served by stock transformers in a process that never imports this package."""
+    import subprocess
+    import sys
+    import textwrap
+
+    folder, source = modern_run
+    tuned, served = tmp_path / "tuned", tmp_path / "served"
+    assert mot(["transition", str(source), str(tuned), "--steps", "2", "--logging_steps", "1"]) == 0
+    assert mot(["convert", str(tuned), str(served), "--to", "qwen2_moe"]) == 0
+    assert (served / "tokenizer.json").is_file() and json.loads((served / "config.json").read_text())[
+        "model_type"] == "qwen2_moe"
+    model = MoTForCausalLM.from_pretrained(tuned).eval()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tuned)
+    ids = tokenizer(["It was a dark and stormy night"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        ours = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)[0].tolist()
+    script = textwrap.dedent(f"""
+        import json, sys
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained({str(served)!r})
+        model = AutoModelForCausalLM.from_pretrained({str(served)!r}).eval()
+        ids = tokenizer(["It was a dark and stormy night"], return_tensors="pt").input_ids
+        tokens = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)[0].tolist()
+        assert "mixture_of_tokens" not in sys.modules
+        print(json.dumps(tokens))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == ours
