@@ -1,7 +1,7 @@
 """Mixture of Tokens for Hugging Face Transformers.
 
 Importing this package registers the `mot` model type with AutoConfig, AutoModel and AutoModelForCausalLM, and
-marks the classes for custom-code export, so `save_pretrained` writes an `auto_map` and both code files and the
+marks the classes for custom-code export, so `save_pretrained` writes an `auto_map` and the three code files and the
 saved folder loads with `trust_remote_code=True` where this package is not installed.
 """
 

@@ -24,23 +24,22 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .model_folder import check_config
+from .accounting import model_size
+from .model_folder import (
+    CARD_FILE,
+    CONVERSION_FILE,
+    EVAL_RESULTS_FILE,
+    TRAINER_STATE_FILE,
+    TRAINING_ARGS_FILE,
+    check_config,
+)
 from .utils import UserError, atomic_write_text
 
-CARD_FILE = "README.md"
-TRAINING_ARGS_FILE = "training_args.json"
-TRAINER_STATE_FILE = "trainer_state.json"
-EVAL_RESULTS_FILE = "eval_results.json"
-CONVERSION_FILE = "conversion.json"
-
-ROUTED_TYPES = ("mot", "token_choice", "expert_choice")
-# Layers that mix tokens of different sequences: their outputs depend on the batch.
-BATCH_DEPENDENT_TYPES = ("mot", "expert_choice")
 TAGS = ["mixture-of-tokens", "mixture-of-experts", "custom_code", "text-generation"]
 
 # lm-eval task name -> (Hub dataset id, dataset config, split, display name), for the model-index metadata.
 KNOWN_TASKS = {
-    "piqa": ("ybisk/piqa", None, "validation", "PIQA"),
+    "piqa": ("baber/piqa", None, "validation", "PIQA"),  # the dataset lm-eval's stock task reads
     "hellaswag": ("Rowan/hellaswag", None, "validation", "HellaSwag"),
     "arc_easy": ("allenai/ai2_arc", "ARC-Easy", "test", "ARC-Easy"),
 }
@@ -59,86 +58,6 @@ PRECISION_FLAGS = ("bf16", "fp16", "bf16_weights")
 # The sections `mot train` nests its arguments under in training_args.json (later sections win on a name clash).
 ARGUMENT_SECTIONS = ("model_args", "data_args", "training_args")
 DATASET_KEYS = ("dataset", "dataset_name", "train_file", "data")
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Architecture: parameters and FLOPs from the config alone
-# --------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ModelSize:
-    total_params: int
-    active_params: int
-    flops_per_token: int  # forward, 2 x multiply-adds, at full context
-    attention_flops_per_token: int  # the part of flops_per_token spent on attention scores
-
-
-def _matrices(config) -> int:
-    """Weight matrices of one feed-forward (or expert): up and down, plus the gate of a gated layer."""
-    return 3 if config.gated_mlp else 2
-
-
-def _ffn_one(config, width: int) -> int:
-    """Parameters of one feed-forward layer (or one expert) of hidden width `width`, biases included."""
-    d = config.hidden_size
-    biases = (_matrices(config) - 1) * width + d if config.mlp_bias else 0
-    return _matrices(config) * d * width + biases
-
-
-def _ffn_params(config, mlp_type: str) -> tuple[int, int]:
-    """(all parameters, parameters a token's compute pays for) of one feed-forward layer."""
-    d = config.hidden_size
-    if mlp_type == "dense":
-        params = _ffn_one(config, config.intermediate_size)
-        return params, params
-    experts = config.num_experts * _ffn_one(config, config.expert_size)
-    router = d * config.num_experts
-    temperature = 0
-    if mlp_type == "mot" and config.learnable_temperature != "off":
-        temperature = 1 if config.learnable_temperature == "shared" else config.num_experts
-    if mlp_type == "mot":
-        # E experts each process one mixture per group of G tokens: per token, the work of E/G experts.
-        share = 1 / config.group_size
-    else:
-        # Token Choice sends each token to k experts; Expert Choice processes k tokens per token on average.
-        share = config.num_experts_per_tok / config.num_experts
-    return experts + router + temperature, round(experts * share) + router + temperature
-
-
-def _ffn_macs(config, mlp_type: str) -> int:
-    """Multiply-adds per token of one feed-forward layer (DESIGN.md §1 "Cost per token")."""
-    d = config.hidden_size
-    if mlp_type == "dense":
-        return _matrices(config) * d * config.intermediate_size
-    expert_macs = _matrices(config) * d * config.expert_size
-    if mlp_type == "mot":
-        # experts on the merged tokens, plus controller, merge and emit (about 3·d·E)
-        return config.num_experts * expert_macs // config.group_size + 3 * d * config.num_experts
-    return config.num_experts_per_tok * expert_macs + d * config.num_experts
-
-
-def model_size(config) -> ModelSize:
-    """Parameter counts and forward FLOPs per token of a `MoTConfig`, without building the model."""
-    d, vocab, context = config.hidden_size, config.vocab_size, config.max_position_embeddings
-    layer_norm = d if config.norm_type == "rmsnorm" else 2 * d  # RMSNorm has no bias
-    embeddings = vocab * d + (context * d if config.position_embedding_type == "learned" else 0)
-    head = 0 if config.tie_word_embeddings else vocab * d
-    # query and output: d x d each; key and value: d x (kv_heads * head_dim) each (grouped-query attention)
-    key_value = config.num_key_value_heads * config.head_dim
-    attention = 2 * d * d + 2 * d * key_value + ((2 * d + 2 * key_value) if config.attention_bias else 0)
-    total = active = embeddings + head + layer_norm  # final norm
-    macs = vocab * d  # output head; embedding lookups cost no multiply-adds
-    attention_score_macs = 0
-    for mlp_type in config.mlp_types:
-        ffn_total, ffn_active = _ffn_params(config, mlp_type)
-        total += attention + 2 * layer_norm + ffn_total
-        active += attention + 2 * layer_norm + ffn_active
-        # projections, then scores (q·k) and mixing (p·v) over the full context
-        attention_score_macs += 2 * context * d
-        macs += 2 * d * d + 2 * d * key_value + _ffn_macs(config, mlp_type)
-    macs += attention_score_macs
-    return ModelSize(total, active, 2 * macs, 2 * attention_score_macs)
 
 
 def _human(number: float, unit: str = "") -> str:
@@ -179,7 +98,7 @@ def block_description(config) -> str:
 def architecture_summary(config) -> dict[str, Any]:
     types = list(config.mlp_types)
     size = model_size(config)
-    routed = [i for i, t in enumerate(types) if t in ROUTED_TYPES]
+    routed = [i for i, t in enumerate(types) if t in config.routed_layer_types]
     counts = {t: types.count(t) for t in dict.fromkeys(types)}
     if "mot" in types:
         active_rule = f"a MoT layer's experts count 1/G = 1/{config.group_size}"
@@ -199,7 +118,7 @@ def architecture_summary(config) -> dict[str, Any]:
         "dense_blocks": len(types) - len(routed),
         # G only means something to layers that group the rows of a batch (MoT, Expert Choice); Token Choice
         # and dense layers ignore it, so their cards must not show it.
-        "grouped": bool(set(types) & set(BATCH_DEPENDENT_TYPES)),
+        "grouped": bool(config.grouped_layer_types),
         "group_size": config.group_size,
         "top_k_used": bool(set(types) & {"token_choice", "expert_choice"}),
         "num_experts": config.num_experts,
@@ -471,7 +390,7 @@ def conversion_summary(conversion: dict[str, Any]) -> str | None:
 
 def template_name(config, conversion: dict[str, Any] | None = None) -> str:
     types = set(config.mlp_types)
-    if types & set(BATCH_DEPENDENT_TYPES):
+    if config.grouped_layer_types:
         return "mot.md"
     if "token_choice" in types:
         return "token_choice.md"
@@ -510,7 +429,7 @@ def render_card(model_dir: str | Path, *, repo_id: str | None = None, model_name
         datasets=previous.get("datasets"),
         library_name="transformers",
         pipeline_tag="text-generation",
-        tags=TAGS + (["batch-dependent"] if set(config.mlp_types) & set(BATCH_DEPENDENT_TYPES) else []),
+        tags=TAGS + (["batch-dependent"] if config.grouped_layer_types else []),
         base_model=public_base_model(base_model),
         eval_results=eval_results_metadata(rows, model_name) or None,
     )
@@ -527,7 +446,7 @@ def render_card(model_dir: str | Path, *, repo_id: str | None = None, model_name
         model_name=model_name,
         repo_id=repo_id or f"YOUR_NAMESPACE/{model_name}",
         arch=architecture_summary(config),
-        batch_dependent=bool(set(config.mlp_types) & set(BATCH_DEPENDENT_TYPES)),
+        batch_dependent=bool(config.grouped_layer_types),
         group_size=config.group_size,
         training=training,
         provenance=training_provenance(conversion, (model_dir / TRAINING_ARGS_FILE).is_file()),

@@ -31,6 +31,20 @@ LOCAL_FORMATS = {
 }
 DEFAULT_SOURCE = "pydoc_data.topics (Python documentation bundled with the standard library)"
 MAP_BATCH_SIZE = 1000  # rows per datasets.map call; packing drops < block_size tokens of each
+# The novels corpus of ../shared/data: its last novels are validation text, never trained on.
+HELD_OUT_NOVELS = 3
+
+
+def split_novels(corpus: Path) -> tuple[list[str], list[str]]:
+    """The novels corpus (gzipped text, novels separated by blank lines) as (training novels, held-out novels): the
+    one split of it that the reproduction and the GPU comparison use."""
+    import gzip
+
+    with gzip.open(corpus, "rt", encoding="utf-8") as handle:
+        novels = [text.strip("\n") for text in handle.read().split("\n\n") if text.strip()]
+    if len(novels) <= HELD_OUT_NOVELS:
+        raise UserError(f"{corpus} holds {len(novels)} documents; need more than {HELD_OUT_NOVELS}")
+    return novels[:-HELD_OUT_NOVELS], novels[-HELD_OUT_NOVELS:]
 
 
 @dataclass

@@ -3,7 +3,7 @@
     mot eval MODEL --tasks piqa,hellaswag,arc_easy [--limit N] [--batch_size B] [--data_dir DIR] [--output FILE.json]
     mot eval MODEL --perplexity FILE [--block_size N]
 
-Scores of a Mixture of Tokens model depend on which sequences share a group (DESIGN.md §4); `mixture_of_tokens.
+Scores of a Mixture of Tokens model depend on which sequences share a group (docs/design.md, "Batch dependence"); `mixture_of_tokens.
 lm_eval_model.MoTLM` fixes and records that composition. See docs/evaluation.md.
 """
 
@@ -13,16 +13,17 @@ import argparse
 import datetime
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 # torch, transformers and lm-eval are imported where they are used, so that `mot eval --help` answers at once.
-from .model_folder import load_model_and_tokenizer
+from .lm_eval_tasks import DATA_ENV
+from .model_folder import EVAL_RESULTS_FILE, load_model_and_tokenizer
 from .utils import UserError, atomic_write_text
 
 DEFAULT_TASKS = ("piqa", "hellaswag", "arc_easy")
-EVAL_RESULTS_FILE = "eval_results.json"  # next to the weights; the model card (mot card) reads it
 
 
 # --------------------------------------------------------------------------------------------------- tasks
@@ -80,6 +81,7 @@ def prepare_tasks(tasks: list[str], data_dir: str | None = None, cache_dir: Path
             if task not in known:
                 raise UserError(f"unknown task {task!r}; the paper's tasks are {', '.join(DEFAULT_TASKS)} "
                                 "(any lm-eval task name works online; `lm-eval ls tasks` lists them)")
+        check_hub_datasets(tasks, task_manager)
         return PreparedTasks(list(tasks), task_manager, list(tasks),
                              {task: "hub (the stock task's dataset_path)" for task in tasks})
     specs, sources = [], {}
@@ -91,6 +93,30 @@ def prepare_tasks(tasks: list[str], data_dir: str | None = None, cache_dir: Path
         sources[task] = {"converted_file": str(data_file),
                          "release_files": [str(data_dir / f) for f in eval_data.LOCAL_TASKS[task].files]}
     return PreparedTasks(list(tasks), task_manager, specs, sources)
+
+
+HUB_PROBE_SECONDS = 5.0
+
+
+def check_hub_datasets(tasks: list[str], task_manager) -> None:
+    """Stop at once, in one line, when the tasks' Hub datasets cannot be reached (offline machine, HF_HUB_OFFLINE=1),
+    instead of lm-eval's retries and traceback; the line names the dataset and the offline way."""
+    from huggingface_hub import HfApi
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    for task in tasks:
+        dataset = load_yaml(task_manager.task_index[task].yaml_path, resolve_func=False).get("dataset_path")
+        if not isinstance(dataset, str) or Path(dataset).exists():
+            continue
+        try:
+            HfApi().dataset_info(dataset, timeout=HUB_PROBE_SECONDS)
+        except Exception as error:  # offline mode, no route, DNS, timeout: all mean "use the local files"
+            reason = type(error).__name__
+            raise UserError(
+                f"task {task!r} needs the Hub dataset {dataset!r}, which cannot be fetched here ({reason}); evaluate "
+                f"offline with --data_dir DIR or {DATA_ENV}=DIR (a folder with piqa/, hellaswag/, arc_easy/ in their "
+                "release formats, e.g. ../shared/data)"
+            ) from error
 
 
 def make_lm(model, tokenizer, backend: str, batch_size: int | None):
@@ -242,7 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, help="first N documents of each task (for quick checks)")
     parser.add_argument("--batch_size", type=int,
                         help="sequences per forward; MoT scores depend on it (default: the model's group_size)")
-    parser.add_argument("--data_dir", help="offline: folder with piqa/, hellaswag/, arc_easy/ in their release formats")
+    parser.add_argument("--data_dir", default=os.environ.get(DATA_ENV) or None,
+                        help=f"offline: folder with piqa/, hellaswag/, arc_easy/ in their release formats (default: "
+                             f"${DATA_ENV} if set, else the Hub)")
     parser.add_argument("--output", help="write lm-eval's results dict plus our metadata (`mot_eval`) to this JSON")
     parser.add_argument("--perplexity", metavar="FILE", help="also (or only) report loss/perplexity on a .txt[.gz]")
     parser.add_argument("--block_size", type=int, help="perplexity block length (default max_position_embeddings)")
@@ -251,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", choices=("mot", "hf"), default="mot",
                         help="mot: masked fixed-group batches (default); hf: lm-eval's stock model, for comparison")
     parser.add_argument("--update_card", action="store_true",
-                        help=f"store the scores in MODEL/{EVAL_RESULTS_FILE} and refresh the model card if present")
+                        help=f"store the scores in MODEL/{EVAL_RESULTS_FILE} and render the model card (README.md) anew")
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     parser.add_argument("--cache_dir", type=Path, help="where converted --data_dir files are cached "
                                                        "(default ~/.cache/mixture_of_tokens/eval_data or $MOT_CACHE)")

@@ -2,7 +2,7 @@
 
 Dense and Token Choice models are batch-independent and generate for a single prompt. A Mixture of Tokens model
 mixes the tokens of `group_size` sequences at every position, so its output for one prompt depends on the other
-prompts generated with it (DESIGN §4): `--prompts_file` generates for many prompts in one left-padded batch, and
+prompts generated with it (docs/design.md, "Batch dependence"): `--prompts_file` generates for many prompts in one left-padded batch, and
 the command says in plain words when a MoT model gets fewer prompts than its group size.
 """
 
@@ -32,11 +32,11 @@ def read_prompts(prompts: list[str] | None, prompts_file: str | None) -> list[st
     return collected
 
 
-def load_model_and_tokenizer(model_path: str | Path, mot_routing: str | None = None, device: str | None = None):
+def load_for_generation(model_path: str | Path, mot_routing: str | None = None, device: str | None = None):
     """Model folder -> (model in eval mode, tokenizer set up for left padding); loaded as `mot eval` loads it."""
-    from .model_folder import load_model_and_tokenizer as load_folder
+    from .model_folder import load_model_and_tokenizer
 
-    model, tokenizer = load_folder(model_path, mot_routing=mot_routing, device=device)
+    model, tokenizer = load_model_and_tokenizer(model_path, mot_routing=mot_routing, device=device)
     # Left padding keeps every prompt's last token in the last column, where generation continues.
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.stream and len(prompts) > 1:
         raise UserError(f"--stream prints one sequence, but {len(prompts)} prompts were given; "
                         "drop --stream or give one prompt")
-    model, tokenizer = load_model_and_tokenizer(args.model, args.mot_routing, args.device)
+    model, tokenizer = load_for_generation(args.model, args.mot_routing, args.device)
     warning = batch_dependence_warning(model.config, len(prompts))
     if warning:
         print(warning, file=sys.stderr)

@@ -13,27 +13,31 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .model_folder import WEIGHTS_INDEX_FILE, check_config, check_weights
+from .model_folder import (
+    CONVERSION_FILE,
+    EVAL_RESULTS_FILE,
+    TRAIN_RESULTS_FILE,
+    TRAINER_STATE_FILE,
+    TRAINING_ARGS_FILE,
+    WEIGHTS_INDEX_FILE,
+    check_config,
+    check_weights,
+)
 from .utils import UserError, atomic_directory
 
 CODE_FILES = ("configuration_mot.py", "modeling_mot.py", "performance_mot.py")
-# Auto classes the Hub repo must map to our code, so trust_remote_code loading works without the package.
-AUTO_MAP = {
-    "AutoConfig": "configuration_mot.MoTConfig",
-    "AutoModel": "modeling_mot.MoTModel",
-    "AutoModelForCausalLM": "modeling_mot.MoTForCausalLM",
-}
 TOKENIZER_DEFINITIONS = ("tokenizer.json", "vocab.json", "tokenizer.model", "vocab.txt", "spiece.model")
 TOKENIZER_EXTRAS = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "merges.txt",
                     "chat_template.jinja", "chat_template.json")
 # Everything else that belongs on the Hub (relative-path glob patterns; `*` does not cross folders).
 OTHER_PATTERNS = ("generation_config.json", "README.md", "*.png", "*.svg", "*.pdf", "plots/*", "plots/*/*",
-                  "training_args.json", "trainer_state.json", "eval_results.json", "conversion.json",
-                  "all_results.json", "train_results.json")
+                  TRAINING_ARGS_FILE, TRAINER_STATE_FILE, EVAL_RESULTS_FILE, CONVERSION_FILE, "all_results.json",
+                  TRAIN_RESULTS_FILE)
 
 
 @dataclass
@@ -68,7 +72,7 @@ def _weight_files(model_dir: Path) -> list[str]:
 
 def _completed_config(model_dir: Path) -> bytes | None:
     """config.json with every `auto_map` entry we support, or None when the saved one is already complete."""
-    from .configuration_mot import MoTConfig
+    from .configuration_mot import AUTO_MAP, MoTConfig
 
     path = model_dir / "config.json"
     raw = check_config(model_dir)  # one line for a config that is not JSON or holds an invalid value
@@ -137,7 +141,7 @@ def plan_upload(model_dir: str | Path) -> UploadPlan:
                                   for p in OTHER_PATTERNS):
             files.setdefault(relative, path)
     # `mot convert` records where its source lived; `mot train` its data, output and tokenizer folders.
-    for name in ("conversion.json", "training_args.json"):
+    for name in (CONVERSION_FILE, TRAINING_ARGS_FILE):
         if name in files:
             try:
                 record = json.loads(files.pop(name).read_text(encoding="utf-8"))
@@ -145,6 +149,21 @@ def plan_upload(model_dir: str | Path) -> UploadPlan:
                 raise UserError(f"{model_dir / name} is not valid JSON ({error}); fix or delete it") from error
             contents[name] = (json.dumps(_without_local_paths(record), indent=2) + "\n").encode()
     return UploadPlan(files, contents)
+
+
+# Exceptions (by class name, as huggingface_hub's HTTP client differs across its releases) that mean "the Hub cannot
+# be reached from here": no network, DNS, timeouts, HF_HUB_OFFLINE=1.
+NETWORK_ERRORS = {"TransportError", "ConnectionError", "TimeoutException", "TimeoutError", "OfflineModeIsEnabled",
+                  "LocalEntryNotFoundError"}
+
+
+def unreachable_hub(error: BaseException, what: str) -> UserError | None:
+    """One line for a network failure while doing `what`, or None for any other error."""
+    if not NETWORK_ERRORS & {cls.__name__ for cls in type(error).__mro__}:
+        return None
+    offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") else ""
+    return UserError(f"cannot reach the Hugging Face Hub to {what}{offline}: {type(error).__name__}; it needs network "
+                     "access (HF_ENDPOINT chooses another endpoint)")
 
 
 def push(model_dir: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
@@ -177,6 +196,8 @@ def push(model_dir: str | Path, repo_id: str, *, private: bool = False, revision
                                  commit_message=commit_message or f"Upload {model_dir.resolve().name} with mot push")
     except HfHubHTTPError as error:
         raise UserError(f"the Hub refused the upload to {repo_id}: {error}") from error
+    except Exception as error:
+        raise (unreachable_hub(error, f"upload {repo_id}") or error) from error
     return info.commit_url
 
 
@@ -196,6 +217,8 @@ def pull(repo_id: str, destination: str | Path, *, revision: str | None = None, 
             raise UserError(f"revision {revision!r} not found in {repo_id}") from error
         except HfHubHTTPError as error:
             raise UserError(f"download of {repo_id} failed: {error}") from error
+        except Exception as error:
+            raise (unreachable_hub(error, f"download {repo_id}") or error) from error
         # snapshot_download keeps its bookkeeping in DIR/.cache; the pulled folder should be the model only.
         shutil.rmtree(staging / ".cache", ignore_errors=True)
     return Path(destination)

@@ -16,6 +16,13 @@ from .utils import UserError
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+# The files `mot` commands add to a model folder, besides what save_pretrained writes.
+CARD_FILE = "README.md"
+TRAINING_ARGS_FILE = "training_args.json"  # `mot train`'s arguments (the card's recipe)
+TRAIN_RESULTS_FILE = "train_results.json"
+TRAINER_STATE_FILE = "trainer_state.json"
+EVAL_RESULTS_FILE = "eval_results.json"  # `mot eval --update_card`
+CONVERSION_FILE = "conversion.json"  # lineage of `mot convert` / `mot transition`
 
 
 def read_config_dict(folder: Path) -> dict:

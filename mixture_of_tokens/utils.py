@@ -61,17 +61,23 @@ def atomic_directory(destination: str | os.PathLike, overwrite: bool = False) ->
         os.replace(staging, destination)
 
 
-def atomic_write_text(destination: str | os.PathLike, text: str) -> Path:
-    """Write `text` under a temporary name beside `destination`, then rename: a crash never leaves half a file."""
+def atomic_write(destination: str | os.PathLike, write) -> Path:
+    """`write(path)` writes the file under a temporary name beside `destination`, which is then renamed into place:
+    a crash never leaves half a file."""
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
     handle, staging = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".partial", dir=destination.parent)
+    os.close(handle)
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
+        write(Path(staging))
         apply_umask(staging)
         os.replace(staging, destination)
     except BaseException:
         Path(staging).unlink(missing_ok=True)
         raise
     return destination
+
+
+def atomic_write_text(destination: str | os.PathLike, text: str) -> Path:
+    """Write `text` to `destination` atomically (see `atomic_write`)."""
+    return atomic_write(destination, lambda path: path.write_text(text, encoding="utf-8"))

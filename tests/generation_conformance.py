@@ -7,7 +7,7 @@ change what a prompt generates, and a static cache must agree with the dynamic o
 
 MoT and Expert Choice are batch-dependent by design: a sequence's output depends on the sequences of its group.
 Every comparison here therefore keeps the batch and its columns as they are (same rows, same positions), which is
-also what the method promises (DESIGN §4): with a KV cache each decoding step groups the batch's tokens of that
+also what the method promises (docs/design.md, "Batch dependence"): with a KV cache each decoding step groups the batch's tokens of that
 step exactly as a full forward groups the same columns. Where a test pads, it pads every row alike unless the
 class says `batch_independent = True`.
 """

@@ -238,6 +238,31 @@ def test_bad_inputs_give_one_clear_error(trained_tiny_mot, shared_data, tmp_path
     assert str(missing) in err and "does not exist" in err
 
 
+def test_offline_without_data_stops_in_one_line_and_mot_eval_data_is_the_offline_way(trained_tiny_mot, shared_data,
+                                                                                     tmp_path):
+    """No network (HF_HUB_OFFLINE=1 here): one line naming the dataset and the offline way, within seconds, before
+    the model loads; with MOT_EVAL_DATA set, the same command runs on the release files."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env.pop("MOT_EVAL_DATA", None)
+    command = [sys.executable, "-m", "mixture_of_tokens.cli", "eval", str(trained_tiny_mot), "--tasks", "piqa",
+               "--limit", "4"]
+    start = time.monotonic()
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+    assert "piqa" in lines[0] and "--data_dir" in lines[0] and "MOT_EVAL_DATA" in lines[0]
+    assert time.monotonic() - start < 60
+    result = subprocess.run(command + ["--output", str(tmp_path / "scores.json")], capture_output=True, text=True,
+                            env={**env, "MOT_EVAL_DATA": str(shared_data)}, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "piqa" in json.loads((tmp_path / "scores.json").read_text())["results"]
+
+
 def test_continuation_longer_than_the_context_window(trained_tiny_mot, novels_text):
     """HFLM stops with an assertion here; MoTLM scores the continuation's last max_length tokens."""
     from mixture_of_tokens.lm_eval_model import MoTLM

@@ -62,7 +62,7 @@ def test_bad_inputs(model_folders, tmp_path, capsys):
 
 def test_mot_cached_generation_equals_uncached_forward(model_folders, tiny_tokenizer):
     """With a KV cache each decoding step groups the batch's tokens of that step as the full forward groups the
-    same columns: cached greedy decoding and one uncached forward over the result agree (DESIGN §4)."""
+    same columns: cached greedy decoding and one uncached forward over the result agree (docs/design.md, "Batch dependence")."""
     model = MoTForCausalLM.from_pretrained(model_folders["mot"]).eval()
     texts = ["It was a dark night", "She said", "The house on the hill above", "Call me", "A letter",
              "He had never seen such", "In the morning", "They walked"]  # one full group of 8, left-padded

@@ -1,28 +1,109 @@
-"""bench/gpu/compare.py, the GPU comparison, runs at toy size on the CPU so that it cannot rot before a GPU comes."""
+"""bench/gpu/run.sh, the GPU comparison, run at toy size on the CPU in the situation of the GPU machine, so that it
+cannot rot before a GPU comes: only `python3` on PATH (no `python`), no package registry, the package not installed
+(importable only through the PYTHONPATH run.sh sets), the corpus in the git-ignored bench/gpu/data/."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
+MODELS = ["transformer-medium", "mot-medium-32e", "mot-medium-32e-16"]
+# What run.sh and prepare.sh call besides bash's builtins, for a PATH built of symlinks where /usr/bin has a python.
+TOOLS = ("bash", "dirname", "cp", "mkdir", "du", "cut")
 
 
-def test_gpu_comparison_runs_end_to_end_at_toy_size(shared_data, tmp_path):
-    corpus = shared_data / "eltec_eng" / "eltec_eng_level1_body.txt.gz"
+def gpu_like_tree(tmp_path: Path, shared_data: Path | None) -> Path:
+    """What the device call copies to the GPU machine (the parts run.sh uses), with the corpus prepared in
+    bench/gpu/data/ by bench/gpu/prepare.sh when `shared_data` is given."""
+    root = tmp_path / "repo"
+    caches = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(REPO / "bench", root / "bench", ignore=shutil.ignore_patterns("__pycache__", "data", "results"))
+    shutil.copytree(REPO / "mixture_of_tokens", root / "mixture_of_tokens", ignore=caches)
+    shutil.copy2(REPO / "pyproject.toml", root / "pyproject.toml")
+    if shared_data is not None:
+        subprocess.run(["bash", str(root / "bench" / "gpu" / "prepare.sh")], check=True, capture_output=True,
+                       env={**os.environ, "MOT_SHARED_DATA": str(shared_data)}, timeout=120)
+    return root
+
+
+def gpu_like_env(tmp_path: Path) -> dict[str, str]:
+    """The environment of the GPU machine: PATH holds `python3` (an interpreter that has torch, transformers and
+    tokenizers but not this package) and the system tools, and no `python`; pip has no index to reach.
+
+    The interpreter is a virtualenv of its own whose site-packages links every entry of this one's except this
+    package (its editable finder, its .pth files and any installed copy), so `import mixture_of_tokens` works only
+    through PYTHONPATH."""
+    env_dir = tmp_path / "gpu-python"
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    site_packages = env_dir / "lib" / version / "site-packages"
+    site_packages.mkdir(parents=True)
+    (env_dir / "bin").mkdir()
+    base = Path(getattr(sys, "_base_executable", "") or os.path.realpath(sys.executable))
+    (env_dir / "bin" / "python3").symlink_to(base)
+    (env_dir / "pyvenv.cfg").write_text(f"home = {base.parent}\ninclude-system-site-packages = false\n"
+                                        f"version = {sys.version.split()[0]}\n")
+    ours = {sysconfig.get_path("purelib"), sysconfig.get_path("platlib")}
+    for folder in sorted(ours):
+        for entry in sorted(Path(folder).iterdir()):
+            name = entry.name.lower()
+            if name.endswith(".pth") or name.startswith(("mixture_of_tokens", "mixture-of-tokens", "__editable__")):
+                continue
+            if not (site_packages / entry.name).exists():
+                (site_packages / entry.name).symlink_to(entry)
+    path = [str(env_dir / "bin"), "/usr/bin", "/bin"]
+    if shutil.which("python", path=os.pathsep.join(path[1:])):  # build the system part from symlinks instead
+        tools = tmp_path / "tools"
+        tools.mkdir()
+        for tool in TOOLS:
+            (tools / tool).symlink_to(shutil.which(tool))
+        path[1:] = [str(tools)]
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP")}
+    env.update(PATH=os.pathsep.join(path), PIP_NO_INDEX="1", PIP_INDEX_URL="http://127.0.0.1:9/nowhere",
+               PIP_FIND_LINKS="", PIP_DISABLE_PIP_VERSION_CHECK="1", HF_HUB_OFFLINE="1")
+    assert shutil.which("python", path=env["PATH"]) is None
+    assert shutil.which("python3", path=env["PATH"]) == str(env_dir / "bin" / "python3")
+    probe = subprocess.run(["python3", "-c", "import torch, transformers, tokenizers; import mixture_of_tokens"],
+                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert probe.returncode != 0 and "No module named 'mixture_of_tokens'" in probe.stderr, probe.stderr[-2000:]
+    return env
+
+
+def run_sh(root: Path, env: dict[str, str], *arguments: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([shutil.which("bash"), "bench/gpu/run.sh", *arguments], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def error_lines(result: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in result.stderr.splitlines() if ": error: " in line]
+
+
+@pytest.mark.slow
+def test_run_sh_on_a_gpu_like_machine_at_toy_size(shared_data, tmp_path):
+    root, env = gpu_like_tree(tmp_path, shared_data), gpu_like_env(tmp_path)
     out = tmp_path / "gpu"
-    result = subprocess.run([sys.executable, str(REPO / "bench" / "gpu" / "compare.py"), "--toy", "--device", "cpu",
-                             "--corpus", str(corpus), "--out", str(out)], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_sh(root, env, str(out), "--toy", "--device", "cpu")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert not error_lines(result), result.stderr[-4000:]
+    assert f"mixture_of_tokens from {root}" in result.stdout
     results = json.loads((out / "gpu_results.json").read_text())
-    assert list(results["runs"]) == ["transformer-medium", "mot-medium-32e", "mot-medium-32e-16"]
+    assert results["complete"] is True and results["errors"] == {}
+    assert list(results["runs"]) == MODELS
     runs = list(results["runs"].values())
     for run in runs:
         assert run["stopped"] is None and run["tokens"] == results["steps"] * results["batch"] * results["seq_len"]
         assert math.isfinite(run["final_eval_loss"]) and run["tokens_per_second"] > 0
+        assert run["tokens_per_second_over"] == f"steps 3-{results['steps']}"  # warm-up steps left out
         assert [p["step"] for p in run["curve"]][0] == 0 and run["curve"][-1]["step"] == results["steps"]
         assert run["curve"][-1]["eval_loss"] < run["curve"][0]["eval_loss"]  # it learns
     # /16 splits each expert in 16: the same expert parameters, only the controller grows.
@@ -30,14 +111,63 @@ def test_gpu_comparison_runs_end_to_end_at_toy_size(shared_data, tmp_path):
     assert dense["parameters"] < mot["parameters"] < mot16["parameters"]
     assert mot16["config"]["num_experts"] == 16 * mot["config"]["num_experts"]
     assert results["epochs"] <= 2
-    assert set(results["layer"]["seconds"]) == {"bf16", "bf16_autocast"}
+    layer = results["layer"]
+    assert set(layer["seconds"]) == {"bf16", "bf16_autocast"}
+    for seconds in layer["seconds"].values():
+        assert set(seconds) >= {"dense", "mot"} and all(value > 0 for value in seconds.values())
+    assert "warm-up" in results["tokens_per_second_note"]
     text = (out / "gpu_results.md").read_text()
     for run in runs:
         assert f"| {run['preset']} | " in text
-    assert "x dense" in text
+    assert "x dense" in text and "Missing figures" not in text and "so far" not in text
+    assert not [path.name for path in out.iterdir() if path.name.endswith(".tmp")]  # written atomically
 
 
-def test_gpu_comparison_refuses_a_missing_corpus(tmp_path):
+def test_a_missing_figure_fails_the_command_and_says_why(shared_data, tmp_path):
+    """bench/layer.py failing: one line names the figure and the reason, the rest is still measured and written."""
+    root, env = gpu_like_tree(tmp_path, shared_data), gpu_like_env(tmp_path)
+    (root / "bench" / "layer.py").write_text('raise RuntimeError("broken on purpose by the test")\n')
+    out = tmp_path / "gpu"
+    result = run_sh(root, env, str(out), "--toy", "--device", "cpu", "--models", "transformer-medium",
+                    "--steps", "3")
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-4000:]
+    lines = error_lines(result)
+    assert len(lines) == 1 and "missing figure layer" in lines[0], result.stderr[-4000:]
+    assert "RuntimeError: broken on purpose by the test" in lines[0]
+    results = json.loads((out / "gpu_results.json").read_text())
+    assert results["layer"] is None and list(results["errors"]) == ["layer"]
+    assert "broken on purpose" in results["layer_stderr_tail"]
+    run = results["runs"]["transformer-medium"]
+    assert run["tokens"] == 3 * results["batch"] * results["seq_len"] and run["tokens_per_second"] > 0
+    assert "Missing figures" in (out / "gpu_results.md").read_text()
+
+
+def test_run_sh_refuses_in_one_line_what_it_cannot_run_with(shared_data, tmp_path):
+    root, env = gpu_like_tree(tmp_path, None), gpu_like_env(tmp_path)
+
+    def refusal(*arguments: str, **extra_env: str) -> str:
+        result = run_sh(root, {**env, **extra_env}, str(tmp_path / "out"), *arguments, timeout=300)
+        assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("bench/gpu/run.sh: error: "), result.stderr[-2000:]
+        return lines[0]
+
+    assert "bench/gpu/prepare.sh" in refusal("--toy")  # no corpus in bench/gpu/data/
+    data = root / "bench" / "gpu" / "data"
+    data.mkdir()
+    (data / "eltec_eng_level1_body.txt.gz").symlink_to(shared_data / "eltec_eng" / "eltec_eng_level1_body.txt.gz")
+    assert "no python3.99 on PATH" in refusal("--toy", PYTHON="python3.99")
+    pyproject = root / "pyproject.toml"
+    text = pyproject.read_text()
+    assert re.search(r'"transformers>=[0-9]', text)
+    pyproject.write_text(re.sub(r'"transformers>=[0-9.]+', '"transformers>=99.0', text))
+    assert "older than 99.0, the lower bound in pyproject.toml" in refusal("--toy")
+    pyproject.write_text(text)
+    (root / "mixture_of_tokens" / "__init__.py").write_text("raise ImportError('broken on purpose by the test')\n")
+    assert "mixture_of_tokens does not import" in refusal("--toy")
+
+
+def test_compare_refuses_a_missing_corpus(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "bench" / "gpu" / "compare.py"), "--toy", "--corpus",
                              str(tmp_path / "none.txt.gz"), "--out", str(tmp_path / "out")],
                             capture_output=True, text=True, timeout=300)

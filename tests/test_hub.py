@@ -23,7 +23,8 @@ from huggingface_hub import ModelCard
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
 from mixture_of_tokens import MoTConfig, MoTForCausalLM
-from mixture_of_tokens.cards import model_size, refresh_card, render_card
+from mixture_of_tokens.accounting import model_size
+from mixture_of_tokens.cards import refresh_card, render_card
 from mixture_of_tokens.cli import main as mot
 from mixture_of_tokens.hub import plan_upload
 
@@ -211,7 +212,7 @@ def test_card_has_eval_table_model_index_and_limitations(model_dir, tmp_path):
 
     results = card.data.eval_results
     assert {(r.dataset_type, r.metric_type, r.metric_value) for r in results} == {
-        ("ybisk/piqa", "acc", 0.5511), ("ybisk/piqa", "acc_norm", 0.5408), ("allenai/ai2_arc", "acc", 0.3125)}
+        ("baber/piqa", "acc", 0.5511), ("baber/piqa", "acc_norm", 0.5408), ("allenai/ai2_arc", "acc", 0.3125)}
     name, round_trip = model_index_to_eval_results(card.data.to_dict()["model-index"])
     assert name == "tiny-mot" and len(round_trip) == 3
     assert card.data.license == "apache-2.0" and card.data.library_name == "transformers"
@@ -265,6 +266,8 @@ def test_card_template_follows_the_model_family(tmp_path):
     {"preset": "tiny-modern-mot", "mlp_types": ["dense", "token_choice", "expert_choice", "mot"]},
     {"preset": "tiny-modern-dense", "attention_bias": True, "mlp_bias": True, "tie_word_embeddings": True},
     {"preset": "tiny-modern-mot", "mlp_bias": True, "num_key_value_heads": 1, "gated_mlp": False},
+    {"final_norm": False, "embedding_init": "unit_fan_in"},  # the authors' wrapper: no final norm to count
+    {"preset": "tiny-modern-mot", "final_norm": False},
 ])
 def test_parameter_count_from_config_matches_the_model(overrides):
     config = MoTConfig.from_preset(overrides.pop("preset", "tiny-mot"), **overrides)
@@ -283,7 +286,7 @@ def test_card_states_the_block_type():
 
 
 def test_flops_per_token_follow_the_design_formula():
-    # DESIGN §1: a MoT layer costs E·2·d·f/G + 3·d·E multiply-adds; flop-matched tiny-mot vs tiny-dense differ by
+    # docs/design.md, "The MoT layer": a MoT layer costs E·2·d·f/G + 3·d·E multiply-adds; flop-matched tiny-mot vs tiny-dense differ by
     # exactly the controller, merge and emit of its two MoT layers.
     mot_config, dense_config = MoTConfig.from_preset("tiny-mot"), MoTConfig.from_preset("tiny-dense")
     extra = model_size(mot_config).flops_per_token - model_size(dense_config).flops_per_token
@@ -404,3 +407,19 @@ def test_training_arguments_are_uploaded_without_local_paths(model_dir, tmp_path
     hub_dataset = {"data_args": {"dataset": "allenai/c4"}}
     (folder / "training_args.json").write_text(json.dumps(hub_dataset))
     assert json.loads(plan_upload(folder).contents["training_args.json"]) == hub_dataset
+
+
+def test_push_and_pull_without_network_fail_in_one_line(model_dir, tmp_path):
+    """With HF_HUB_OFFLINE=1 (as on a machine without network) both commands stop at once with one line, exit 2,
+    and leave nothing behind."""
+    import os
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    for args in (["push", str(model_dir), "someone/tiny-mot"], ["pull", "someone/tiny-mot", str(tmp_path / "out")]):
+        result = subprocess.run([sys.executable, "-m", "mixture_of_tokens.cli", *args], env=env, cwd=tmp_path,
+                                capture_output=True, text=True, timeout=120)
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+        assert "cannot reach the Hugging Face Hub" in lines[0] and "HF_HUB_OFFLINE" in lines[0]
+    assert not (tmp_path / "out").exists()

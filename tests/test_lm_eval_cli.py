@@ -33,7 +33,7 @@ def env(shared_data, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory, tiny_tokenizer) -> dict[str, Path]:
-    """Untrained tiny MoT and Token Choice folders as `save_pretrained` writes them (auto_map + both code files)."""
+    """Untrained tiny MoT and Token Choice folders as `save_pretrained` writes them (auto_map + the three code files)."""
     root = tmp_path_factory.mktemp("lm_eval_models")
     made = {}
     for name in ("mot", "token_choice"):

@@ -35,3 +35,7 @@ def test_quickstart_samples_words_and_shows_the_next_steps(tmp_path):
     next_steps = output.split("next steps", 1)[1]
     for command in ("mot generate", "mot transition", "mot eval", "mot card"):
         assert command in next_steps
+    # The files the next steps name exist, so the commands run as printed.
+    examples = tmp_path / "quickstart-examples"
+    assert str(examples / "prompts.txt") in next_steps and len((examples / "prompts.txt").read_text().split("\n")) > 8
+    assert str(examples / "held_out.txt") in next_steps and len((examples / "held_out.txt").read_text()) > 10_000

@@ -2,11 +2,11 @@
 MoT-Medium/32E (and MoT-Medium/32E/16 when the time allows), on ELTeC novels, the paper's recipe with the schedule
 shortened to the budget.
 
-    python bench/gpu/compare.py --corpus bench/gpu/data/eltec_eng_level1_body.txt.gz --out OUT
-    python bench/gpu/compare.py --toy --corpus ../shared/data/eltec_eng/eltec_eng_level1_body.txt.gz --out /tmp/x
+    python3 bench/gpu/compare.py --corpus bench/gpu/data/eltec_eng_level1_body.txt.gz --out OUT
+    python3 bench/gpu/compare.py --toy --corpus ../shared/data/eltec_eng/eltec_eng_level1_body.txt.gz --out /tmp/x
 
-What it does, in order (every step's result is written to OUT/gpu_results.json as soon as it is known, so a run
-cut short still returns what it measured):
+What it does, in order (OUT/gpu_results.json and OUT/gpu_results.md are rewritten, atomically, after each part
+and every evaluation, so a run cut short still returns what it measured):
 1. a byte-level BPE tokenizer (8,192 tokens) trained once on the first novels; the training text is the novels but
    the last three, whose start is the validation text;
 2. `bench/layer.py` on the device: the feed-forward layers' forward+backward time at Medium sizes (bf16 weights
@@ -14,8 +14,13 @@ cut short still returns what it measured):
 3. each model trained with the same batches in the same order: batch 256 x 256 tokens (`--batch`), bf16 autocast,
    AdamW (0.9, 0.999), weight decay 0.1, clipping 0.5, peak LR 7e-4 (`--lr`), warm-up then cosine to 0.1x, at
    most two epochs of the training text; eval loss on fixed validation blocks at regular steps, against tokens
-   and training wall time; tokens/s; peak memory;
+   and training wall time; tokens/s over the steps after the first two (warm-up: kernel selection, allocator
+   growth); peak memory;
 4. OUT/gpu_results.md (a table per part) and, where matplotlib is installed, loss plots.
+
+A figure that could not be measured (the layer benchmark failing, a model's training raising) is named in
+results["errors"] with the reason, the rest still runs and is written, and the command then prints one line per
+missing figure and exits 1.
 
 Needs only torch, transformers and tokenizers (the GPU machine this is made for has no `datasets`, no package
 registry): the training loop is a plain PyTorch loop with the recipe of `mot train`. `--toy` runs the same code
@@ -25,9 +30,9 @@ at toy size on any device (the CPU test, tests/test_gpu_compare.py).
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import math
+import os
 import platform
 import subprocess
 import sys
@@ -37,16 +42,19 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))  # run from a checkout without installing (`pip install --no-deps -e .` also works)
+sys.path.insert(0, str(REPO))  # this checkout's package, installed or not (bench/gpu/run.sh also sets PYTHONPATH)
 
 from mixture_of_tokens import MoTConfig, MoTForCausalLM  # noqa: E402
+from mixture_of_tokens.data import split_novels  # noqa: E402
 from mixture_of_tokens.tokenization import train_bpe_tokenizer  # noqa: E402
+from mixture_of_tokens.utils import UserError  # noqa: E402
 
-HELD_OUT_NOVELS = 3
 PAPER_WARMUP_FRACTION = 2_500 / 150_000
 MODELS = ("transformer-medium", "mot-medium-32e", "mot-medium-32e-16")
 OPTIONAL_MODELS = ("mot-medium-32e-16",)  # trained only if the time left allows it
 TOY_SIZES = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
+TIMING_WARMUP_STEPS = 2  # the first steps of each model are left out of tokens/s (kernel selection, allocator growth)
+LAYER_TIMEOUT_SECONDS = 300
 
 
 def log(message: str) -> None:
@@ -55,12 +63,12 @@ def log(message: str) -> None:
 
 def read_novels(corpus: Path, max_chars: int | None) -> tuple[str, str]:
     """(training text, validation text): every novel but the last three, and the start of those three."""
-    with gzip.open(corpus, "rt", encoding="utf-8") as handle:
-        novels = [text.strip("\n") for text in handle.read().split("\n\n") if text.strip()]
-    if len(novels) <= HELD_OUT_NOVELS:
-        raise SystemExit(f"{corpus} holds {len(novels)} documents; need more than {HELD_OUT_NOVELS}")
-    training = "\n\n".join(novels[:-HELD_OUT_NOVELS])
-    validation = "\n\n".join(novels[-HELD_OUT_NOVELS:])
+    try:
+        training_novels, held_out = split_novels(corpus)
+    except UserError as error:
+        raise SystemExit(str(error)) from error
+    training = "\n\n".join(training_novels)
+    validation = "\n\n".join(held_out)
     if max_chars is not None:
         training, validation = training[:max_chars], validation[:max(max_chars // 20, 20_000)]
     return training, validation[:2_000_000]
@@ -117,7 +125,10 @@ def evaluate(model, valid: torch.Tensor, batch: int, device: str, autocast) -> f
     return total / count
 
 
-def train(preset: str, args, train_blocks: torch.Tensor, valid: torch.Tensor, vocab_size: int, deadline: float) -> dict:
+def train(preset: str, args, train_blocks: torch.Tensor, valid: torch.Tensor, vocab_size: int, deadline: float,
+          run: dict, on_eval) -> dict:
+    """Train one model; `run` (the model's entry in the results) is filled in place and `on_eval()` is called after
+    every evaluation, so the results on disk follow the training."""
     device = args.device
     torch.manual_seed(0)
     config = model_config(preset, vocab_size, args.seq_len, args.toy)
@@ -138,12 +149,32 @@ def train(preset: str, args, train_blocks: torch.Tensor, valid: torch.Tensor, vo
         torch.cuda.reset_peak_memory_stats()
     curve = [{"step": 0, "tokens": 0, "train_seconds": 0.0, "eval_loss": evaluate(model, valid, args.eval_batch,
                                                                                    device, autocast)}]
-    train_seconds, tokens, stopped = 0.0, 0, None
+    train_seconds, tokens = 0.0, 0
+    timed_seconds, timed_tokens, timed_steps = 0.0, 0, 0  # the steps after the first TIMING_WARMUP_STEPS
+    warmup_seconds, warmup_tokens = 0.0, 0  # the first TIMING_WARMUP_STEPS (used only if no step came after them)
+    run.update(preset=preset, parameters=parameters, steps_planned=steps, stopped=None, curve=curve,
+               config={k: getattr(config, k) for k in ("hidden_size", "num_hidden_layers", "intermediate_size",
+                                                       "group_size", "num_experts", "expert_size", "mlp_types")})
+
+    def record() -> None:
+        if timed_steps:
+            per_second, over = timed_tokens / max(timed_seconds, 1e-9), f"steps {TIMING_WARMUP_STEPS + 1}-{completed}"
+        elif tokens:  # stopped within the warm-up steps: the only timing there is
+            per_second, over = warmup_tokens / max(warmup_seconds, 1e-9), f"steps 1-{completed}, warm-up included"
+        else:
+            per_second, over = None, "no step"
+        run.update(tokens=tokens, train_seconds=round(train_seconds, 2),
+                   tokens_per_second=None if per_second is None else round(per_second, 1),
+                   tokens_per_second_over=over, final_eval_loss=curve[-1]["eval_loss"],
+                   peak_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None)
+        on_eval()
+
+    completed = 0  # steps done
     log(f"{preset}: {parameters / 1e6:.1f}M parameters, {steps} steps of {args.batch} x {args.seq_len} tokens")
     for step in range(steps):
         if time.perf_counter() > deadline:
-            stopped = f"time budget reached after {step} of {steps} steps"
-            log(f"{preset}: {stopped}")
+            run["stopped"] = f"time budget reached after {step} of {steps} steps"
+            log(f"{preset}: {run['stopped']}")
             break
         index = order[(step * args.batch) % order.numel():][:args.batch]
         if index.numel() < args.batch:  # wrap into the second epoch
@@ -162,63 +193,116 @@ def train(preset: str, args, train_blocks: torch.Tensor, valid: torch.Tensor, vo
         optimizer.zero_grad(set_to_none=True)
         if device == "cuda":
             torch.cuda.synchronize()
-        train_seconds += time.perf_counter() - started
+        elapsed = time.perf_counter() - started
+        train_seconds += elapsed
         tokens += inputs.numel()
+        completed = step + 1
+        if step < TIMING_WARMUP_STEPS:
+            warmup_seconds, warmup_tokens = warmup_seconds + elapsed, warmup_tokens + inputs.numel()
+        else:
+            timed_seconds, timed_tokens, timed_steps = timed_seconds + elapsed, timed_tokens + inputs.numel(), \
+                timed_steps + 1
         if (step + 1) % args.eval_every == 0 or step + 1 == steps:
             curve.append({"step": step + 1, "tokens": tokens, "train_seconds": round(train_seconds, 3),
-                          "train_loss": round(float(loss), 4),
+                          "train_loss": round(float(loss.detach()), 4),
                           "eval_loss": evaluate(model, valid, args.eval_batch, device, autocast)})
+            record()
             log(f"{preset}: step {step + 1}, eval loss {curve[-1]['eval_loss']:.4f}, "
-                f"{tokens / max(train_seconds, 1e-9):,.0f} tokens/s")
+                f"{run['tokens_per_second']:,.0f} tokens/s over {run['tokens_per_second_over']}")
     if curve[-1]["tokens"] != tokens:  # stopped between evaluations
-        curve.append({"step": len(curve), "tokens": tokens, "train_seconds": round(train_seconds, 3),
+        curve.append({"step": completed, "tokens": tokens, "train_seconds": round(train_seconds, 3),
                       "eval_loss": evaluate(model, valid, args.eval_batch, device, autocast)})
-    # Tokens/s over the steps after the first few (kernel selection and allocator warm-up happen there).
-    return {"preset": preset, "parameters": parameters, "steps_planned": steps, "tokens": tokens,
-            "train_seconds": round(train_seconds, 2), "tokens_per_second": round(tokens / max(train_seconds, 1e-9), 1),
-            "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
-            "final_eval_loss": curve[-1]["eval_loss"], "stopped": stopped, "curve": curve,
-            "config": {k: getattr(config, k) for k in ("hidden_size", "num_hidden_layers", "intermediate_size",
-                                                      "group_size", "num_experts", "expert_size", "mlp_types")}}
+    if run.get("tokens") != tokens:  # not recorded since the last step (or stopped before the first)
+        record()
+    return run
 
 
-def layer_benchmark(args, out: Path) -> dict | None:
-    """bench/layer.py on the device (Medium sizes, bf16 weights and bf16 autocast); None if it failed."""
+def python_command(script: Path, *arguments: str) -> list[str]:
+    """A command running `script` with this interpreter (never a `python` looked up on PATH)."""
+    return [sys.executable, str(script), *arguments]
+
+
+def subprocess_env() -> dict[str, str]:
+    """This environment with the repository first on PYTHONPATH, so a child imports this checkout's package even
+    where it is not installed."""
+    env = dict(os.environ)
+    paths = [path for path in env.get("PYTHONPATH", "").split(os.pathsep) if path]
+    if str(REPO) not in paths:
+        paths.insert(0, str(REPO))
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    return env
+
+
+def tail(text: str | bytes | None, lines: int = 5) -> str:
+    """The last `lines` non-empty lines of a process's output."""
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    return "\n".join([line for line in (text or "").strip().splitlines() if line.strip()][-lines:])
+
+
+def one_line(text: str, limit: int = 400) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def layer_benchmark(args, out: Path) -> tuple[dict | None, str | None, str]:
+    """bench/layer.py on the device (Medium sizes, bf16 weights and bf16 autocast): (results, None, stderr tail),
+    or (None, why it failed in one line, stderr tail)."""
     target = out / "layer.json"
-    command = [sys.executable, str(REPO / "bench" / "layer.py"), "--device", args.device, "--out", str(target),
-               "--precisions", "bf16", "bf16_autocast"]
+    target.unlink(missing_ok=True)
+    arguments = ["--device", args.device, "--out", str(target), "--precisions", "bf16", "bf16_autocast"]
     if args.toy:
-        command += ["--rounds", "1", "--warmup", "0", "--batch", "32", "--seq", "4"]
-    result = subprocess.run(command, capture_output=True, text=True)
+        arguments += ["--rounds", "1", "--warmup", "0", "--batch", "32", "--seq", "4"]
+    try:
+        result = subprocess.run(python_command(REPO / "bench" / "layer.py", *arguments), capture_output=True,
+                                text=True, env=subprocess_env(), timeout=LAYER_TIMEOUT_SECONDS)
+    except subprocess.TimeoutExpired as error:
+        stderr = tail(error.stderr)
+        return None, one_line(f"bench/layer.py timed out after {LAYER_TIMEOUT_SECONDS} s: {tail(stderr, 1)}"), stderr
+    stderr = tail(result.stderr)
     if result.returncode != 0:
-        log(f"bench/layer.py failed: {result.stderr.strip().splitlines()[-1:]}")
-        return None
-    return json.loads(target.read_text())
+        why = f"bench/layer.py exited with {result.returncode}: {tail(stderr, 1) or tail(result.stdout, 1)}"
+        return None, one_line(why), stderr
+    try:
+        layer = json.loads(target.read_text())
+        missing = [p for p in ("bf16", "bf16_autocast") if p not in layer["seconds"]]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return None, one_line(f"bench/layer.py wrote no readable {target.name}: {type(error).__name__}: {error}"), \
+            stderr
+    if missing:
+        return None, f"bench/layer.py measured no {', '.join(missing)}", stderr
+    return layer, None, stderr
 
 
 def render_markdown(results: dict) -> str:
     lines = ["# GPU comparison: Transformer-Medium vs MoT-Medium/32E", "",
-             f"_`python bench/gpu/compare.py` on {results['device']} (torch {results['torch']}, transformers "
-             f"{results['transformers']}), {results['total_seconds'] / 60:.1f} min in all._", "",
+             f"_`bench/gpu/compare.py` on {results['device']} (torch {results['torch']}, transformers "
+             f"{results['transformers']}), {results['total_seconds'] / 60:.1f} min in all"
+             f"{'' if results.get('complete') else ' so far (still running, or cut short)'}._", "",
              f"- Data: ELTeC-eng novels, {results['train_tokens']:,} training tokens "
              f"({results['vocab_size']}-token BPE), {results['valid_tokens']:,} validation tokens (held-out novels).",
              f"- Schedule: {results['steps']} steps of {results['batch']} x {results['seq_len']} tokens "
              f"({results['epochs']:.2f} epochs), peak LR {results['lr']:g}, warm-up {results['warmup_steps']} steps, "
-             "cosine to 0.1x, AdamW (0.9, 0.999), weight decay 0.1, clip 0.5, bf16 autocast.", "",
+             f"cosine to 0.1x, AdamW (0.9, 0.999), weight decay 0.1, clip 0.5, "
+             f"{'bf16 autocast' if results['bf16_autocast'] else 'fp32'}.",
+             f"- Tokens/s: {results['tokens_per_second_note']}.", "",
              "| model | params | tokens | final eval loss | tokens/s | peak memory | note |", "|---|---|---|---|---|---|---|"]
     for run in results["runs"].values():
         memory = "n/a" if run["peak_memory_gib"] is None else f"{run['peak_memory_gib']:.1f} GiB"
+        per_second = "n/a" if run["tokens_per_second"] is None else f"{run['tokens_per_second']:,.0f}"
+        note = "; ".join(part for part in (run["stopped"], run.get("failed") and f"failed: {run['failed']}") if part)
         lines.append(f"| {run['preset']} | {run['parameters'] / 1e6:.1f}M | {run['tokens']:,} | "
-                     f"{run['final_eval_loss']:.4f} | {run['tokens_per_second']:,.0f} | {memory} | "
-                     f"{run['stopped'] or ''} |")
+                     f"{run['final_eval_loss']:.4f} | {per_second} | {memory} | {note} |")
     skipped = results.get("skipped")
     if skipped:
         lines += ["", f"Not trained: {skipped}."]
+    if results.get("errors"):
+        lines += ["", "Missing figures:", ""] + [f"- {figure}: {why}" for figure, why in results["errors"].items()]
     layer = results.get("layer")
     if layer:
-        lines += ["", "Feed-forward layer forward+backward at Medium sizes (`bench/layer.py`, 32 x 256 tokens, median "
-                  "of interleaved rounds):", "", "| layer | bf16 weights ms | x dense | bf16 autocast ms | x dense |",
-                  "|---|---|---|---|---|"]
+        lines += ["", f"Feed-forward layer forward+backward at Medium sizes (`bench/layer.py`, {layer['tokens']:,} "
+                  "tokens, median of interleaved rounds):", "",
+                  "| layer | bf16 weights ms | x dense | bf16 autocast ms | x dense |", "|---|---|---|---|---|"]
         for name in layer["seconds"]["bf16"]:
             bf16, autocast = layer["seconds"]["bf16"][name], layer["seconds"]["bf16_autocast"][name]
             lines.append(f"| {name} | {bf16 * 1e3:.2f} | {bf16 / layer['seconds']['bf16']['dense']:.2f} | "
@@ -256,8 +340,34 @@ def write_plots(results: dict, out: Path) -> list[str]:
     return written
 
 
-def save(results: dict, out: Path) -> None:
-    (out / "gpu_results.json").write_text(json.dumps(results, indent=1) + "\n")
+def write_atomically(path: Path, text: str) -> None:
+    """Write `path` whole or not at all: a reader (or a run killed mid-write) never sees half a file."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def save(results: dict, out: Path, started: float) -> None:
+    """OUT/gpu_results.json and OUT/gpu_results.md as they stand now."""
+    results["total_seconds"] = round(time.perf_counter() - started, 1)
+    write_atomically(out / "gpu_results.json", json.dumps(results, indent=1) + "\n")
+    write_atomically(out / "gpu_results.md", render_markdown(results))
+
+
+def missing_figures(results: dict, models: list[str]) -> dict[str, str]:
+    """Figure -> why it is missing, for every figure this run should have measured but did not (a model skipped
+    for lack of time is named in results["skipped"], not here)."""
+    missing = dict(results.get("errors", {}))
+    if results.get("layer") is None:
+        missing.setdefault("layer", "bench/layer.py did not run")
+    skipped = results.get("skipped") or ""
+    for preset in models:
+        run = results["runs"].get(preset)
+        if run is None and skipped.split(" ")[0] != preset:
+            missing.setdefault(f"runs.{preset}", "not trained")
+        elif run is not None and not run.get("tokens"):
+            missing.setdefault(f"runs.{preset}", "no training step ran")
+    return missing
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -289,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import transformers
 
-    results = {"device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({platform.processor()})",
+    cpu = platform.processor() or platform.machine()
+    results = {"device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({cpu})",
                "torch": torch.__version__, "transformers": transformers.__version__, "toy": args.toy,
                "batch": args.batch, "seq_len": args.seq_len, "lr": args.lr, "vocab_size": vocab_size, "runs": {}}
     training_text, validation_text = read_novels(args.corpus, 400_000 if args.toy else None)
@@ -306,32 +417,58 @@ def main(argv: list[str] | None = None) -> int:
                    tokenizer_seconds=round(time.perf_counter() - started, 1))
     log(f"{train_blocks.numel():,} training tokens, {args.steps} steps per model "
         f"({results['epochs']:.2f} epochs); data ready after {results['tokenizer_seconds']:.0f} s")
-    save(results, args.out)
+    results.update(complete=False, errors={}, bf16_autocast=args.device == "cuda" or args.toy_bf16,
+                   tokens_per_second_note=f"training steps only (no evaluation), over each model's steps after the "
+                                          f"first {TIMING_WARMUP_STEPS} (warm-up: kernel selection, allocator growth)")
+    save(results, args.out, started)
 
-    results["layer"] = layer_benchmark(args, args.out)
-    save(results, args.out)
+    results["layer"], why, results["layer_stderr_tail"] = layer_benchmark(args, args.out)
+    if why:
+        results["errors"]["layer"] = why
+        log(f"layer benchmark failed: {why}")
+    save(results, args.out, started)
     models = list(args.models)
     for index, preset in enumerate(models):
         left = deadline - time.perf_counter()
-        previous = [run["train_seconds"] for run in results["runs"].values()]
+        previous = [run.get("train_seconds", 0.0) for run in results["runs"].values()]
         estimate = max(previous) * 1.6 if previous else 0.0  # MoT /16 is slower than /32E; evaluations add more
         if preset in OPTIONAL_MODELS and estimate > left:
             results["skipped"] = f"{preset} (about {estimate / 60:.1f} min needed, {left / 60:.1f} min left)"
             log(f"skipping {results['skipped']}")
+            save(results, args.out, started)
             continue
         required_left = [m for m in models[index:] if m not in OPTIONAL_MODELS]
         model_deadline = time.perf_counter() + left / max(1, len(required_left)) if preset not in OPTIONAL_MODELS \
             else deadline
-        results["runs"][preset] = train(preset, args, train_blocks, valid, vocab_size, model_deadline)
-        save(results, args.out)
+        run: dict = {}
+
+        def on_eval(preset=preset, run=run) -> None:
+            results["runs"][preset] = run
+            save(results, args.out, started)
+
+        try:
+            train(preset, args, train_blocks, valid, vocab_size, model_deadline, run, on_eval)
+        except Exception as error:  # one model failing (out of memory, say) leaves the others to measure
+            why = one_line(f"training raised {type(error).__name__}: {error}")
+            results["errors"][f"runs.{preset}"] = why
+            if "tokens" in run:
+                run["failed"] = why
+            log(f"{preset} failed: {why}")
+        save(results, args.out, started)
         if args.device == "cuda":
             torch.cuda.empty_cache()
-    results["total_seconds"] = round(time.perf_counter() - started, 1)
-    results["plots"] = write_plots(results, args.out)
-    save(results, args.out)
-    (args.out / "gpu_results.md").write_text(render_markdown(results))
+    try:
+        results["plots"] = write_plots(results, args.out)
+    except Exception as error:  # the plots are a convenience; the figures are in the tables
+        log(f"no plots: {type(error).__name__}: {error}")
+    missing = missing_figures(results, models)
+    results["errors"] = missing
+    results["complete"] = True
+    save(results, args.out, started)
     log(f"wrote {args.out / 'gpu_results.md'} in {results['total_seconds'] / 60:.1f} min")
-    return 0
+    for figure, why in missing.items():
+        print(f"bench/gpu/compare.py: error: missing figure {figure}: {why}", file=sys.stderr, flush=True)
+    return 1 if missing else 0
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ Nothing here trains (runner.py does) or renders (report.py does). A plan is a li
 
 The default plan, in the order it runs (docs/reproduce.md says why each piece is there):
 
-- **learning-rate sweep**: the dense model at three peak learning rates per width on a quarter of the schedule
+- **learning-rate sweep**: the dense model at four peak learning rates at width 128 and three at width 256, on a
+  quarter of the schedule
   (seed 0); the lowest final eval loss picks the width's learning rate, used by every other run of that width;
 - **main comparison** at widths 128 (seeds 0 and 1) and 256 (seed 0): dense, MoT, MoT with uniform routing and
   Token Choice (and Expert Choice at width 128, seed 0), routed layers in the upper half of the blocks as in the

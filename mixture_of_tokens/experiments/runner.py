@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gzip
 import hashlib
 import json
 import math
@@ -34,7 +33,6 @@ DEFAULT_OUTPUT_DIR = REPO_ROOT / "runs" / "reproduce"
 DOCS_DIR = REPO_ROOT / "docs"
 DOCS_RECORDS = DOCS_DIR / "results" / "run_records"
 CORPUS = Path("eltec_eng") / "eltec_eng_level1_body.txt.gz"
-HELD_OUT_NOVELS = 3  # the last novels of the corpus are the validation text
 CHARS_PER_TOKEN = 3.5  # a small byte-level BPE on English prose gives ~4; the margin keeps the text long enough
 
 
@@ -54,20 +52,19 @@ def prepare_data(data_dir: Path, folder: Path, budget: Budget) -> tuple[Path, Pa
     if not corpus.is_file():
         raise UserError(f"the novels corpus {corpus} does not exist; pass --data_dir pointing at shared/data (the "
                         f"folder holding {CORPUS})")
-    with gzip.open(corpus, "rt", encoding="utf-8") as handle:
-        novels = [text.strip("\n") for text in handle.read().split("\n\n") if text.strip()]
-    if len(novels) <= HELD_OUT_NOVELS:
-        raise UserError(f"{corpus} holds {len(novels)} documents; need more than {HELD_OUT_NOVELS}")
+    from ..data import split_novels  # imports torch: here, so that `mot reproduce --help` answers at once
+
+    training_novels, held_out = split_novels(corpus)
     train_chars = int(budget.steps * budget.tokens_per_step * CHARS_PER_TOKEN * 1.1) + 200_000
     valid_chars = int(budget.eval_blocks * budget.block_size * CHARS_PER_TOKEN * 1.5) + 20_000
     training, total = [], 0
-    for novel in novels[:-HELD_OUT_NOVELS]:
+    for novel in training_novels:
         take = novel[:train_chars - total]
         training.append(take[:take.rfind("\n")] if len(take) < len(novel) and "\n" in take else take)
         total += len(training[-1])
         if total >= train_chars:
             break
-    validation = "\n\n".join(novels[-HELD_OUT_NOVELS:])[:valid_chars]
+    validation = "\n\n".join(held_out)[:valid_chars]
     validation = validation[:validation.rfind("\n")]
     folder.mkdir(parents=True, exist_ok=True)
     train_file, valid_file = folder / "train.txt", folder / "valid.txt"
@@ -434,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="shared data folder holding eltec_eng/ and the zero-shot tasks (default ../shared/data "
                              "or $MOT_SHARED_DATA)")
     parser.add_argument("--steps", type=int, default=None,
-                        help="override the steps of the main runs (the extras take a third of them)")
+                        help="override the steps of the main runs (the sweep and the extras take a quarter of them)")
     parser.add_argument("--zero_shot_limit", type=int, default=None,
                         help="documents per zero-shot task (default 100; smoke 2)")
     parser.add_argument("--sections", default=",".join(SECTIONS),
