@@ -115,7 +115,7 @@ class MoTConfig(PreTrainedConfig):
             std `sqrt(init_scale)` cut at `+-2 * init_scale`, an actual std of about 0.11 with init_scale 0.1).
         final_norm: LayerNorm before the output head (default true; the authors' code has none).
         output_routing_stats: return per-layer routing statistics from every forward.
-        output_router_logits: return the Token Choice router logits from every forward. The router losses are
+        output_router_logits: return the router logits of every routed block from every forward. The router losses are
             part of the training loss either way (unlike transformers' MoE models, where they need this flag).
         chunked_lm_loss: while training with `labels`, compute the language-modelling loss a chunk of tokens
             at a time without materialising the full logits (`outputs.logits` is then None): the same loss and

@@ -19,8 +19,6 @@ helpers) are in `performance_mot.py`. Both, with `configuration_mot.py`, travel 
 repository's docs/design.md.
 """
 
-from __future__ import annotations
-
 import json
 import math
 import warnings
@@ -713,7 +711,7 @@ class MoTPreTrainedModel(PreTrainedModel):
     _can_record_outputs = {
         "hidden_states": MoTBlock,
         "attentions": OutputRecorder(MoTAttention, index=1),
-        "router_logits": OutputRecorder(TopKRouter, index=0),
+        "router_logits": OutputRecorder(MoTRouter, index=0),  # every router; Token Choice's returns a tuple
         "routing_stats": OutputRecorder(MoTBlock, index=2),
     }
 
@@ -832,8 +830,10 @@ class MoTModel(MoTPreTrainedModel):
         padding_mask: `[B, S]` (or `[B, cached + S]`), 1 for real tokens: which tokens MoT and Expert Choice leave
             out of their groups when `attention_mask` is not 2-D. `generate()` passes it with a static cache.
         output_routing_stats: return per-routed-block routing statistics (`routing_stats`).
-        output_router_logits: return the Token Choice router logits (`router_logits`, one `[tokens, E]` tensor per
-            Token Choice block). The router losses do not depend on it: while training they are in `aux_loss`.
+        output_router_logits: return the router logits (`router_logits`, one tensor per routed block with E last:
+            `[tokens, E]` for Token Choice; MoT's and Expert Choice's controller logits in their group layout,
+            `[positions * groups, G, E]` and `[groups, G, S, E]`). The router losses do not depend on it: while
+            training they are in `aux_loss`.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -906,8 +906,9 @@ class MoTForCausalLM(MoTPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
-    def prepare_inputs_for_generation(self, input_ids, *args, attention_mask=None, **kwargs):
-        inputs = super().prepare_inputs_for_generation(input_ids, *args, attention_mask=attention_mask, **kwargs)
+    def prepare_inputs_for_generation(self, input_ids, *args, attention_mask=None, inputs_embeds=None, **kwargs):
+        inputs = super().prepare_inputs_for_generation(input_ids, *args, attention_mask=attention_mask,
+                                                       inputs_embeds=inputs_embeds, **kwargs)
         # A compilable (static) cache turns the 2-D mask into a 4-D one, in which the new tokens' keys sit at cache
         # slots; MoT's and Expert Choice's groups still need to know which new tokens are padding.
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and inputs.get(

@@ -98,3 +98,18 @@ def free_port():
             return sock.getsockname()[1]
 
     return pick
+
+
+# Files whose tests train models, start processes or serve a local Hub: with the tests marked slow one by one, the
+# slow tier (`-m slow`). `-m "not slow"` is the fast tier of the inner loop (README, "Development").
+SLOW_FILES = {
+    "test_bench_reproduce_time.py", "test_cli.py", "test_convert.py", "test_distributed.py", "test_eval.py",
+    "test_gpu_compare.py", "test_hub.py", "test_lm_eval_cli.py", "test_modern_block.py", "test_no_deprecations.py",
+    "test_quickstart.py", "test_reproduce.py", "test_train.py",
+}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.path.name in SLOW_FILES:
+            item.add_marker(pytest.mark.slow)

@@ -107,6 +107,8 @@ class MoTModelTester:
 MODERN_BLOCK = dict(position_embedding_type="rope", norm_type="rmsnorm", gated_mlp=True, hidden_act="silu",
                     num_key_value_heads=2, attention_bias=True, mlp_bias=True)
 
+NOT_TOKEN_ROUTED = ("MoT and Expert Choice run every expert on its mixed or picked tokens through the experts' batched "
+                    "`process`; only Token Choice dispatches tokens through `experts_implementation`")
 BATCH_DEPENDENT = "a sequence's output depends on the other sequences of its group (MoT's batch dependence, by design)"
 
 
@@ -154,6 +156,11 @@ class BatchDependentCommonTests(MoTCommonTests):
     @unittest.skip(BATCH_DEPENDENT)
     def test_batching_equivalence(self):
         pass
+
+    def setUp(self):
+        if self._testMethodName.startswith("test_eager_matches_batched_and_grouped_inference"):
+            self.skipTest(NOT_TOKEN_ROUTED)  # parametrized by the harness: one method per dtype
+        super().setUp()
 
 
 class MixtureOfTokensCommonTest(BatchDependentCommonTests, unittest.TestCase):
