@@ -1,6 +1,6 @@
 """How long the default `mot reproduce` would take on this machine, measured before committing hours to it.
 
-The reproduction's wall time depends on the CPU (session 6's AVX2 EPYC ran width 128 2-2.5x slower than the
+The reproduction's wall time depends on the CPU (a 2-core AVX2 EPYC runs width 128 2-2.5x slower than the
 AVX-512 Xeon the committed records come from). This script trains a few of the plan's own runs for `--steps` steps
 exactly as `mot reproduce` does (same code path and data shapes; `--workers 2`: two one-thread runs side by side,
 the default of `mot reproduce`; `--workers 1`: one two-thread run after the other), takes their training time per
