@@ -3,9 +3,10 @@
 A Token Choice model with the modern (Llama-style) block is exactly a `Qwen2MoeForCausalLM`: its router (softmax over
 experts in fp32, top-k, gates not renormalised) is Qwen2-MoE's with `norm_topk_prob=False`, its dense blocks are
 Qwen2-MoE's `mlp_only_layers`, and attention, RMSNorm, rotary embeddings and grouped-query attention are the same
-computation under the same names (the stacked experts transposed to its layout). What Qwen2-MoE has and we do not is written so that it changes nothing: zero
-query/key/value biases, and a shared expert of width 1 whose weights are zero (its gate stays non-zero: a zero gate
-makes llama.cpp's Qwen2-MoE return NaN). A dense modern model is a `LlamaForCausalLM` (`--to llama`).
+computation under the same names (the stacked experts transposed to its layout). What Qwen2-MoE has and we do not
+is written so that it changes nothing: zero query/key/value biases, and a shared expert of width 1 whose weights are
+zero (its gate stays non-zero: a zero gate makes llama.cpp's Qwen2-MoE return NaN). A dense modern model is a
+`LlamaForCausalLM` (`--to llama`).
 
 The output folder is plain transformers: `config.json` without `auto_map`, no code files, safetensors written by the
 stock class's own `save_pretrained`, the tokenizer, `conversion.json` and a card. It loads with

@@ -587,12 +587,12 @@ class TokenChoice(nn.Module):
         capacity = max(1, math.ceil(self.capacity_factor * num_real * self.top_k / self.num_experts))
         # Assignments in priority order: every token's first choice before any second choice (Switch/GShard).
         expert = top_k_index.t().reshape(-1)  # [A = k * N]
-        gate = (top_k_weights if valid is None else top_k_weights * valid).t().reshape(-1)
+        gate = top_k_weights.t().reshape(-1)
         one_hot = _one_hot(expert, self.num_experts)  # [A, E]
         if valid is not None:
             one_hot = one_hot * valid.reshape(1, -1).expand(self.top_k, -1).reshape(-1, 1)
         position = (one_hot.cumsum(0) * one_hot).sum(-1) - 1  # place in its expert's queue; -1 for padding
-        fits = (position >= 0) & (position < capacity)
+        fits = (position >= 0) & (position < capacity)  # padding never fits: no capacity, a zero update
         # Assignments that do not fit go to one spare row past the experts' slots, which is never processed.
         spare = self.num_experts * capacity
         slot = torch.where(fits, expert * capacity + position, spare)
@@ -602,8 +602,7 @@ class TokenChoice(nn.Module):
         processed = F.pad(processed.reshape(spare, hidden_size), (0, 0, 0, 1))  # the spare row reads zeros
         weighted = processed[slot] * (gate * fits).unsqueeze(-1).to(tokens.dtype)  # [A, d]
         output = weighted.view(self.top_k, num_tokens, hidden_size).sum(0)
-        real_assignments = one_hot.sum() if valid is not None else torch.tensor(expert.numel())
-        dropped = 1.0 - fits.sum() / real_assignments.clamp_min(1)
+        dropped = 1.0 - fits.sum() / one_hot.sum().clamp_min(1)  # of the real tokens' assignments
         return output, dropped
 
 
@@ -756,7 +755,7 @@ class MoTPreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """transformers' `from_pretrained`; a checkpoint written with the earlier parameter names (see
-        `LEGACY_NAMES`) is converted to today's on the way in, with identical results."""
+        `convert_legacy_state_dict`) is converted to today's on the way in (the same logits, up to float rounding)."""
         legacy = None
         if kwargs.get("state_dict") is None and pretrained_model_name_or_path is not None:
             legacy = read_legacy_checkpoint(cls, pretrained_model_name_or_path, kwargs)
@@ -1002,19 +1001,9 @@ class MoTForCausalLM(MoTPreTrainedModel, GenerationMixin):
 # Checkpoints with the earlier parameter names
 # --------------------------------------------------------------------------------------------------------------
 
-# Earlier name (suffix) -> today's. Fused attention and expert tensors are split or joined by
-# `convert_legacy_state_dict`. transformers' own key mapping (`register_checkpoint_conversion_mapping`) does not fit:
-# across the supported releases its operations differ (no size-aware split before 5.18), it skips custom code unless
-# registered globally, and `save_pretrained` would write the old names back.
-LEGACY_NAMES = {
-    ".attn_norm.": ".input_layernorm.",
-    ".mlp_norm.": ".post_attention_layernorm.",
-    ".self_attn.qkv_proj.": ".self_attn.{q,k,v}_proj.",
-    ".mlp.router": ".mlp.gate.weight",
-    ".mlp.w_gate / .mlp.w1": ".mlp.experts.gate_up_proj (gated) or .mlp.experts.up_proj",
-    ".mlp.w2": ".mlp.experts.down_proj",
-    ".mlp.b_gate / .mlp.b1 / .mlp.b2": ".mlp.experts.{gate_up,up,down}_proj_bias",
-}
+# transformers' own key mapping (`register_checkpoint_conversion_mapping`) does not fit these checkpoints: across the
+# supported releases its operations differ (no size-aware split before 5.18), it skips custom code unless registered
+# globally, and `save_pretrained` would write the old names back. `from_pretrained` converts them instead.
 
 
 def is_legacy_state_dict(names) -> bool:
