@@ -1,13 +1,14 @@
-"""How long the default `mot reproduce` would take on this machine, measured before committing hours to it.
+"""How long the default reproduction (`python -m experiments`) would take on this machine, measured before
+committing hours to it.
 
 The reproduction's wall time depends on the CPU (a 2-core AVX2 EPYC runs width 128 2-2.5x slower than the
 AVX-512 Xeon the committed records come from). This script trains a few of the plan's own runs for `--steps` steps
-exactly as `mot reproduce` does (same code path and data shapes; `--workers 2`: two one-thread runs side by side,
-the default of `mot reproduce`; `--workers 1`: one two-thread run after the other), takes their training time per
+exactly as the reproduction does (same code path and data shapes; `--workers 2`: two one-thread runs side by side,
+the reproduction's default; `--workers 1`: one two-thread run after the other), takes their training time per
 step after the first `--skip` steps, and divides it by the same runs' time per step in the committed records, each
 per run of wall time (a side-by-side step counts half). The mean ratio times the records' total wall time is the
-estimate for this machine; running it with both `--workers` values says which `mot reproduce --workers` is faster
-here. Prints a table and writes JSON.
+estimate for this machine; running it with both `--workers` values says which `python -m experiments --workers`
+is faster here. Prints a table and writes JSON.
 
     python bench/reproduce_time.py                     # 2 pairs per width, 200 steps each: about 6 min on 2 cores
     python bench/reproduce_time.py --workers 1         # the same runs one after the other, two threads each
@@ -28,8 +29,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mixture_of_tokens.experiments.plan import MAIN, ROUTED_WEIGHT, Run, make_budget  # noqa: E402
-from mixture_of_tokens.experiments.runner import (  # noqa: E402
+from experiments.plan import MAIN, ROUTED_WEIGHT, Run, make_budget  # noqa: E402
+from experiments.runner import (  # noqa: E402
     DOCS_RECORDS,
     RunRecords,
     _worker_init,
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         print(f"| {row['run']} | {row['seconds_per_step']:.4f} | {row['reference_seconds_per_step']} | {row['ratio']} |")
     if ratio is not None:
-        print(f"\nmean ratio {ratio:.2f}: the default `mot reproduce --workers {args.workers}` "
+        print(f"\nmean ratio {ratio:.2f}: the default `python -m experiments --workers {args.workers}` "
               f"({reference_minutes:.0f} min in the records) would take about {result['estimated_minutes']:.0f} min here")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")

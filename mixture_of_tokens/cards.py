@@ -1,38 +1,28 @@
 """Model cards: `mot card MODEL` renders (or refreshes) `README.md` in a model folder.
 
-A card is built from what the folder holds, so it can be refreshed after every step that changes the model:
-- `config.json`: the architecture, parameter counts and FLOPs per token (computed from the config alone);
-- `training_args.json` (and `trainer_state.json`, or the last `checkpoint-N`'s): the training recipe. `mot train`
-  nests it under `model_args` / `data_args` / `training_args`; flat files of older folders are read too. `mot
+A card is rendered from what the folder holds (read by model_records.py), so it can be refreshed after every step
+that changes the model:
+- `config.json`: the architecture, parameter counts and FLOPs per token (accounting.py, from the config alone);
+- `training_args.json` (and `trainer_state.json`, or the last `checkpoint-N`'s): the training recipe. `mot
   convert` carries the source's file over (the weights' recipe), `mot transition` writes its own;
 - `eval_results.json`: lm-evaluation-harness results, shown as a table and written to the `model-index` metadata so
   the Hub displays them;
-- `conversion.json` (written by `mot convert`): which model this one was converted from. A public card names
-  it only by a Hub repo id, never by a local path ("converted from a local model").
+- `conversion.json` (written by `mot convert` and `mot transition`): which model this one was converted from. A
+  public card names it only by a Hub repo id, never by a local path ("converted from a local model").
 
-`training_args.bin` is a pickle and is never read: unpickling runs arbitrary code.
 The templates live in `mixture_of_tokens/model_cards/` (one per model family plus shared `_*.md` sections).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from .accounting import model_size
-from .model_folder import (
-    CARD_FILE,
-    CONVERSION_FILE,
-    EVAL_RESULTS_FILE,
-    TRAINER_STATE_FILE,
-    TRAINING_ARGS_FILE,
-    check_config,
-)
+from .model_folder import CARD_FILE, EVAL_RESULTS_FILE, TRAINING_ARGS_FILE, check_config
+from .model_records import EvalRow, read_conversion, read_eval_results, read_trainer_state, read_training_arguments
 from .utils import UserError, atomic_write_text
 
 TAGS = ["mixture-of-tokens", "mixture-of-experts", "custom_code", "text-generation"]
@@ -46,7 +36,7 @@ KNOWN_TASKS = {
 METRIC_NAMES = {"acc": "accuracy", "acc_norm": "normalized accuracy", "perplexity": "perplexity"}
 
 # Training arguments shown in the card, in this order, under their `mot train` flag names (so a reader can rerun
-# the recipe). `dataset_name`, `train_file`, `data` and `seq_len` are names older, flat files used.
+# the recipe). `dataset_name`, `train_file`, `data` and `seq_len` are other names a hand-written, flat file may use.
 # "precision" is not a flag: it sums up bf16, fp16 and bf16_weights (see _precision).
 RECIPE_KEYS = (
     "dataset", "dataset_name", "dataset_config", "train_file", "data", "block_size", "seq_len", "max_train_blocks",
@@ -55,8 +45,6 @@ RECIPE_KEYS = (
     "adam_beta1", "adam_beta2", "max_grad_norm", "optim", "precision", "seed",
 )
 PRECISION_FLAGS = ("bf16", "fp16", "bf16_weights")
-# The sections `mot train` nests its arguments under in training_args.json (later sections win on a name clash).
-ARGUMENT_SECTIONS = ("model_args", "data_args", "training_args")
 DATASET_KEYS = ("dataset", "dataset_name", "train_file", "data")
 
 
@@ -135,17 +123,8 @@ def architecture_summary(config) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Reading what other commands saved (tolerantly: a missing or odd file leaves its section out, never fails)
+# The recipe, the evaluation and the lineage as the card shows them (a missing or odd record leaves its section out)
 # --------------------------------------------------------------------------------------------------------------
-
-
-def _read_json(path: Path) -> Any:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UserError(f"{path} is not valid JSON ({error}); fix or delete it and run `mot card` again") from error
 
 
 def _format_value(value: Any) -> str:
@@ -156,24 +135,6 @@ def _format_value(value: Any) -> str:
     if isinstance(value, dict):
         return ", ".join(f"{k}={_format_value(v)}" for k, v in value.items())
     return str(value)
-
-
-def read_training_arguments(model_dir: Path) -> tuple[dict[str, Any], bool] | None:
-    """`training_args.json` as one `{name: value}` dict, and whether it is `mot train`'s full record.
-
-    `mot train` nests its arguments under `model_args` / `data_args` / `training_args` and records every one of
-    them (None meaning "the default"); older folders and hand-written files hold the names at the top level.
-    """
-    args = _read_json(model_dir / TRAINING_ARGS_FILE)
-    if not isinstance(args, dict):
-        return None
-    sections = [args[name] for name in ARGUMENT_SECTIONS if isinstance(args.get(name), dict)]
-    if not sections:
-        return args, False
-    flat: dict[str, Any] = {}
-    for section in sections:
-        flat.update(section)
-    return flat, True
 
 
 def _public_dataset(spec: str) -> str:
@@ -227,24 +188,10 @@ def _recipe_rows(args: dict[str, Any], complete: bool, default_block_size: int) 
     return rows
 
 
-def _trainer_state(model_dir: Path) -> Any:
-    """The folder's trainer_state.json, else that of its last `checkpoint-N` (where `mot train` leaves it;
-    Trainer saves a checkpoint at the final step, so the last one describes the whole run)."""
-    state = _read_json(model_dir / TRAINER_STATE_FILE)
-    if state is not None:
-        return state
-    checkpoints = [p for p in model_dir.glob("checkpoint-*") if p.name.split("-", 1)[1].isdigit()
-                   and (p / TRAINER_STATE_FILE).is_file()]
-    if not checkpoints:
-        return None
-    last = max(checkpoints, key=lambda p: int(p.name.split("-", 1)[1]))
-    return _read_json(last / TRAINER_STATE_FILE)
-
-
 def training_section(model_dir: Path, default_block_size: int) -> dict[str, Any] | None:
     arguments = read_training_arguments(model_dir)
     rows = _recipe_rows(*arguments, default_block_size) if arguments else []
-    state = _trainer_state(model_dir)
+    state = read_trainer_state(model_dir)
     if isinstance(state, dict):
         if isinstance(state.get("global_step"), int):
             rows.append(("steps trained", str(state["global_step"])))
@@ -255,41 +202,6 @@ def training_section(model_dir: Path, default_block_size: int) -> dict[str, Any]
     if not rows:
         return None
     return {"source": TRAINING_ARGS_FILE, "rows": rows}
-
-
-@dataclass
-class EvalRow:
-    task: str
-    metric: str
-    value: float
-
-
-def read_eval_results(model_dir: Path) -> tuple[list[EvalRow], list[tuple[str, str]]]:
-    """lm-eval style `{"results": {task: {"acc,none": x, ...}}, "metadata": {...}}` -> rows and settings.
-
-    Keys are `metric,filter` (lm-eval >= 0.4) or plain `metric`; standard errors, aliases and non-numbers are skipped.
-    """
-    data = _read_json(model_dir / EVAL_RESULTS_FILE)
-    if not isinstance(data, dict):
-        return [], []
-    results = data.get("results", data)
-    rows = []
-    for task, metrics in (results.items() if isinstance(results, dict) else []):
-        if not isinstance(metrics, dict):
-            continue
-        for key, value in metrics.items():
-            metric = str(key).split(",")[0]
-            if "stderr" in metric or isinstance(value, bool) or not isinstance(value, (int, float)):
-                continue
-            if math.isfinite(value):
-                rows.append(EvalRow(str(task), metric, float(value)))
-    settings = []
-    for section in ("metadata", "config"):
-        block = data.get(section)
-        if isinstance(block, dict):
-            settings += [(str(k), _format_value(v)) for k, v in block.items()
-                         if isinstance(v, (str, int, float, bool)) or (isinstance(v, list) and len(v) <= 8)]
-    return rows, settings
 
 
 def eval_results_metadata(rows: list[EvalRow], model_name: str):
@@ -306,13 +218,6 @@ def eval_results_metadata(rows: list[EvalRow], model_name: str):
             metric_config="zero-shot",
         ))
     return results
-
-
-def _conversion(model_dir: Path, config) -> tuple[dict[str, Any], str | None]:
-    conversion = _read_json(model_dir / CONVERSION_FILE)
-    conversion = conversion if isinstance(conversion, dict) else {}
-    base_model = conversion.get("base_model") or getattr(config, "base_model", None)
-    return conversion, base_model if isinstance(base_model, str) and base_model else None
 
 
 def _is_hub_repo_id(name: str) -> bool:
@@ -420,7 +325,7 @@ def render_card(model_dir: str | Path, *, repo_id: str | None = None, model_name
 
     previous = _existing_card_data(model_dir)
     model_name = model_name or (repo_id.split("/")[-1] if repo_id else model_dir.resolve().name)
-    conversion, base_model = _conversion(model_dir, config)
+    conversion, base_model = read_conversion(model_dir, config)
     rows, settings = read_eval_results(model_dir)
     card_data = ModelCardData(
         model_name=model_name,
@@ -456,7 +361,8 @@ def render_card(model_dir: str | Path, *, repo_id: str | None = None, model_name
         base_model=public_base_model(base_model),  # the text names a Hub repo id or no base model at all
         evaluation={"rows": [{"task": KNOWN_TASKS.get(r.task, (0, 0, 0, r.task))[3], "metric": r.metric,
                               "value": f"{r.value:.4f}"} for r in rows],
-                    "settings": settings, "source": EVAL_RESULTS_FILE} if rows else None,
+                    "settings": [(key, _format_value(value)) for key, value in settings],
+                    "source": EVAL_RESULTS_FILE} if rows else None,
     )
     return ModelCard(content, ignore_metadata_errors=False)
 

@@ -264,9 +264,16 @@ RESERVED_TRAIN_FLAGS = ("output_dir", "max_steps", "init_from", "init_optimizer_
                         "resume_from_checkpoint", "num_train_epochs", "overwrite_output_dir")
 
 
-def _given_flags(argv: list[str]) -> set[str]:
-    """Names of the `--flag` options in `argv` (dashes read as underscores, `--a=b` included)."""
-    return {item[2:].split("=", 1)[0].replace("-", "_") for item in argv if item.startswith("--")}
+def _given_settings(argv: list[str]) -> dict:
+    """The `mot train` flags given in `argv`, as their parsed values (flags left out are not in the dict)."""
+    from .train import _argument_parser
+
+    parser = _argument_parser()
+    unset = object()
+    # argparse fills in a default only where the namespace has no value yet: what is still `unset` was not given.
+    namespace = parser.parse_args(argv, namespace=argparse.Namespace(**{
+        action.dest: unset for action in parser._actions if action.dest != "help"}))
+    return {name: value for name, value in vars(namespace).items() if value is not unset}
 
 
 def _inherit_source_settings(src: Path, given: set[str], data_args, training_args) -> list[str]:
@@ -286,47 +293,37 @@ def _inherit_source_settings(src: Path, given: set[str], data_args, training_arg
     return inherited
 
 
-def transition(argv: list[str]):
-    """`mot transition`: convert SRC to Token Choice and train it `--steps` more steps into DST.
+def transition_tune(src: str | Path, dst: str | Path, *, steps: int, top_k: int | None = None,
+                    capacity_factor: float | None = None, overwrite: bool = False, **train_settings):
+    """Convert the MoT model in `src` to Token Choice and train it `steps` more steps into `dst` (`mot
+    transition`). `train_settings` are `mot train` settings by name (`training_arguments`); the source run's
+    optimizer, schedule, batch and data settings fill in those not given.
 
-    Returns the `TrainingOutcome` of the training run plus the optimizer checkpoint that was continued (or None).
+    Returns the `TrainingOutcome` of the training run and the optimizer checkpoint it continued (or None).
     """
     from transformers import AutoTokenizer
 
-    from .train import parse_args, run_training
+    from .train import run_training, training_arguments
 
-    parser = argparse.ArgumentParser(
-        prog="mot transition",
-        description="Transition tuning: convert a MoT model to Token Choice and continue training it, keeping the "
-                    "optimizer state and learning-rate schedule of the source run's last Trainer checkpoint. "
-                    "Any other `mot train` flag (data, batch size, logging, ...) may follow; by default the "
-                    "source run's data, batch and optimizer settings are reused.",
-    )
-    _add_conversion_arguments(parser)
-    parser.add_argument("--steps", type=int, required=True,
-                        help="training steps after the switch (the paper: 10%% of the MoT run)")
-    args, train_argv = parser.parse_known_args(argv)
-    reserved = sorted(_given_flags(train_argv) & set(RESERVED_TRAIN_FLAGS))
+    reserved = sorted(set(train_settings) & set(RESERVED_TRAIN_FLAGS))
     if reserved:
         raise UserError(f"--{reserved[0]} is set by mot transition itself (SRC, DST and --steps); remove it")
-    if args.steps <= 0:
-        raise UserError(f"--steps must be a positive number of training steps, got {args.steps}")
-    src, dst = Path(args.src), Path(args.dst)
+    if steps <= 0:
+        raise UserError(f"--steps must be a positive number of training steps, got {steps}")
+    src, dst = Path(src), Path(dst)
     source_config = _load_source_config(src)
     if "mot" not in source_config.mlp_types:
         raise UserError(f"{str(src)!r} has no MoT layers (mlp_types {source_config.mlp_types}); transition tuning "
                         "starts from a Mixture of Tokens model")
-    target_config = converted_config(source_config, "token_choice", args.top_k, args.capacity_factor)
-    if dst.exists() and not args.overwrite:
+    target_config = converted_config(source_config, "token_choice", top_k, capacity_factor)
+    if dst.exists() and not overwrite:
         raise UserError(f"{dst} already exists; pass --overwrite to replace it")
     if src.resolve() == dst.resolve():
         raise UserError("SRC and DST are the same folder; write the transition-tuned model to a new folder")
 
-    model_args, data_args, training_args = parse_args(
-        train_argv + ["--output_dir", str(dst), "--max_steps", str(args.steps)]
-        + (["--overwrite_output_dir"] if args.overwrite else [])
-    )
-    inherited = _inherit_source_settings(src, _given_flags(train_argv), data_args, training_args)
+    model_args, data_args, training_args = training_arguments(
+        **train_settings, output_dir=str(dst), max_steps=steps, overwrite_output_dir=overwrite)
+    inherited = _inherit_source_settings(src, set(train_settings), data_args, training_args)
     from .trainer import checkpoint_global_step, find_optimizer_checkpoint  # after parsing: Trainer is slow to import
 
     checkpoint = find_optimizer_checkpoint(src)
@@ -343,7 +340,7 @@ def transition(argv: list[str]):
     tokenizer = AutoTokenizer.from_pretrained(src)
     lineage = _lineage(str(src), src, source_config, target_config, {
         "method": "transition",
-        "transition_steps": args.steps,
+        "transition_steps": steps,
         "optimizer_continued_from": None if checkpoint is None else checkpoint.name,
         "source_steps": None if checkpoint is None else checkpoint_global_step(checkpoint),
     })
@@ -359,6 +356,24 @@ def transition(argv: list[str]):
     outcome = run_training(model_args, data_args, training_args, model=model, tokenizer=tokenizer,
                            init_optimizer_from=checkpoint, write_extra_files=write_lineage)
     return outcome, checkpoint
+
+
+def transition(argv: list[str]):
+    """`mot transition`'s command line: `transition_tune` with any `mot train` flag after its own."""
+    parser = argparse.ArgumentParser(
+        prog="mot transition",
+        description="Transition tuning: convert a MoT model to Token Choice and continue training it, keeping the "
+                    "optimizer state and learning-rate schedule of the source run's last Trainer checkpoint. "
+                    "Any other `mot train` flag (data, batch size, logging, ...) may follow; by default the "
+                    "source run's data, batch and optimizer settings are reused.",
+    )
+    _add_conversion_arguments(parser)
+    parser.add_argument("--steps", type=int, required=True,
+                        help="training steps after the switch (the paper: 10%% of the MoT run)")
+    args, train_argv = parser.parse_known_args(argv)
+    return transition_tune(args.src, args.dst, steps=args.steps, top_k=args.top_k,
+                           capacity_factor=args.capacity_factor, overwrite=args.overwrite,
+                           **_given_settings(train_argv))
 
 
 def transition_main(argv: list[str] | None = None) -> int:

@@ -156,6 +156,24 @@ def run_tasks(model, tokenizer, tasks: list[str] | PreparedTasks, *, limit: int 
     return results
 
 
+def evaluate(model: str | Path, *, tasks: list[str] | tuple[str, ...] | PreparedTasks = DEFAULT_TASKS,
+             data_dir: str | Path | None = None, limit: int | None = None, batch_size: int | None = None,
+             backend: str = "mot", mot_routing: str | None = None, device: str | None = None,
+             cache_dir: Path | None = None, output: str | Path | None = None) -> dict:
+    """`mot eval MODEL --tasks ...` as a function: score the model folder zero-shot (offline with `data_dir`, default
+    $MOT_EVAL_DATA), write the results to `output` (JSON) if given, and return lm-eval's results dict plus our
+    metadata under `mot_eval`."""
+    data_dir = data_dir if data_dir is not None else os.environ.get(DATA_ENV) or None  # as `mot eval` reads it
+    prepared = tasks if isinstance(tasks, PreparedTasks) else prepare_tasks(
+        list(tasks), None if data_dir is None else str(data_dir), cache_dir)
+    loaded, tokenizer = load_model_and_tokenizer(model, mot_routing=mot_routing, device=device)
+    results = run_tasks(loaded, tokenizer, prepared, limit=limit, batch_size=batch_size, backend=backend)
+    results["mot_eval"]["model"] = str(model)
+    if output is not None:
+        write_json_atomically(results, output)
+    return results
+
+
 # --------------------------------------------------------------------------------------------------- perplexity
 def perplexity(model, tokenizer, text_file, *, block_size: int | None = None, batch_size: int | None = None) -> dict:
     """Mean next-token loss over every block of `text_file` packed exactly as `mot train` packs training text
@@ -331,4 +349,4 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["main", "load_model_and_tokenizer", "run_tasks", "perplexity", "prepare_tasks", "DEFAULT_TASKS"]
+__all__ = ["main", "evaluate", "load_model_and_tokenizer", "run_tasks", "perplexity", "prepare_tasks", "DEFAULT_TASKS"]

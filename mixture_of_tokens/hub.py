@@ -2,8 +2,8 @@
 
 A push checks everything first (a model folder with safetensors weights and a Mixture of Tokens config, a
 tokenizer, a valid repo id) and only then talks to the Hub, uploading all files in a single commit, so a failed
-push never leaves a half-updated repo. What is uploaded: weights (safetensors), `config.json` with `auto_map`, both
-code files (`configuration_mot.py`, `modeling_mot.py`), the tokenizer, the generation config, the model card
+push never leaves a half-updated repo. What is uploaded: weights (safetensors), `config.json` with `auto_map`, the
+three code files (`CODE_FILES`: configuration, modeling and the CPU performance helpers), the tokenizer, the generation config, the model card
 (`README.md`, rendered first if the folder has none), plots, and the JSON records the card is built from. Training
 state (optimizer, pickled `training_args.bin`, checkpoints) stays local.
 """

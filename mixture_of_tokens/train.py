@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import sys
-from dataclasses import asdict, dataclass, field, make_dataclass
+from dataclasses import asdict, dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -297,12 +297,31 @@ def build_model(model_args: ModelArguments, config: MoTConfig, tokenizer):
     return model
 
 
+def _argument_parser() -> HfArgumentParser:
+    return HfArgumentParser((ModelArguments, DataArguments, MoTTrainingArguments), prog="mot train",
+                            description="Pretrain a Mixture of Tokens model with Hugging Face Trainer.")
+
+
 def parse_args(argv: list[str] | None) -> tuple[ModelArguments, DataArguments, MoTTrainingArguments]:
-    parser = HfArgumentParser((ModelArguments, DataArguments, MoTTrainingArguments), prog="mot train",
-                              description="Pretrain a Mixture of Tokens model with Hugging Face Trainer.")
+    """`mot train`'s command line as its three argument dataclasses."""
     try:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+        model_args, data_args, training_args = _argument_parser().parse_args_into_dataclasses(args=argv)
     except ValueError as error:  # TrainingArguments.__post_init__ rejects inconsistent flags
+        raise UserError(str(error)) from error
+    return model_args, data_args, training_args
+
+
+def training_arguments(**settings) -> tuple[ModelArguments, DataArguments, MoTTrainingArguments]:
+    """The same three dataclasses from keyword settings named like `mot train`'s flags, as Python values:
+    `training_arguments(output_dir="out", preset="tiny-mot", max_steps=100, mlp_types="dense,mot")`."""
+    known = {item.name for kind in (ModelArguments, DataArguments, MoTTrainingArguments) for item in fields(kind)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise UserError(f"unknown training setting {unknown[0]!r}; the settings are `mot train`'s flags (mot train "
+                        "--help)")
+    try:
+        model_args, data_args, training_args = _argument_parser().parse_dict(settings)
+    except ValueError as error:  # TrainingArguments.__post_init__ rejects inconsistent settings
         raise UserError(str(error)) from error
     return model_args, data_args, training_args
 
@@ -439,8 +458,8 @@ def run_training(
 
 
 def finalize_output_folder(trainer: MoTTrainer, out: Path, metrics: dict, write_extra_files, arguments: dict) -> None:
-    """Write the finished model folder: weights, config (with auto_map), generation config, tokenizer, both code
-    files, training arguments, results and plots. Everything is written into a staging folder first and then
+    """Write the finished model folder: weights, config (with auto_map), generation config, tokenizer, the code
+    files (`trust_remote_code`), training arguments, results and plots. Everything is written into a staging folder first and then
     moved into `out` file by file, config.json last, so a folder with a config.json is a complete model.
 
     This is the single place where the output folder is finalised: anything else that belongs in the published

@@ -52,6 +52,46 @@ def tiny_tokenizer(novels_text):
     return train_bpe_tokenizer((line for line in lines[:20000]), vocab_size=2048)
 
 
+# A paragraph with digits, contractions, punctuation runs and a quotation: a small tokenizer's training text.
+PARAGRAPH = """It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of
+foolishness, it was the epoch of belief, it was the epoch of incredulity, it was the season of Light, it was the
+season of Darkness, it was the spring of hope, it was the winter of despair. There were 2 kings and 1,775 years;
+we had everything before us, we had nothing before us -- "we were all going direct to Heaven," she'd said.
+"""
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer():
+    """A byte-level BPE trained on a paragraph (300 ids: the 256 bytes, <|endoftext|>, 43 merges)."""
+    from mixture_of_tokens.tokenization import train_bpe_tokenizer
+
+    return train_bpe_tokenizer(PARAGRAPH.splitlines() * 20, vocab_size=300)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_folder(tmp_path_factory, small_tokenizer):
+    """`make(name, **args) -> Path`: an untrained MoT + tokenizer folder, made once per args (copy to change it)."""
+    from mixture_of_tokens import MoTConfig, MoTForCausalLM
+
+    made: dict[str, Path] = {}
+
+    def make(name: str, *, preset: str | None = "tiny-mot", tokenizer=small_tokenizer, seed: int = 0,
+             **config) -> Path:
+        key = repr((name, preset, id(tokenizer), seed, sorted(config.items())))
+        if key not in made:
+            if "vocab_size" not in config and tokenizer is not None:
+                config["vocab_size"] = len(tokenizer)
+            torch.manual_seed(seed)
+            model = MoTForCausalLM(MoTConfig.from_preset(preset, **config) if preset else MoTConfig(**config))
+            made[key] = tmp_path_factory.mktemp("tiny_model") / name
+            model.save_pretrained(made[key])
+            if tokenizer is not None:
+                tokenizer.save_pretrained(made[key])
+        return made[key]
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def trained_tiny_mot(tmp_path_factory, novels_text, tiny_tokenizer) -> Path:
     """A `tiny-mot` model trained briefly on the novels with Trainer, saved with its tokenizer.

@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 
-from mixture_of_tokens import MoTConfig, MoTForCausalLM
+from mixture_of_tokens import MoTForCausalLM
 from mixture_of_tokens.cli import main as mot
 
 MODERN = dict(vocab_size=96, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=40,
@@ -62,12 +62,11 @@ def our_outputs(model):
     (["token_choice", "dense", "token_choice", "dense"], 2, True),
     (["token_choice"] * 4, 1, True),
 ])
-def test_token_choice_exports_to_qwen2_moe_exactly(tmp_path, mlp_types, top_k, tied):
-    torch.manual_seed(0)
-    config = MoTConfig(**MODERN, mlp_types=mlp_types, num_experts_per_tok=top_k, tie_word_embeddings=tied)
-    model = MoTForCausalLM(config).eval()
-    model.save_pretrained(tmp_path / "src")
-    assert mot(["convert", str(tmp_path / "src"), str(tmp_path / "out"), "--to", "qwen2_moe"]) == 0
+def test_token_choice_exports_to_qwen2_moe_exactly(tmp_path, tiny_model_folder, mlp_types, top_k, tied):
+    src = tiny_model_folder("src", preset=None, tokenizer=None, **MODERN, mlp_types=mlp_types,
+                            num_experts_per_tok=top_k, tie_word_embeddings=tied)
+    model = MoTForCausalLM.from_pretrained(src).eval()
+    assert mot(["convert", str(src), str(tmp_path / "out"), "--to", "qwen2_moe"]) == 0
     out = tmp_path / "out"
     stored = json.loads((out / "config.json").read_text())
     assert stored["model_type"] == "qwen2_moe" and "auto_map" not in stored and not list(out.glob("*.py"))
@@ -86,11 +85,10 @@ def test_token_choice_exports_to_qwen2_moe_exactly(tmp_path, mlp_types, top_k, t
     assert "Qwen2MoeForCausalLM" in card and "src" in card and "trust_remote_code" in card
 
 
-def test_a_dense_modern_model_exports_to_llama(tmp_path):
-    torch.manual_seed(0)
-    model = MoTForCausalLM(MoTConfig(**MODERN, mlp_types=["dense"] * 4)).eval()
-    model.save_pretrained(tmp_path / "src")
-    assert mot(["convert", str(tmp_path / "src"), str(tmp_path / "out"), "--to", "llama"]) == 0
+def test_a_dense_modern_model_exports_to_llama(tmp_path, tiny_model_folder):
+    src = tiny_model_folder("src", preset=None, tokenizer=None, **MODERN, mlp_types=["dense"] * 4)
+    model = MoTForCausalLM.from_pretrained(src).eval()
+    assert mot(["convert", str(src), str(tmp_path / "out"), "--to", "llama"]) == 0
     name, theirs = stock_outputs(tmp_path / "out", tmp_path)
     assert name == "LlamaForCausalLM"
     ours = our_outputs(model)
@@ -108,11 +106,11 @@ def test_a_dense_modern_model_exports_to_llama(tmp_path):
     (dict(mlp_types=["dense"] * 4), "qwen2_moe", "--to llama"),
     (dict(mlp_types=["dense", "dense", "token_choice", "dense"]), "llama", "--to qwen2_moe"),
 ])
-def test_what_cannot_be_exported_is_refused_in_one_line(tmp_path, capsys, overrides, to, words):
+def test_what_cannot_be_exported_is_refused_in_one_line(tmp_path, tiny_model_folder, capsys, overrides, to, words):
     fields = {**MODERN, "mlp_types": ["dense", "dense", "token_choice", "token_choice"], **overrides}
-    MoTForCausalLM(MoTConfig(**fields)).save_pretrained(tmp_path / "src")
+    src = tiny_model_folder("src", preset=None, tokenizer=None, **fields)
     capsys.readouterr()  # the save's progress bar
-    assert mot(["convert", str(tmp_path / "src"), str(tmp_path / "out"), "--to", to]) == 2
+    assert mot(["convert", str(src), str(tmp_path / "out"), "--to", to]) == 2
     message = capsys.readouterr().err.strip()
     assert len(message.splitlines()) == 1 and words in message, message
     assert not (tmp_path / "out").exists()

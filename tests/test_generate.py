@@ -5,23 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mixture_of_tokens import MoTConfig, MoTForCausalLM
+from mixture_of_tokens import MoTForCausalLM
 from mixture_of_tokens.cli import main as mot
 
 
 @pytest.fixture(scope="module")
-def model_folders(tmp_path_factory, tiny_tokenizer):
+def model_folders(tiny_model_folder, tiny_tokenizer):
     """Untrained tiny MoT and Token Choice folders with the novels tokenizer (generation needs no training)."""
-    root = tmp_path_factory.mktemp("generate")
-    folders = {}
-    for name, mlp in (("mot", "mot"), ("token_choice", "token_choice")):
-        config = MoTConfig.from_preset("tiny-mot", vocab_size=len(tiny_tokenizer), max_position_embeddings=32,
-                                       mlp_types=["dense", "dense", mlp, mlp])
-        torch.manual_seed(0)
-        MoTForCausalLM(config).save_pretrained(root / name)
-        tiny_tokenizer.save_pretrained(root / name)
-        folders[name] = root / name
-    return folders
+    return {name: tiny_model_folder(name, tokenizer=tiny_tokenizer, max_position_embeddings=32,
+                                    mlp_types=["dense", "dense", name, name]) for name in ("mot", "token_choice")}
 
 
 def test_token_choice_streams_one_prompt(model_folders, capsys):

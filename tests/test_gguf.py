@@ -6,6 +6,7 @@ marker `llama_cpp`): llama.cpp tokenizes, decodes greedily and scores like trans
 from __future__ import annotations
 
 import json
+import shutil
 
 import gguf
 import numpy as np
@@ -21,34 +22,23 @@ MODERN = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, inte
               norm_type="rmsnorm", gated_mlp=True, hidden_act="silu", num_hidden_layers=4, bos_token_id=0,
               eos_token_id=0, pad_token_id=0)
 MIXED = ["dense", "token_choice", "dense", "token_choice"]
-TEXT = """It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of
-foolishness, it was the epoch of belief, it was the epoch of incredulity, it was the season of Light, it was the
-season of Darkness, it was the spring of hope, it was the winter of despair. There were 2 kings and 1,775 years;
-we had everything before us, we had nothing before us -- "we were all going direct to Heaven," she'd said.
-"""
 # Whitespace runs, digits, contractions, punctuation runs and multi-byte characters: where pre-tokenizers differ.
 TRICKY = ["  two  spaces\tand a tab\n\n\nthree newlines   ",
           "I'm can't we'll they're you've I'd 12345 3.14",
           "naïve café — “quotes” ... !!!??", "日本語 and emoji 🙂👍", "trailing spaces   ", "<|endoftext|>after"]
 
 
-@pytest.fixture(scope="module")
-def small_tokenizer():
-    """A byte-level BPE trained on a paragraph (300 ids: the 256 bytes, <|endoftext|>, 43 merges)."""
-    from mixture_of_tokens.tokenization import train_bpe_tokenizer
+@pytest.fixture
+def save_model(tiny_model_folder):
+    """`save_model(folder, tokenizer, vocab_size=None, **overrides)`: a random modern Token Choice model (fixed seed)
+    and `tokenizer` copied to `folder` (a test may change its copy); returns the model."""
 
-    return train_bpe_tokenizer(TEXT.splitlines() * 20, vocab_size=300)
+    def save(folder, tokenizer, vocab_size=None, **overrides):
+        fields = {**MODERN, "vocab_size": vocab_size or len(tokenizer), "mlp_types": MIXED, **overrides}
+        shutil.copytree(tiny_model_folder("src", preset=None, tokenizer=tokenizer, **fields), folder)
+        return MoTForCausalLM.from_pretrained(folder).eval()
 
-
-def save_model(folder, tokenizer, vocab_size=None, **overrides):
-    """A random modern Token Choice model (fixed seed) and `tokenizer` in `folder`; returns the model."""
-    torch.manual_seed(0)
-    fields = {**MODERN, "vocab_size": vocab_size or len(tokenizer), "mlp_types": MIXED, **overrides}
-    model = MoTForCausalLM(MoTConfig(**fields)).eval()
-    model.save_pretrained(folder)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
-    return model
+    return save
 
 
 def read_gguf(path):
@@ -64,7 +54,7 @@ def values(tensor) -> np.ndarray:
 
 
 @pytest.mark.parametrize(("top_k", "tied"), [(1, False), (2, True)])
-def test_the_gguf_reads_back_as_qwen2moe(tmp_path, small_tokenizer, top_k, tied):
+def test_the_gguf_reads_back_as_qwen2moe(tmp_path, save_model, small_tokenizer, top_k, tied):
     vocab_size = len(small_tokenizer) + 4  # an embedding padded past the tokenizer's ids
     model = save_model(tmp_path / "src", small_tokenizer, vocab_size=vocab_size, num_experts_per_tok=top_k,
                        tie_word_embeddings=tied)
@@ -133,7 +123,7 @@ def test_the_gguf_reads_back_as_qwen2moe(tmp_path, small_tokenizer, top_k, tied)
             assert not values(tensors[f"{theirs}ffn_{name}_shexp.weight"]).any()
 
 
-def test_f16_keeps_vectors_and_routers_in_f32(tmp_path, small_tokenizer):
+def test_f16_keeps_vectors_and_routers_in_f32(tmp_path, save_model, small_tokenizer):
     save_model(tmp_path / "src", small_tokenizer)
     _, tensors = read_gguf(export_gguf(tmp_path / "src", tmp_path / "model.gguf", dtype="f16"))
     f32 = {name for name, tensor in tensors.items() if tensor.tensor_type == gguf.GGMLQuantizationType.F32}
@@ -142,7 +132,7 @@ def test_f16_keeps_vectors_and_routers_in_f32(tmp_path, small_tokenizer):
     assert tensors["blk.1.ffn_gate_exps.weight"].tensor_type == gguf.GGMLQuantizationType.F16
 
 
-def test_mot_convert_to_gguf_writes_the_file(tmp_path, small_tokenizer):
+def test_mot_convert_to_gguf_writes_the_file(tmp_path, save_model, small_tokenizer):
     from mixture_of_tokens.cli import main as mot
 
     save_model(tmp_path / "src", small_tokenizer)
@@ -189,7 +179,7 @@ def test_a_dense_block_as_identical_experts_computes_the_dense_block(num_experts
     (dict(hidden_act="gelu"), "hidden_act 'gelu'"),
     (dict(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}), "rope_type 'linear'"),
 ])
-def test_what_cannot_be_exported_is_refused_in_one_line(tmp_path, small_tokenizer, overrides, words):
+def test_what_cannot_be_exported_is_refused_in_one_line(tmp_path, save_model, small_tokenizer, overrides, words):
     save_model(tmp_path / "src", small_tokenizer, **overrides)
     with pytest.raises(UserError) as refusal:
         export_gguf(tmp_path / "src", tmp_path / "model.gguf")
@@ -198,7 +188,7 @@ def test_what_cannot_be_exported_is_refused_in_one_line(tmp_path, small_tokenize
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
-def test_an_existing_output_is_kept_without_overwrite(tmp_path, small_tokenizer):
+def test_an_existing_output_is_kept_without_overwrite(tmp_path, save_model, small_tokenizer):
     save_model(tmp_path / "src", small_tokenizer)
     (tmp_path / "model.gguf").write_text("keep me")
     with pytest.raises(UserError, match="already exists; pass --overwrite"):
@@ -209,7 +199,7 @@ def test_an_existing_output_is_kept_without_overwrite(tmp_path, small_tokenizer)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf", "src"]
 
 
-def test_a_tokenizer_llama_cpp_would_split_differently_is_refused(tmp_path, small_tokenizer):
+def test_a_tokenizer_llama_cpp_would_split_differently_is_refused(tmp_path, save_model, small_tokenizer):
     from tokenizers import pre_tokenizers
 
     save_model(tmp_path / "src", None, vocab_size=len(small_tokenizer))
@@ -238,7 +228,8 @@ def llama_cpp():
 
 @pytest.mark.llama_cpp
 @pytest.mark.parametrize(("top_k", "tied"), [(1, False), (2, True)])
-def test_llama_cpp_runs_the_gguf_like_transformers(llama_cpp, tmp_path, novels_text, tiny_tokenizer, top_k, tied):
+def test_llama_cpp_runs_the_gguf_like_transformers(llama_cpp, tmp_path, save_model, novels_text, tiny_tokenizer, top_k,
+                                                   tied):
     """llama.cpp tokenizes a text as we do, decodes greedily to the same tokens and scores within float error.
 
     init_scale 4: a random model with the default scale repeats one or a few tokens; this one's greedy continuation

@@ -71,18 +71,11 @@ def folder_files(folder: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    """A randomly initialised tiny MoT with its tokenizer, eval results and training arguments."""
-    from mixture_of_tokens.tokenization import train_bpe_tokenizer
-
-    text = ["the quick brown fox jumps over the lazy dog", "a mixture of tokens mixes tokens across examples"]
-    tokenizer = train_bpe_tokenizer(text * 20, vocab_size=300)
-    config = MoTConfig.from_preset("tiny-mot", vocab_size=len(tokenizer), num_hidden_layers=2,
-                                   mlp_types=["dense", "mot"], max_position_embeddings=32)
-    torch.manual_seed(0)
+def model_dir(tiny_model_folder, tmp_path_factory) -> Path:
+    """A randomly initialised tiny MoT with its tokenizer, eval results and training arguments (on its own copy)."""
     folder = tmp_path_factory.mktemp("hub") / "tiny-mot"
-    MoTForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    shutil.copytree(tiny_model_folder("tiny-mot", num_hidden_layers=2, mlp_types=["dense", "mot"],
+                                      max_position_embeddings=32), folder)
     (folder / "eval_results.json").write_text(json.dumps(EVAL_RESULTS))
     (folder / "training_args.json").write_text(json.dumps(TRAINING_ARGS))
     (folder / "plots").mkdir()

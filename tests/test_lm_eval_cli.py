@@ -11,9 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from mixture_of_tokens import MoTConfig, MoTForCausalLM
 from mixture_of_tokens.lm_eval_tasks import DATA_ENV, TASKS_DIR
 
 TASKS = ["piqa", "hellaswag", "arc_easy"]
@@ -32,19 +30,11 @@ def env(shared_data, tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory, tiny_tokenizer) -> dict[str, Path]:
+def folders(tiny_model_folder, tiny_tokenizer) -> dict[str, Path]:
     """Untrained tiny MoT and Token Choice folders as `save_pretrained` writes them (auto_map + the three code files)."""
-    root = tmp_path_factory.mktemp("lm_eval_models")
-    made = {}
-    for name in ("mot", "token_choice"):
-        config = MoTConfig.from_preset("tiny-mot", vocab_size=len(tiny_tokenizer), max_position_embeddings=256,
-                                       mlp_types=["dense", "dense", name, name], bos_token_id=0, eos_token_id=0,
-                                       pad_token_id=0)
-        torch.manual_seed(0)
-        MoTForCausalLM(config).save_pretrained(root / name)
-        tiny_tokenizer.save_pretrained(root / name)
-        made[name] = root / name
-    return made
+    return {name: tiny_model_folder(name, tokenizer=tiny_tokenizer, max_position_embeddings=256,
+                                    mlp_types=["dense", "dense", name, name], bos_token_id=0, eos_token_id=0,
+                                    pad_token_id=0) for name in ("mot", "token_choice")}
 
 
 def run(command: list[str], env: dict, cwd: Path, expect: int = 0) -> str:

@@ -464,7 +464,7 @@ def test_mot_temperature_never_leaks_into_generation_config():
 
 
 def test_presets_match_the_papers_parameter_counts():
-    expected = {  # docs/design.md, "The model"
+    expected = {  # the README's "Configurations" table
         "transformer-medium": 76.8e6, "mot-medium-32e": 336.9e6, "mot-medium-32e-8": 337.4e6,
         "mot-medium-32e-16": 337.9e6, "transformer-base": 162.4e6, "mot-base-32e": 1.04e9,
         # Llama-style counterparts: a gated d_ff of 1408 keeps the feed-forward's parameters (3 x 512 x 1408 ~

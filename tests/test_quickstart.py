@@ -1,5 +1,5 @@
 """The README's first command, as a newcomer runs it: it trains, shows samples made of recognisable words, and
-ends by saying what to do next (it used to end at a path, with a model that generated only spaces and newlines)."""
+ends by saying what to do next."""
 
 from __future__ import annotations
 

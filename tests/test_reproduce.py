@@ -1,11 +1,12 @@
-"""`mot reproduce --smoke`: the whole reproduction plan (learning-rate sweep, both widths with seeds, the routed-weight
-and authors'-wrapper runs, the extras, the transition, the zero-shot evals, the report) runs end to end on the real
+"""`python -m experiments --smoke`: the whole reproduction plan (learning-rate sweep, both widths with seeds, the
+routed-weight and authors'-wrapper runs, the extras, the transition, the zero-shot evals, the report) runs end to end on the real
 novels and task data, side by side in two worker processes, so it cannot rot."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -13,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from mixture_of_tokens.cli import main as mot
-from mixture_of_tokens.experiments.plan import MAIN, SWEEP, make_budget, make_plan
-from mixture_of_tokens.experiments.report import PLOT_FILES, ZERO_SHOT_TASKS, Collected, comparison, first_crossing
-from mixture_of_tokens.experiments.runner import RunRecords, cpu_model
-from mixture_of_tokens.experiments.runner import main as reproduce
+from experiments.plan import MAIN, SWEEP, make_budget, make_plan
+from experiments.report import PLOT_FILES, ZERO_SHOT_TASKS, Collected, comparison, first_crossing
+from experiments.runner import RunRecords, cpu_model
+from experiments.runner import main as reproduce
+from mixture_of_tokens.utils import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE_PLAN = make_plan(make_budget(smoke=True))
@@ -245,31 +246,31 @@ def test_default_plan_meets_the_evidence_budget():
     (["--steps", "0"], "--steps must be a positive integer"),
     (["--smoke", "--workers", "0"], "--workers must be a positive integer"),
 ])
-def test_bad_arguments_give_one_clear_error(argv, message, tmp_path, shared_data, capsys):
-    assert mot(["reproduce", *argv, "--output_dir", str(tmp_path / "x"), "--data_dir", str(shared_data)]) == 2
-    assert message in capsys.readouterr().err
+def test_bad_arguments_give_one_clear_error(argv, message, tmp_path, shared_data):
+    with pytest.raises(UserError, match=re.escape(message)):
+        reproduce([*argv, "--output_dir", str(tmp_path / "x"), "--data_dir", str(shared_data)])
 
 
-def test_missing_data_existing_output_and_foreign_records_are_refused(tmp_path, shared_data, smoke_run, capsys):
-    assert mot(["reproduce", "--smoke", "--output_dir", str(tmp_path / "x"), "--data_dir", str(tmp_path)]) == 2
-    assert "no novels corpus" in capsys.readouterr().err
-    assert mot(["reproduce", "--report_only", "--output_dir", str(tmp_path / "none")]) == 2
-    assert "no run records" in capsys.readouterr().err
+def test_missing_data_existing_output_and_foreign_records_are_refused(tmp_path, shared_data, smoke_run):
+    with pytest.raises(UserError, match="no novels corpus"):
+        reproduce(["--smoke", "--output_dir", str(tmp_path / "x"), "--data_dir", str(tmp_path)])
+    with pytest.raises(UserError, match="no run records"):
+        reproduce(["--report_only", "--output_dir", str(tmp_path / "none")])
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("x")
-    assert mot(["reproduce", "--smoke", "--output_dir", str(tmp_path / "full"), "--data_dir", str(shared_data)]) == 2
-    assert "--overwrite" in capsys.readouterr().err
+    with pytest.raises(UserError, match="--overwrite"):
+        reproduce(["--smoke", "--output_dir", str(tmp_path / "full"), "--data_dir", str(shared_data)])
     assert (tmp_path / "full" / "keep.txt").read_text() == "x"
     # Records of another budget are not resumed into (and not deleted).
     shutil.copytree(smoke_run / "run_records", tmp_path / "other" / "run_records")
-    assert mot(["reproduce", "--smoke", "--steps", "3", "--resume", "--output_dir", str(tmp_path / "other"),
-                "--data_dir", str(shared_data)]) == 2
-    assert "another budget" in capsys.readouterr().err
+    with pytest.raises(UserError, match="another budget"):
+        reproduce(["--smoke", "--steps", "3", "--resume", "--output_dir", str(tmp_path / "other"),
+                   "--data_dir", str(shared_data)])
     assert len(list((tmp_path / "other" / "run_records").glob("*.json"))) > 10
 
 
-def test_bench_wrapper_reports_bad_input():
-    result = subprocess.run([sys.executable, str(REPO / "bench" / "reproduce.py"), "--steps", "-1"],
+def test_the_command_reports_bad_input_in_one_line():
+    result = subprocess.run([sys.executable, "-m", "experiments", "--steps", "-1"],
                             capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 2
-    assert "--steps must be a positive integer" in result.stderr
+    assert result.stderr.strip() == "python -m experiments: error: --steps must be a positive integer, got -1"

@@ -406,3 +406,18 @@ def test_every_config_flag_is_a_config_field_typed_like_it():
                                    "--mlp_bias", "true", "--mot_routing", "uniform"])
     assert model_args.config_overrides() == {"num_experts": 6, "capacity_factor": 1.5, "mlp_bias": True,
                                              "mot_routing": "uniform"}
+
+
+def test_keyword_settings_give_the_command_lines_arguments(tmp_path):
+    """`training_arguments(**settings)` (the Python API the reproduction uses) equals parsing the same flags."""
+    from mixture_of_tokens.train import training_arguments
+    from mixture_of_tokens.utils import UserError
+
+    settings = {"output_dir": str(tmp_path / "out"), "preset": "tiny-mot", "mlp_types": "dense,mot", "max_steps": 7,
+                "learning_rate": 1e-3, "bf16_weights": True, "report_to": "none", "block_size": 32}
+    argv = [item for name, value in settings.items() for item in (f"--{name}", str(value))]
+    from_keywords, from_argv = training_arguments(**settings), parse_args(argv)
+    for keywords, parsed in zip(from_keywords, from_argv, strict=True):
+        assert repr(keywords) == repr(parsed)  # every field (TrainingArguments also holds objects without ==)
+    with pytest.raises(UserError, match="unknown training setting 'max_step'"):
+        training_arguments(output_dir=str(tmp_path), max_step=3)

@@ -1,8 +1,8 @@
-"""`mot reproduce` (also `python bench/reproduce.py`): run the reproduction plan (plan.py) and write its report
-(report.py).
+"""`python -m experiments`: run the reproduction plan (plan.py) and write its report (report.py).
 
-Every run trains through `mot train`'s `run_training` on the same novels (ELTeC-eng from `../shared/data`), one
-tokenizer trained once, and the same schedule. Runs go one after the other with every core, or side by side in
+Every run goes through the library's Python API (`training_arguments` and `run_training`, `transition_tune`,
+`evaluate`: what `mot train`, `mot transition` and `mot eval` run) on the same novels (ELTeC-eng from
+`../shared/data`), one tokenizer trained once, and the same schedule. Runs go one after the other with every core, or side by side in
 worker processes (`--workers N`). Each finished run leaves a small JSON record (`--records_dir`); `--resume` keeps
 them and trains only what is missing, so the reproduction can take more than one sitting. The default records
 folder is `docs/results/run_records`, committed with the report.
@@ -24,11 +24,24 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from multiprocessing import get_context
 from pathlib import Path
 
-from ..utils import UserError, atomic_write_text
-from . import report
-from .plan import BF16, SECTIONS, Budget, Plan, Run, Transition, make_budget, make_plan, run_defining, run_flags
+from mixture_of_tokens.utils import UserError, atomic_write_text
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from . import report
+from .plan import (
+    BF16,
+    MODELS,
+    SECTIONS,
+    Budget,
+    Plan,
+    Run,
+    Transition,
+    make_budget,
+    make_plan,
+    run_defining,
+    run_settings,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT_DIR = REPO_ROOT / "runs" / "reproduce"
 DOCS_DIR = REPO_ROOT / "docs"
 DOCS_RECORDS = DOCS_DIR / "results" / "run_records"
@@ -52,7 +65,7 @@ def prepare_data(data_dir: Path, folder: Path, budget: Budget) -> tuple[Path, Pa
     if not corpus.is_file():
         raise UserError(f"the novels corpus {corpus} does not exist; pass --data_dir pointing at shared/data (the "
                         f"folder holding {CORPUS})")
-    from ..data import split_novels  # imports torch: here, so that `mot reproduce --help` answers at once
+    from mixture_of_tokens.data import split_novels  # imports torch: here, so that --help answers at once
 
     training_novels, held_out = split_novels(corpus)
     train_chars = int(budget.steps * budget.tokens_per_step * CHARS_PER_TOKEN * 1.1) + 200_000
@@ -75,7 +88,7 @@ def prepare_data(data_dir: Path, folder: Path, budget: Budget) -> tuple[Path, Pa
 
 def train_shared_tokenizer(train_file: Path, folder: Path, vocab_size: int) -> str:
     """Train the one tokenizer every run uses; returns a fingerprint of it (resumed runs must share it)."""
-    from ..tokenization import train_bpe_tokenizer
+    from mixture_of_tokens.tokenization import train_bpe_tokenizer
 
     with open(train_file, encoding="utf-8") as handle:
         tokenizer = train_bpe_tokenizer((line for line in handle if line.strip()), vocab_size=vocab_size)
@@ -131,26 +144,24 @@ def routing_series(log_history: list[dict], group_size: int) -> list[dict]:
     return series
 
 
-def common_train_flags(budget: Budget, data: dict) -> list[str]:
-    return [
-        "--dataset", data["train_file"], "--validation_file", data["valid_file"], "--tokenizer", data["tokenizer"],
-        "--block_size", str(budget.block_size), "--per_device_train_batch_size", str(budget.batch_size),
-        "--per_device_eval_batch_size", str(budget.batch_size), "--max_eval_blocks", str(budget.eval_blocks),
-        "--report_to", "none", "--disable_tqdm", "true", "--dataloader_num_workers", "0",
-        "--overwrite_output_dir", "true",
-    ]
+def common_train_settings(budget: Budget, data: dict) -> dict:
+    return {
+        "dataset": data["train_file"], "validation_file": data["valid_file"], "tokenizer": data["tokenizer"],
+        "block_size": budget.block_size, "per_device_train_batch_size": budget.batch_size,
+        "per_device_eval_batch_size": budget.batch_size, "max_eval_blocks": budget.eval_blocks, "report_to": "none",
+        "disable_tqdm": True, "dataloader_num_workers": 0, "overwrite_output_dir": True,
+    }
 
 
 def train_run(run: Run, learning_rate: float, budget: Budget, data: dict, output: Path) -> dict:
-    from ..train import parse_args, run_training
-    from .plan import MODELS
+    from mixture_of_tokens.train import run_training, training_arguments
 
     every = min(budget.eval_every, max(1, run.steps // 4))
-    saving = (["--save_strategy", "steps", "--save_steps", str(run.steps), "--save_total_limit", "1"]
-              if run.save_checkpoint else ["--save_strategy", "no"])
-    model_args, data_args, training_args = parse_args(
-        ["--output_dir", str(output), *common_train_flags(budget, data), *run_flags(run, budget, learning_rate),
-         "--eval_steps", str(every), "--logging_steps", str(every), *saving])
+    saving = ({"save_strategy": "steps", "save_steps": run.steps, "save_total_limit": 1} if run.save_checkpoint
+              else {"save_strategy": "no"})
+    model_args, data_args, training_args = training_arguments(
+        output_dir=str(output), **common_train_settings(budget, data), **run_settings(run, budget, learning_rate),
+        eval_steps=every, logging_steps=every, **saving)
     clock = make_train_clock()
     outcome = run_training(model_args, data_args, training_args, callbacks=[clock])
     config = outcome.trainer.model.config
@@ -166,14 +177,13 @@ def train_run(run: Run, learning_rate: float, budget: Budget, data: dict, output
 
 
 def transition_run(job: Transition, source_dir: Path, output: Path) -> dict:
-    from ..convert import transition
+    from mixture_of_tokens.convert import transition_tune
 
     every = max(1, job.steps // 5)
-    outcome, checkpoint = transition([
-        str(source_dir), str(output), "--steps", str(job.steps), "--overwrite", "--eval_on_start", "true",
-        "--eval_steps", str(every), "--logging_steps", str(every), "--save_strategy", "no", "--report_to", "none",
-        "--disable_tqdm", "true", "--seed", "0", "--data_seed", "0", "--dataloader_num_workers", "0",
-    ])
+    outcome, checkpoint = transition_tune(
+        source_dir, output, steps=job.steps, overwrite=True, eval_on_start=True, eval_steps=every,
+        logging_steps=every, save_strategy="no", report_to="none", disable_tqdm=True, seed=0, data_seed=0,
+        dataloader_num_workers=0)
     curve = [{"step": entry["step"], "eval_loss": float(entry["eval_loss"])}
              for entry in outcome.trainer.state.log_history if "eval_loss" in entry]
     unique = {point["step"]: point for point in reversed(curve)}  # the final evaluate() repeats the last step
@@ -184,11 +194,10 @@ def transition_run(job: Transition, source_dir: Path, output: Path) -> dict:
 
 
 def zero_shot(key: str, model_dir: Path, data_dir: Path, limit: int, output: Path) -> dict:
-    from ..evaluation import main as evaluate
+    from mixture_of_tokens.evaluation import evaluate
 
-    evaluate([str(model_dir), "--tasks", ",".join(report.ZERO_SHOT_TASKS), "--data_dir", str(data_dir), "--limit",
-              str(limit), "--output", str(output), "--device", "cuda" if _cuda() else "cpu"])
-    results = json.loads(output.read_text(encoding="utf-8"))
+    results = evaluate(model_dir, tasks=report.ZERO_SHOT_TASKS, data_dir=data_dir, limit=limit, output=output,
+                       device="cuda" if _cuda() else "cpu")
     scores = {"key": key}
     for task in report.ZERO_SHOT_TASKS:
         metrics = results["results"][task]
@@ -412,7 +421,7 @@ class Reproduction:
 # ------------------------------------------------------------------------------------------------ command
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="mot reproduce",
+        prog="python -m experiments",
         description="Small-scale reproduction of the Mixture of Tokens paper's claims: dense, MoT, its uniform "
                     "ablation, Token Choice and Expert Choice at two widths with seeds and a learning-rate sweep, "
                     "then the bf16, transition, group-size, temperature and /16 experiments and zero-shot evals; "
@@ -478,7 +487,7 @@ def check_arguments(args) -> tuple[str, ...]:
                         "(recorded runs are kept) or --overwrite to start again")
     if not (args.data_dir / CORPUS).is_file():
         raise UserError(f"no novels corpus at {args.data_dir / CORPUS}; pass --data_dir pointing at shared/data")
-    from .. import eval_data
+    from mixture_of_tokens import eval_data
 
     eval_data.check_data_dir(args.data_dir, list(report.ZERO_SHOT_TASKS))
     return sections

@@ -1,4 +1,4 @@
-"""What `mot reproduce` runs: the widths, the models, the seeds, the learning-rate sweep and the extra experiments.
+"""What the reproduction (`python -m experiments`) runs: the widths, the models, the seeds, the learning-rate sweep and the extra experiments.
 
 Nothing here trains (runner.py does) or renders (report.py does). A plan is a list of `Run`s; each has a unique
 `key` that names its record file, so a plan can be resumed run by run.
@@ -119,7 +119,7 @@ class Model:
     overrides: dict = field(default_factory=dict)
     bf16_weights: bool = False
 
-    def config_flags(self, budget: Budget, width: Width) -> dict:
+    def config_settings(self, budget: Budget, width: Width) -> dict:
         routed = budget.num_layers if self.routed == "all" else budget.num_layers // 2
         mlp_types = ["dense"] * (budget.num_layers - routed) + [self.mlp] * routed
         group_size = self.group_size or budget.group_size
@@ -133,7 +133,7 @@ class Model:
 
 
 UNIFORM = {"mot_routing": "uniform"}
-AUTHORS_WRAPPER = {"embedding_init": "unit_fan_in", "final_norm": "false"}
+AUTHORS_WRAPPER = {"embedding_init": "unit_fan_in", "final_norm": False}
 MODELS = {model.name: model for model in (
     Model("dense", "dense Transformer (baseline)", "dense"),
     Model("mot", "MoT, G = E = 8, f = d_ff (flop-matched), upper half", "mot"),
@@ -246,16 +246,14 @@ def make_plan(budget: Budget, sections: tuple[str, ...] = SECTIONS) -> Plan:
     return Plan(budget, tuple(runs), Transition(transition_source), tuple(zero_shot))
 
 
-def run_flags(run: Run, budget: Budget, learning_rate: float) -> list[str]:
-    """`mot train` flags of a run's model, seed and learning rate (data, schedule and output are the runner's)."""
+def run_settings(run: Run, budget: Budget, learning_rate: float) -> dict:
+    """`mot train` settings (`training_arguments`) of a run's model, seed and learning rate; data, schedule and output
+    are the runner's."""
     model = MODELS[run.model]
     width = next(width for width in budget.widths if width.hidden_size == run.width)
-    argv = ["--preset", "tiny-mot", "--learning_rate", f"{learning_rate:g}", "--seed", str(run.seed),
-            "--data_seed", str(run.seed), "--max_steps", str(run.steps)]
-    for name, value in model.config_flags(budget, width).items():
-        argv += [f"--{name}", str(value)]
-    return argv + (["--bf16_weights", "true"] if model.bf16_weights else [])
+    return {"preset": "tiny-mot", "learning_rate": learning_rate, "seed": run.seed, "data_seed": run.seed,
+            "max_steps": run.steps, **model.config_settings(budget, width), "bf16_weights": model.bf16_weights}
 
 
 __all__ = ["Budget", "Width", "Model", "Run", "Transition", "Plan", "MODELS", "make_budget", "make_plan",
-           "run_flags", "SECTIONS"]
+           "run_settings", "SECTIONS"]
