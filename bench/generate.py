@@ -12,6 +12,10 @@ Three rows (random weights: decode speed does not depend on what the weights are
 - MoT, batch = group_size: the only way MoT generates as trained (full groups); tokens/s counts all sequences.
 A dense row at batch = group_size is added for reference.
 
+`--stock_reference` adds transformers' own Qwen2-MoE of the same shape (d, blocks, heads, E, f, top-k, the routed
+blocks where the MoT preset has them; a zero-width shared expert) with each experts implementation, and the same
+model with every block dense: the cost of transformers' MoE machinery at batch 1 in a model that is not ours.
+
 Decode tokens/s = (new_tokens - 1) * batch / (time to generate new_tokens - time to generate 1 token), so the
 prompt's prefill is not counted. Rows are timed in interleaved rounds and the median is reported, so a noisy
 shared machine slows all of them alike.
@@ -67,6 +71,34 @@ def build_models(preset: str, top_k: int, device: str, implementations=("grouped
     return rows
 
 
+def build_stock_reference(preset: str, top_k: int, device: str, implementations,
+                          overrides: dict | None = None) -> dict[str, tuple[torch.nn.Module, int]]:
+    """transformers' Qwen2-MoE shaped like the preset's Token Choice model, and its all-dense twin (batch 1)."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    config = MoTConfig.from_preset(preset, **(overrides or {}))
+    blocks = config.num_hidden_layers
+    shape = dict(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_hidden_layers=blocks,
+        num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_key_value_heads,
+        max_position_embeddings=config.max_position_embeddings, intermediate_size=config.intermediate_size,
+        num_experts=config.num_experts, num_experts_per_tok=top_k, moe_intermediate_size=config.expert_size,
+        shared_expert_intermediate_size=0, norm_topk_prob=False, decoder_sparse_step=1,
+    )
+    dense_blocks = [index for index, kind in enumerate(config.mlp_types) if kind == "dense"]
+    torch.manual_seed(0)
+    rows = {}
+    for implementation in implementations:
+        moe = Qwen2MoeForCausalLM(Qwen2MoeConfig(**shape, mlp_only_layers=dense_blocks))
+        moe.set_experts_implementation(implementation)
+        rows[f"stock qwen2_moe [{implementation}], batch 1"] = (moe, 1)
+    rows["stock qwen2_moe, every block dense, batch 1"] = (
+        Qwen2MoeForCausalLM(Qwen2MoeConfig(**shape, mlp_only_layers=list(range(blocks)))), 1)
+    for model, _ in rows.values():
+        model.to(device).eval()
+    return rows
+
+
 @torch.no_grad()
 def generation_seconds(model, prompt_ids: torch.Tensor, new_tokens: int) -> float:
     """Wall time of greedy generation of exactly `new_tokens` tokens (no early stop at end-of-text)."""
@@ -93,6 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--experts_implementations", nargs="+", default=["eager", "batched_mm", "grouped_mm"],
                         help="Token Choice rows, one per experts implementation of transformers' interface")
     parser.add_argument("--hidden_size", type=int, default=None, help="override the preset's hidden size")
+    parser.add_argument("--stock_reference", action="store_true",
+                        help="add transformers' Qwen2-MoE of the same shape and its all-dense twin (batch 1)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -101,6 +135,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     overrides = {"hidden_size": args.hidden_size} if args.hidden_size else {}
     rows = build_models(args.preset, args.top_k, args.device, args.experts_implementations, overrides)
+    if args.stock_reference:
+        rows.update(build_stock_reference(args.preset, args.top_k, args.device, args.experts_implementations,
+                                          overrides))
     max_context = next(iter(rows.values()))[0].config.max_position_embeddings
     if args.prompt_len + args.new_tokens > max_context:
         raise SystemExit(f"--prompt_len + --new_tokens must fit the context of {max_context} tokens")
@@ -125,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
         seconds = statistics.median(decode_times[name])
         tokens = (args.new_tokens - 1) * batch
         results.append({
-            "model": name, "batch": batch, "mlp_types": model.config.mlp_types,
+            "model": name, "batch": batch, "mlp_types": getattr(model.config, "mlp_types", None),
             "parameters": sum(p.numel() for p in model.parameters()),
             "decode_tokens_per_s": tokens / seconds,
             "decode_tokens_per_s_per_sequence": tokens / seconds / batch,
