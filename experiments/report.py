@@ -20,9 +20,11 @@ from .plan import (
     EXTRAS,
     GROUP_SIZE,
     MAIN,
+    MAIN_MODELS,
     MANY_EXPERTS,
     MODELS,
     ROUTED_WEIGHT,
+    ROUTED_WEIGHT_MODELS,
     SWEEP,
     TEMPERATURE,
     Plan,
@@ -30,6 +32,7 @@ from .plan import (
 )
 
 ZERO_SHOT_TASKS = ("piqa", "hellaswag", "arc_easy")
+DRAWN_MODELS = (*MAIN_MODELS, *ROUTED_WEIGHT_MODELS)  # the models the loss and routing plots draw, in color order
 PLOTS_FOLDER = "results"  # beside results.md, so the same relative links work in the output dir and in docs/
 PLOT_FILES = ("loss_vs_step.png", "loss_vs_time.png", "lr_sweep.png", "routing.png", "transition.png")
 # Differences reported per width: (name, model, reference)
@@ -263,7 +266,7 @@ def curves(collected: Collected) -> dict:
     """Eval-loss curves and routing series of the runs the plots draw (seed 0 and 1 of the comparison)."""
     drawn = {}
     for width in collected.plan.budget.widths:
-        for name in ("dense", "mot", "mot_uniform", "token_choice", "expert_choice", "mot_all", "mot_all_uniform"):
+        for name in DRAWN_MODELS:
             for run in collected.runs(name, width.hidden_size, (MAIN, ROUTED_WEIGHT)):
                 drawn[f"{width.hidden_size}/{name}/s{run['seed']}"] = {"curve": run["curve"], "routing": run["routing"]}
     return drawn
@@ -278,8 +281,7 @@ def write_plots(results: dict, folder: Path) -> list[str]:
 
     folder.mkdir(parents=True, exist_ok=True)
     widths = list(results["comparison"])
-    colors = {name: plt.get_cmap("tab10")(index) for index, name in enumerate(
-        ("dense", "mot", "mot_uniform", "token_choice", "expert_choice", "mot_all", "mot_all_uniform"))}
+    colors = {name: plt.get_cmap("tab10")(index) for index, name in enumerate(DRAWN_MODELS)}
     written = []
 
     def save(figure, name):

@@ -24,6 +24,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from multiprocessing import get_context
 from pathlib import Path
 
+from mixture_of_tokens.model_folder import CONFIG_FILE
 from mixture_of_tokens.utils import UserError, atomic_write_text
 
 from . import report
@@ -320,7 +321,7 @@ class Reproduction:
         if kind == "train":
             return item.learning_rate is not None or self.learning_rate(item.width) is not None
         source = item.source if kind == "transition" else item
-        return self.records.has(source.key) and (self.model_dir(source) / "config.json").is_file()
+        return self.records.has(source.key) and (self.model_dir(source) / CONFIG_FILE).is_file()
 
     def make_job(self, kind: str, item, in_worker: bool) -> dict:
         key = self.job_key(kind, item)
@@ -348,7 +349,7 @@ class Reproduction:
                 if kind == "train" or self.records.has(self.job_key(kind, item)):
                     continue
                 source = item.source if kind == "transition" else item
-                if self.records.has(source.key) and not (self.model_dir(source) / "config.json").is_file():
+                if self.records.has(source.key) and not (self.model_dir(source) / CONFIG_FILE).is_file():
                     progress(f"{source.key}: recorded, but its model folder is gone and {self.job_key(kind, item)} "
                              "needs it; training it again")
                     self.records.drop(source.key)

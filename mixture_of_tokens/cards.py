@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .accounting import model_size
-from .model_folder import CARD_FILE, EVAL_RESULTS_FILE, TRAINING_ARGS_FILE, check_config
+from .model_folder import CARD_FILE, CONFIG_FILE, EVAL_RESULTS_FILE, TRAINING_ARGS_FILE, check_config
 from .model_records import EvalRow, read_conversion, read_eval_results, read_trainer_state, read_training_arguments
 from .utils import UserError, atomic_write_text
 
@@ -315,7 +315,7 @@ def render_card(model_dir: str | Path, *, repo_id: str | None = None, model_name
     from .configuration_mot import MoTConfig
 
     model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
+    if not (model_dir / CONFIG_FILE).is_file():
         raise UserError(f"{model_dir} is not a model folder: it has no config.json")
     check_config(model_dir)  # one line for a config that is not JSON or holds an invalid value
     try:

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from .export import EXPORT_TARGETS, export_stock
-from .model_folder import CONVERSION_FILE, TRAINING_ARGS_FILE, check_config, check_weights, copy_tokenizer
+from .model_folder import CONFIG_FILE, CONVERSION_FILE, TRAINING_ARGS_FILE, check_config, check_weights, copy_tokenizer
 from .utils import UserError, atomic_directory
 
 # Tensors the target architecture has no place for (MoT's learnable temperature in a Token Choice model) are
@@ -248,7 +248,7 @@ def convert_main(argv: list[str] | None = None) -> int:
 def _model_type(src: str) -> str | None:
     """The model_type in SRC's config.json (None when it cannot be read: the MoT path then says why)."""
     try:
-        return json.loads((Path(src) / "config.json").read_text(encoding="utf-8")).get("model_type")
+        return json.loads((Path(src) / CONFIG_FILE).read_text(encoding="utf-8")).get("model_type")
     except (OSError, ValueError, AttributeError):
         return None
 

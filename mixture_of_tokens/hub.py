@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .model_folder import (
+    CONFIG_FILE,
     CONVERSION_FILE,
     EVAL_RESULTS_FILE,
     TRAIN_RESULTS_FILE,
@@ -74,7 +75,7 @@ def _completed_config(model_dir: Path) -> bytes | None:
     """config.json with every `auto_map` entry we support, or None when the saved one is already complete."""
     from .configuration_mot import AUTO_MAP, MoTConfig
 
-    path = model_dir / "config.json"
+    path = model_dir / CONFIG_FILE
     raw = check_config(model_dir)  # one line for a config that is not JSON or holds an invalid value
     if raw.get("model_type") != MoTConfig.model_type:
         raise UserError(f"{path} has model_type {raw.get('model_type')!r}; `mot push` uploads "
@@ -114,15 +115,15 @@ def plan_upload(model_dir: str | Path) -> UploadPlan:
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise UserError(f"{model_dir} is not a folder")
-    if not (model_dir / "config.json").is_file():
+    if not (model_dir / CONFIG_FILE).is_file():
         raise UserError(f"{model_dir} is not a model folder: it has no config.json")
     files = {name: model_dir / name for name in _weight_files(model_dir)}
     contents = {}
     completed = _completed_config(model_dir)
     if completed is None:
-        files["config.json"] = model_dir / "config.json"
+        files[CONFIG_FILE] = model_dir / CONFIG_FILE
     else:
-        contents["config.json"] = completed
+        contents[CONFIG_FILE] = completed
 
     tokenizer = [n for n in TOKENIZER_DEFINITIONS if (model_dir / n).is_file()]
     if not tokenizer or not (model_dir / "tokenizer_config.json").is_file():

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .model_folder import CONFIG_FILE
 from .utils import UserError
 
 TARGETS = ("dense", "mot", "token_choice")
@@ -27,7 +28,7 @@ UNSUPPORTED = {"sliding_window": None, "attention_sink": None, "use_sliding_wind
 
 
 def read_llama_config(src: Path) -> dict:
-    path = src / "config.json"
+    path = src / CONFIG_FILE
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
