@@ -266,13 +266,11 @@ RESERVED_TRAIN_FLAGS = ("output_dir", "max_steps", "init_from", "init_optimizer_
 
 def _given_settings(argv: list[str]) -> dict:
     """The `mot train` flags given in `argv`, as their parsed values (flags left out are not in the dict)."""
-    from .train import _argument_parser
+    from .train import argument_parser, setting_names
 
-    parser = _argument_parser()
     unset = object()
     # argparse fills in a default only where the namespace has no value yet: what is still `unset` was not given.
-    namespace = parser.parse_args(argv, namespace=argparse.Namespace(**{
-        action.dest: unset for action in parser._actions if action.dest != "help"}))
+    namespace = argument_parser().parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(setting_names(), unset)))
     return {name: value for name, value in vars(namespace).items() if value is not unset}
 
 

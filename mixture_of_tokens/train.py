@@ -297,7 +297,8 @@ def build_model(model_args: ModelArguments, config: MoTConfig, tokenizer):
     return model
 
 
-def _argument_parser() -> HfArgumentParser:
+def argument_parser() -> HfArgumentParser:
+    """`mot train`'s command line: one flag per field of its three argument dataclasses."""
     return HfArgumentParser((ModelArguments, DataArguments, MoTTrainingArguments), prog="mot train",
                             description="Pretrain a Mixture of Tokens model with Hugging Face Trainer.")
 
@@ -305,22 +306,26 @@ def _argument_parser() -> HfArgumentParser:
 def parse_args(argv: list[str] | None) -> tuple[ModelArguments, DataArguments, MoTTrainingArguments]:
     """`mot train`'s command line as its three argument dataclasses."""
     try:
-        model_args, data_args, training_args = _argument_parser().parse_args_into_dataclasses(args=argv)
+        model_args, data_args, training_args = argument_parser().parse_args_into_dataclasses(args=argv)
     except ValueError as error:  # TrainingArguments.__post_init__ rejects inconsistent flags
         raise UserError(str(error)) from error
     return model_args, data_args, training_args
 
 
+def setting_names() -> set[str]:
+    """The names of `mot train`'s settings (its flags without the dashes)."""
+    return {item.name for kind in (ModelArguments, DataArguments, MoTTrainingArguments) for item in fields(kind)}
+
+
 def training_arguments(**settings) -> tuple[ModelArguments, DataArguments, MoTTrainingArguments]:
     """The same three dataclasses from keyword settings named like `mot train`'s flags, as Python values:
     `training_arguments(output_dir="out", preset="tiny-mot", max_steps=100, mlp_types="dense,mot")`."""
-    known = {item.name for kind in (ModelArguments, DataArguments, MoTTrainingArguments) for item in fields(kind)}
-    unknown = sorted(set(settings) - known)
+    unknown = sorted(set(settings) - setting_names())
     if unknown:
         raise UserError(f"unknown training setting {unknown[0]!r}; the settings are `mot train`'s flags (mot train "
                         "--help)")
     try:
-        model_args, data_args, training_args = _argument_parser().parse_dict(settings)
+        model_args, data_args, training_args = argument_parser().parse_dict(settings)
     except ValueError as error:  # TrainingArguments.__post_init__ rejects inconsistent settings
         raise UserError(str(error)) from error
     return model_args, data_args, training_args
