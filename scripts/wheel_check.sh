@@ -5,6 +5,9 @@
 #
 #   bash scripts/wheel_check.sh [WORK_DIR]        # WORK_DIR (default: a new temporary folder) is left behind
 #
+# PIN (e.g. "transformers==5.9.0") pins a dependency within pyproject's range: .ci/run checks the wheel on the range's
+# lower bound and then reuses WORK_DIR/venv for that release's model tests.
+#
 # The zero-shot step reads PIQA from the shared data folder (MOT_SHARED_DATA, default ../shared/data beside the
 # repository); without it that step is left out, except under CI=true, where it is an error.
 set -euo pipefail
@@ -26,7 +29,9 @@ mkdir -p "$WORK/src"
 cp -r "$ROOT/pyproject.toml" "$ROOT/README.md" "$ROOT/mixture_of_tokens" "$WORK/src/"
 find "$WORK/src" \( -name __pycache__ -o -name '*.egg-info' \) -prune -exec rm -rf {} +
 "$VENV/bin/python" -m pip wheel --quiet --no-deps --wheel-dir "$WORK/dist" "$WORK/src"
-"$VENV/bin/python" -m pip install --quiet "$WORK"/dist/mixture_of_tokens-*.whl
+wheel="$(ls "$WORK"/dist/mixture_of_tokens-*.whl)"
+# shellcheck disable=SC2086
+"$VENV/bin/python" -m pip install --quiet "$wheel" ${PIN:-}
 export PATH="$VENV/bin:$PATH"
 unset PYTHONPATH
 
