@@ -2,10 +2,10 @@
 
 Every run goes through the library's Python API (`training_arguments` and `run_training`, `transition_tune`,
 `evaluate`: what `mot train`, `mot transition` and `mot eval` run) on the same novels (ELTeC-eng from
-`../shared/data`), one tokenizer trained once, and the same schedule. Runs go one after the other with every core, or side by side in
-worker processes (`--workers N`). Each finished run leaves a small JSON record (`--records_dir`); `--resume` keeps
-them and trains only what is missing, so the reproduction can take more than one sitting. The default records
-folder is `docs/results/run_records`, committed with the report.
+`../shared/data`), one tokenizer trained once, and the same schedule. Runs go one after the other with every core,
+or side by side in worker processes (`--workers N`). Each finished run leaves a small JSON record (`--records_dir`);
+`--resume` keeps them and trains only what is missing, so the reproduction can take more than one sitting. The
+default records folder is `docs/results/run_records`, committed with the report.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def prepare_data(data_dir: Path, folder: Path, budget: Budget) -> tuple[Path, Pa
     if not corpus.is_file():
         raise UserError(f"the novels corpus {corpus} does not exist; pass --data_dir pointing at shared/data (the "
                         f"folder holding {CORPUS})")
-    from mixture_of_tokens.data import split_novels  # imports torch: here, so that --help answers at once
+    from mixture_of_tokens.data import split_novels
 
     training_novels, held_out = split_novels(corpus)
     train_chars = int(budget.steps * budget.tokens_per_step * CHARS_PER_TOKEN * 1.1) + 200_000

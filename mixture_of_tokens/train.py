@@ -464,8 +464,9 @@ def run_training(
 
 def finalize_output_folder(trainer: MoTTrainer, out: Path, metrics: dict, write_extra_files, arguments: dict) -> None:
     """Write the finished model folder: weights, config (with auto_map), generation config, tokenizer, the code
-    files (`trust_remote_code`), training arguments, results and plots. Everything is written into a staging folder first and then
-    moved into `out` file by file, config.json last, so a folder with a config.json is a complete model.
+    files (`trust_remote_code`), training arguments, results and plots. Everything is written into a staging folder
+    first and then moved into `out` file by file, config.json last, so a folder with a config.json is a complete
+    model.
 
     This is the single place where the output folder is finalised: anything else that belongs in the published
     folder (e.g. the model card) is added to `staging` below.
