@@ -264,16 +264,6 @@ RESERVED_TRAIN_FLAGS = ("output_dir", "max_steps", "init_from", "init_optimizer_
                         "resume_from_checkpoint", "num_train_epochs", "overwrite_output_dir")
 
 
-def _given_settings(argv: list[str]) -> dict:
-    """The `mot train` flags given in `argv`, as their parsed values (flags left out are not in the dict)."""
-    from .train import argument_parser, setting_names
-
-    unset = object()
-    # argparse fills in a default only where the namespace has no value yet: what is still `unset` was not given.
-    namespace = argument_parser().parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(setting_names(), unset)))
-    return {name: value for name, value in vars(namespace).items() if value is not unset}
-
-
 def _inherit_source_settings(src: Path, given: set[str], data_args, training_args) -> list[str]:
     """Copy the source run's optimizer, schedule, batch and data settings that the user did not give."""
     recorded = _source_training_arguments(src)
@@ -369,9 +359,11 @@ def transition(argv: list[str]):
     parser.add_argument("--steps", type=int, required=True,
                         help="training steps after the switch (the paper: 10%% of the MoT run)")
     args, train_argv = parser.parse_known_args(argv)
+    from .train import given_settings
+
     return transition_tune(args.src, args.dst, steps=args.steps, top_k=args.top_k,
                            capacity_factor=args.capacity_factor, overwrite=args.overwrite,
-                           **_given_settings(train_argv))
+                           **given_settings(train_argv))
 
 
 def transition_main(argv: list[str] | None = None) -> int:

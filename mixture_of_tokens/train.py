@@ -12,6 +12,7 @@ schedule position it continues (see `MoTTrainer`).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -315,6 +316,14 @@ def parse_args(argv: list[str] | None) -> tuple[ModelArguments, DataArguments, M
 def setting_names() -> set[str]:
     """The names of `mot train`'s settings (its flags without the dashes)."""
     return {item.name for kind in (ModelArguments, DataArguments, MoTTrainingArguments) for item in fields(kind)}
+
+
+def given_settings(argv: list[str]) -> dict:
+    """The `mot train` flags given in `argv`, as their parsed values (flags left out are not in the dict)."""
+    unset = object()
+    # argparse fills in a default only where the namespace has no value yet: what is still `unset` was not given.
+    namespace = argument_parser().parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(setting_names(), unset)))
+    return {name: value for name, value in vars(namespace).items() if value is not unset}
 
 
 def training_arguments(**settings) -> tuple[ModelArguments, DataArguments, MoTTrainingArguments]:

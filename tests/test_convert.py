@@ -221,12 +221,13 @@ def test_transition_without_checkpoint_starts_fresh_and_says_so(trained_tiny_mot
 def test_transition_keyword_settings_are_the_flags_given(tiny_model_folder, tmp_path):
     """`mot transition`'s extra flags reach `transition_tune` as exactly the settings given, typed; the settings it
     sets itself are refused before anything is written."""
-    from mixture_of_tokens.convert import _given_settings, transition_tune
+    from mixture_of_tokens.convert import transition_tune
+    from mixture_of_tokens.train import given_settings
     from mixture_of_tokens.utils import UserError
 
-    given = _given_settings(["--learning_rate", "1e-3", "--no_remove_unused_columns", "--block_size", "32"])
+    given = given_settings(["--learning_rate", "1e-3", "--no_remove_unused_columns", "--block_size", "32"])
     assert given == {"learning_rate": 1e-3, "remove_unused_columns": False, "block_size": 32}
-    assert _given_settings([]) == {}
+    assert given_settings([]) == {}
     source = tiny_model_folder("source")
     for reserved in ({"max_steps": 5}, {"output_dir": str(tmp_path / "x")}):
         with pytest.raises(UserError, match=f"--{next(iter(reserved))} is set by mot transition"):
