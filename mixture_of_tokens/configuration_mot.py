@@ -17,6 +17,7 @@ MLP_TYPES = ("dense", "mot", "token_choice", "expert_choice")
 ROUTED_TYPES = ("mot", "token_choice", "expert_choice")  # a router and experts
 # Layers that group the rows of a batch at one position: their output for a sequence depends on the others.
 GROUPED_TYPES = ("mot", "expert_choice")
+SWITCH_AUX_LOSS_COEF = 0.01  # Token Choice's load-balancing weight by default (Switch Transformer)
 MOT_ROUTINGS = ("softmax", "uniform", "discrete")
 LEARNABLE_TEMPERATURE = ("off", "shared", "per_expert")
 EMBEDDING_INITS = ("fan_in_hidden", "unit_fan_in")
@@ -105,7 +106,8 @@ class MoTConfig(PreTrainedConfig):
         num_experts_per_tok: `k` of Token Choice (and tokens per expert per group of Expert Choice are
             `k * group_size / num_experts`, which keeps its FLOPs equal to Token Choice's).
         capacity_factor: Token Choice capacity `cf * tokens * k / E` while training; eval is dropless.
-        router_aux_loss_coef: weight of Token Choice's load-balancing loss (Switch: 0.01).
+        router_aux_loss_coef: weight of Token Choice's load-balancing loss (default: Switch's 0.01). A config
+            without Token Choice layers has no such loss: its coefficient is 0, whatever is given.
         router_z_loss_coef: weight of Token Choice's router z-loss (0 = off).
         hidden_act: activation of dense and expert layers (ReLU in the paper).
         init_scale: weights are drawn from a truncated normal with std `sqrt(init_scale / fan_in)`.
@@ -115,8 +117,10 @@ class MoTConfig(PreTrainedConfig):
             std `sqrt(init_scale)` cut at `+-2 * init_scale`, an actual std of about 0.11 with init_scale 0.1).
         final_norm: LayerNorm before the output head (default true; the authors' code has none).
         output_routing_stats: return per-layer routing statistics from every forward.
-        output_router_logits: return the router logits of every routed block from every forward. The router losses are
-            part of the training loss either way (unlike transformers' MoE models, where they need this flag).
+        output_router_logits: return the router logits of every Token Choice block (`[tokens, E]`, transformers'
+            convention) from every forward. The router losses are part of the training loss either way (unlike
+            transformers' MoE models, where they need this flag). MoT's and Expert Choice's controller logits come
+            with `output_controller_logits=True` passed to `forward`.
         chunked_lm_loss: while training with `labels`, compute the language-modelling loss a chunk of tokens
             at a time without materialising the full logits (`outputs.logits` is then None): the same loss and
             gradients in a fraction of the memory and time. False: always return the logits.
@@ -148,7 +152,7 @@ class MoTConfig(PreTrainedConfig):
     mot_routing: str = "softmax"
     num_experts_per_tok: int = 1
     capacity_factor: float = 1.25
-    router_aux_loss_coef: float = 0.01
+    router_aux_loss_coef: float | None = None
     router_z_loss_coef: float = 0.0
     hidden_act: str = "relu"
     init_scale: float = 0.1
@@ -172,6 +176,12 @@ class MoTConfig(PreTrainedConfig):
             self.mlp_types = list(self.mlp_types)
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        if "token_choice" not in self.mlp_types:
+            # No token-routed layer, no load-balancing loss to weigh. Trainers read a non-zero coefficient as a model
+            # that returns router logits (TRL then adds Mixtral's loss of logits that do not exist).
+            self.router_aux_loss_coef = 0.0
+        elif self.router_aux_loss_coef is None:
+            self.router_aux_loss_coef = SWITCH_AUX_LOSS_COEF
         if self.learnable_temperature in (None, False):
             self.learnable_temperature = "off"
         elif self.learnable_temperature is True:

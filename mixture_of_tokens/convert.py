@@ -61,8 +61,11 @@ def converted_config(config, to: str, top_k: int | None = None, capacity_factor:
                         f"so top_k must be between 1 and {config.num_experts}")
     if capacity_factor is not None and not capacity_factor > 0:
         raise UserError(f"--capacity_factor must be positive, got {capacity_factor}")
-    new = config.__class__.from_dict(config.to_dict())
-    new.mlp_types = [to if mlp_type in config.routed_layer_types else mlp_type for mlp_type in config.mlp_types]
+    mlp_types = [to if mlp_type in config.routed_layer_types else mlp_type for mlp_type in config.mlp_types]
+    settings = {**config.to_dict(), "mlp_types": mlp_types}
+    if "token_choice" not in config.mlp_types:
+        settings["router_aux_loss_coef"] = None  # the config's default for its new Token Choice layers
+    new = config.__class__.from_dict(settings)
     if top_k is not None:
         new.num_experts_per_tok = top_k
     if capacity_factor is not None:

@@ -19,6 +19,7 @@ helpers) are in `performance_mot.py`. Both, with `configuration_mot.py`, travel 
 repository's docs/design.md.
 """
 
+import functools
 import json
 import math
 import warnings
@@ -76,17 +77,21 @@ def merge_cache_arguments(cache: Cache | None, past_key_values: Cache | None) ->
 
 @dataclass
 class MoTModelOutputWithPast(MoeModelOutputWithPast):
-    """`MoeModelOutputWithPast` plus `routing_stats` (one dict of scalar tensors per routed block, in block order,
-    recorded when `output_routing_stats=True`) and `aux_loss` (the Token Choice router losses while training)."""
+    """`MoeModelOutputWithPast` plus `controller_logits` (MoT's and Expert Choice's, in their group layout; recorded
+    when `output_controller_logits=True`), `routing_stats` (one dict of scalar tensors per routed block, in block
+    order, recorded when `output_routing_stats=True`) and `aux_loss` (the Token Choice router losses while
+    training)."""
 
+    controller_logits: tuple[torch.Tensor, ...] | None = None
     routing_stats: tuple[dict[str, torch.Tensor], ...] | None = None
     aux_loss: torch.Tensor | None = None
 
 
 @dataclass
 class MoTCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
-    """`MoeCausalLMOutputWithPast` plus `routing_stats` (see `MoTModelOutputWithPast`)."""
+    """`MoeCausalLMOutputWithPast` plus `controller_logits` and `routing_stats` (see `MoTModelOutputWithPast`)."""
 
+    controller_logits: tuple[torch.Tensor, ...] | None = None
     routing_stats: tuple[dict[str, torch.Tensor], ...] | None = None
 
 
@@ -269,7 +274,9 @@ class DenseFeedForward(nn.Module):
 
 
 class MoTRouter(nn.Module):
-    """The router (MoT's controller): one score per expert for every token, `x W^T` with `weight [E, d]`."""
+    """MoT's and Expert Choice's controller: one score per expert for every token, `x W^T` with `weight [E, d]`. Its
+    logits are recorded as `controller_logits` (not `router_logits`: they are normalised over a group, not over
+    experts)."""
 
     def __init__(self, config: MoTConfig):
         super().__init__()
@@ -279,13 +286,15 @@ class MoTRouter(nn.Module):
         return F.linear(hidden_states, self.weight)  # [..., d] -> [..., E]
 
 
-class TopKRouter(MoTRouter):
-    """Token Choice's router (Switch): softmax over experts in fp32, top-k; the gates are the top-k probabilities,
-    not renormalised (Qwen2-MoE's router with `norm_topk_prob=False`)."""
+class TopKRouter(nn.Module):
+    """Token Choice's router (Switch): logits `x W^T` (`weight [E, d]`, MoT's controller after transition tuning),
+    softmax over experts in fp32, top-k; the gates are the top-k probabilities, not renormalised (Qwen2-MoE's router
+    with `norm_topk_prob=False`). Its logits are the model's `router_logits`."""
 
     def __init__(self, config: MoTConfig):
-        super().__init__(config)
+        super().__init__()
         self.top_k = config.num_experts_per_tok
+        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
 
     def forward(self, hidden_states: torch.Tensor):
         """`[N, d]` -> router logits `[N, E]`, probabilities `[N, E]` (fp32), gates and expert indices `[N, k]`."""
@@ -312,9 +321,10 @@ class MoTExperts(nn.Module):
     own weights.
 
     `process` is the one computation of MoT and Expert Choice (and Token Choice's capacity-limited training path):
-    `[E, N, d] -> [E, N, d]`, expert `e` on row block `e`. `forward(hidden_states, top_k_index, top_k_weights)`
-    is transformers' token-routed interface; `config._experts_implementation` picks the function that runs it
-    (eager: the loop below; batched_mm, grouped_mm or any function registered in `ALL_EXPERTS_FUNCTIONS`).
+    `[E, N, d] -> [E, N, d]`, expert `e` on row block `e`; the layers reach it through `__call__` (see
+    `RoutedExperts`). `forward(hidden_states, top_k_index, top_k_weights)` is transformers' token-routed interface;
+    `config._experts_implementation` picks the function that runs it (eager: the loop below; batched_mm, grouped_mm
+    or any function registered in `ALL_EXPERTS_FUNCTIONS`).
     """
 
     def __init__(self, config: MoTConfig):
@@ -384,12 +394,25 @@ class MoTExperts(nn.Module):
 
 
 class RoutedExperts(MoTExperts):
-    """The experts of one routed layer. `@use_experts_implementation` states one layout per class; ours follows the
-    config (gated or not, biases or not), so the flags the experts functions read are set from it here."""
+    """The experts of one routed layer, called in one of two ways, both through `__call__` so that whatever wraps
+    the module applies (PEFT's adapters on `up_proj`/`down_proj`, forward hooks, FSDP's unsharding):
+
+    - `experts(hidden_states, top_k_index, top_k_weights)`: transformers' token-routed interface (Token Choice);
+    - `experts(expert_inputs)`: one block of rows per expert, `[E, N, d] -> [E, N, d]` (MoT's mixed tokens, Expert
+      Choice's picks, Token Choice's capacity slots).
+
+    `@use_experts_implementation` states one layout per class; ours follows the config (gated or not, biases or
+    not), so the flags the experts functions read are set from it here.
+    """
 
     def __init__(self, config: MoTConfig):
         super().__init__(config)
         self.has_gate, self.has_bias = config.gated_mlp, config.mlp_bias
+
+    def forward(self, hidden_states, top_k_index=None, top_k_weights=None):
+        if top_k_index is None:
+            return self.process(hidden_states)
+        return super().forward(hidden_states, top_k_index, top_k_weights)
 
 
 def group_rows(
@@ -506,7 +529,7 @@ class MixtureOfTokens(nn.Module):
         # Step 3, merge: one mixed token per expert, m_e = sum_g w[g, e] x[g].
         merged = torch.bmm(mixing.transpose(1, 2), tokens)  # [p, E, G] @ [p, G, d] -> [p, E, d]
         # Step 4, process: expert e on its mixed token of every (group, position).
-        processed = self.experts.process(ContiguousTranspose.apply(merged, 0, 1))  # [E, p, d]
+        processed = self.experts(ContiguousTranspose.apply(merged, 0, 1))  # [E, p, d]
         # Step 5, emit with the same weights: y[g] = sum_e w[g, e] h_e.
         output = torch.bmm(mixing, ContiguousTranspose.apply(processed, 0, 1))  # [p, G, E] @ [p, E, d]
         # [p, G, d] = [n, S, G, d] -> [n, G, S, d] -> [B, S, d]
@@ -598,7 +621,7 @@ class TokenChoice(nn.Module):
         slot = torch.where(fits, expert * capacity + position, spare)
         token = torch.arange(num_tokens, device=tokens.device).repeat(self.top_k)
         expert_inputs = tokens.new_zeros(spare + 1, hidden_size).index_put((slot,), tokens[token])
-        processed = self.experts.process(expert_inputs[:spare].view(self.num_experts, capacity, hidden_size))
+        processed = self.experts(expert_inputs[:spare].view(self.num_experts, capacity, hidden_size))
         processed = F.pad(processed.reshape(spare, hidden_size), (0, 0, 0, 1))  # the spare row reads zeros
         weighted = processed[slot] * (gate * fits).unsqueeze(-1).to(tokens.dtype)  # [A, d]
         output = weighted.view(self.top_k, num_tokens, hidden_size).sum(0)
@@ -637,7 +660,7 @@ class ExpertChoice(nn.Module):
         # [n, S, E, c, d] -> [E, n*S*c, d]
         expert_inputs = picked.view(num_groups, seq_len, self.num_experts, capacity, hidden_size)
         expert_inputs = expert_inputs.permute(2, 0, 1, 3, 4).reshape(self.num_experts, -1, hidden_size)
-        expert_outputs = self.experts.process(expert_inputs)
+        expert_outputs = self.experts(expert_inputs)
         expert_outputs = expert_outputs.view(self.num_experts, num_groups, seq_len, capacity, hidden_size)
         expert_outputs = expert_outputs.permute(1, 2, 0, 3, 4) * choice_score.unsqueeze(-1).to(grouped.dtype)
         output = torch.zeros_like(by_position).scatter_add_(
@@ -710,7 +733,10 @@ class MoTPreTrainedModel(PreTrainedModel):
     _can_record_outputs = {
         "hidden_states": MoTBlock,
         "attentions": OutputRecorder(MoTAttention, index=1),
-        "router_logits": OutputRecorder(MoTRouter, index=0),  # every router; Token Choice's returns a tuple
+        # transformers' convention: per-token `[tokens, E]` logits of the token-routed layers (Token Choice), which
+        # trainers read for Mixtral's load-balancing loss; MoT's and Expert Choice's controllers apart.
+        "router_logits": OutputRecorder(TopKRouter, index=0),
+        "controller_logits": MoTRouter,
         "routing_stats": OutputRecorder(MoTBlock, index=2),
     }
 
@@ -741,7 +767,7 @@ class MoTPreTrainedModel(PreTrainedModel):
             inv_freq, _ = module.rope_init_fn(module.config)
             init.copy_(module.inv_freq, inv_freq)
             init.copy_(module.original_inv_freq, inv_freq)
-        elif isinstance(module, MoTRouter):
+        elif isinstance(module, (MoTRouter, TopKRouter)):
             truncated(module.weight, self.config.hidden_size)
         elif isinstance(module, MoTExperts):
             truncated(module.gate_up_proj if module.has_gate else module.up_proj, self.config.hidden_size)
@@ -788,6 +814,38 @@ def new_token_padding(attention_mask, padding_mask: torch.Tensor | None, cache: 
     return diagonal if diagonal.dtype == torch.bool else diagonal == 0
 
 
+def refuse_packed_rows(position_ids: torch.Tensor | None, kwargs: dict, grouped_types: list[str]) -> None:
+    """Padding-free packing (several sequences in one row: `cu_seq_lens_*`, or positions that restart inside a row)
+    leaves MoT and Expert Choice a batch of one row, so each group holds one sequence and a MoT layer silently
+    becomes a dense layer of width E * f. One clear error instead."""
+    packed = kwargs.get("cu_seq_lens_q") is not None or kwargs.get("cu_seq_lens_k") is not None
+    if not packed and position_ids is not None and position_ids.shape[-1] > 1 and not torch.compiler.is_compiling():
+        packed = bool((position_ids.diff(dim=-1) < 0).any())  # one host sync per training step
+    if packed:
+        raise ValueError(
+            f"this batch packs several sequences into one row (padding-free packing), but {' and '.join(grouped_types)}"
+            " layers group the rows of a batch at each position: train with packing=False, or with a packing that keeps"
+            " whole rows (TRL: packing_strategy=\"wrapped\")"
+        )
+
+
+def no_empty_router_outputs(forward: Callable) -> Callable:
+    """transformers' output capturing gives an empty tuple for a requested output that no module records. A model
+    without token-routed layers has no router logits, which transformers' MoE code (Mixtral's load-balancing loss,
+    as TRL computes it) reads as None; the same for a model without controllers."""
+
+    @functools.wraps(forward)
+    def wrapper(self, *args, **kwargs):
+        outputs = forward(self, *args, **kwargs)
+        if isinstance(outputs, MoTModelOutputWithPast):
+            for name in ("router_logits", "controller_logits"):
+                if outputs.get(name) == ():
+                    outputs[name] = None
+        return outputs
+
+    return wrapper
+
+
 class MoTModel(MoTPreTrainedModel):
     """The decoder: token embeddings, learned absolute position embeddings (the paper) or rotary ones in every
     attention layer, `num_hidden_layers` blocks, final norm."""
@@ -810,6 +868,7 @@ class MoTModel(MoTPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
+    @no_empty_router_outputs
     @merge_with_config_defaults
     @capture_outputs
     def forward(
@@ -829,13 +888,16 @@ class MoTModel(MoTPreTrainedModel):
         padding_mask: `[B, S]` (or `[B, cached + S]`), 1 for real tokens: which tokens MoT and Expert Choice leave
             out of their groups when `attention_mask` is not 2-D. `generate()` passes it with a static cache.
         output_routing_stats: return per-routed-block routing statistics (`routing_stats`).
-        output_router_logits: return the router logits (`router_logits`, one tensor per routed block with E last:
-            `[tokens, E]` for Token Choice; MoT's and Expert Choice's controller logits in their group layout,
-            `[positions * groups, G, E]` and `[groups, G, S, E]`). The router losses do not depend on it: while
+        output_router_logits: return the router logits of the token-routed (Token Choice) blocks, `[tokens, E]` each
+            (transformers' convention; None for a model without any). The router losses do not depend on it: while
             training they are in `aux_loss`.
+        output_controller_logits: return MoT's and Expert Choice's controller logits (`controller_logits`, one tensor
+            per block, E last, in their group layout: `[positions * groups, G, E]` and `[groups, G, S, E]`).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if self.training and self.config.grouped_layer_types:
+            refuse_packed_rows(position_ids, kwargs, self.config.grouped_layer_types)
         cache = merge_cache_arguments(cache, past_key_values)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
@@ -993,6 +1055,7 @@ class MoTForCausalLM(MoTPreTrainedModel, GenerationMixin):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=outputs.router_logits,
+            controller_logits=outputs.controller_logits,
             routing_stats=outputs.routing_stats,
         )
 
