@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "card": ("mixture_of_tokens.cards:main", "render or refresh a model folder's README.md model card"),
     "push": ("mixture_of_tokens.hub:push_main", "upload a model folder to the Hugging Face Hub"),
     "pull": ("mixture_of_tokens.hub:pull_main", "download a model from the Hub into a folder"),
+    "serve": ("mixture_of_tokens.serve:main", "serve a dense or Token Choice model over an OpenAI-compatible HTTP API"),
 }
 
 

@@ -15,11 +15,13 @@ from mixture_of_tokens.cli import COMMANDS
 MOT = str(Path(sys.executable).parent / "mot")
 
 # What each `--help` may not import. The training commands need `TrainingArguments` (and with it torch) for their
-# options, but not `Trainer`, datasets or the model code; the others need none of them.
+# options, but not `Trainer`, datasets or our model code; the others need none of them. transformers' modeling code
+# comes with `TrainingArguments` where PEFT is installed (the dev extra installs it): transformers.trainer_utils
+# imports PEFT, which imports it.
 HEAVY = ("torch", "transformers.modeling_utils", "transformers.trainer", "datasets", "lm_eval")
 ALLOWED = {
-    "train": ("torch",),
-    "transition": ("torch",),
+    "train": ("torch", "transformers.modeling_utils"),
+    "transition": ("torch", "transformers.modeling_utils"),
     "reproduce": (),
     "lm-eval": ("torch", "transformers.modeling_utils", "datasets", "lm_eval"),  # lm-eval's own CLI imports them
 }

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import require
 
-peft = pytest.importorskip("peft")
+peft = require("peft")
 
 from mixture_of_tokens import MoTConfig, MoTForCausalLM  # noqa: E402
 

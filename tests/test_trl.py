@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import require
 
-trl = pytest.importorskip("trl")
+trl = require("trl")
 
 from datasets import Dataset  # noqa: E402
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func  # noqa: E402
