@@ -121,6 +121,9 @@ class MoTConfig(PreTrainedConfig):
             convention) from every forward. The router losses are part of the training loss either way (unlike
             transformers' MoE models, where they need this flag). MoT's and Expert Choice's controller logits come
             with `output_controller_logits=True` passed to `forward`.
+        mot_recompute: in MoT layers while training, recompute the merged and processed tokens in backward
+            instead of saving them (selective recomputation: one more forward of the experts, merge and emit;
+            saved activations shrink about E/G-fold, far cheaper than checkpointing whole blocks).
         chunked_lm_loss: while training with `labels`, compute the language-modelling loss a chunk of tokens
             at a time without materialising the full logits (`outputs.logits` is then None): the same loss and
             gradients in a fraction of the memory and time. False: always return the logits.
@@ -161,6 +164,7 @@ class MoTConfig(PreTrainedConfig):
     final_norm: bool = True
     output_routing_stats: bool = False
     output_router_logits: bool = False
+    mot_recompute: bool = False
     chunked_lm_loss: bool = True
     use_cache: bool = True
     tie_word_embeddings: bool = False
@@ -262,8 +266,8 @@ class MoTConfig(PreTrainedConfig):
             raise ValueError(f"init_scale must be positive, got {self.init_scale!r}")
         if self.embedding_init not in EMBEDDING_INITS:
             raise ValueError(f"embedding_init must be one of {', '.join(EMBEDDING_INITS)}, got {self.embedding_init!r}")
-        for name in ("chunked_lm_loss", "output_routing_stats", "output_router_logits", "final_norm", "gated_mlp",
-                     "attention_bias", "mlp_bias"):
+        for name in ("chunked_lm_loss", "mot_recompute", "output_routing_stats", "output_router_logits", "final_norm",
+                     "gated_mlp", "attention_bias", "mlp_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.hidden_act not in ACTIVATIONS:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
@@ -526,16 +527,29 @@ class MixtureOfTokens(nn.Module):
         # Steps 1-2: controller logits, softmax over the group's tokens for each expert.
         weights = self.mixing_weights(tokens, group_mask)  # [p, G, E], softmax over G; fp32 under autocast
         mixing = weights.to(tokens.dtype)
-        # Step 3, merge: one mixed token per expert, m_e = sum_g w[g, e] x[g].
-        merged = torch.bmm(mixing.transpose(1, 2), tokens)  # [p, E, G] @ [p, G, d] -> [p, E, d]
-        # Step 4, process: expert e on its mixed token of every (group, position).
-        processed = self.experts(ContiguousTranspose.apply(merged, 0, 1))  # [E, p, d]
-        # Step 5, emit with the same weights: y[g] = sum_e w[g, e] h_e.
-        output = torch.bmm(mixing, ContiguousTranspose.apply(processed, 0, 1))  # [p, G, E] @ [p, E, d]
+        if self.config.mot_recompute and self.training and torch.is_grad_enabled():
+            # The merged and processed tokens are E/G times the input each: recompute them in backward instead.
+            output = checkpoint(self.merge_process_emit, mixing, tokens, use_reentrant=False)
+        else:
+            output = self.merge_process_emit(mixing, tokens)  # [p, G, d]
         # [p, G, d] = [n, S, G, d] -> [n, G, S, d] -> [B, S, d]
         output = ContiguousTranspose.apply(output.view(num_groups, seq_len, group_size, hidden_size), 1, 2)
         output = drop_group_padding(output.view(-1, seq_len, hidden_size), batch_size)
         return output, None, self.mixing_stats(weights) if want_stats else None
+
+    def merge_process_emit(self, mixing: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Steps 3-5 for weights `[p, G, E]` and tokens `[p, G, d]` -> `[p, G, d]`.
+
+        The merged and processed tokens (E/G times the input each) change between position-major and expert-major
+        layout as transposed views, never copies: the batched matmuls read each matrix of such a view as it lies
+        (rows of d contiguous values), which costs less than copying the whole tensor, in forward and backward.
+        """
+        # Step 3, merge: one mixed token per expert, m_e = sum_g w[g, e] x[g].
+        merged = torch.bmm(mixing.transpose(1, 2), tokens)  # [p, E, G] @ [p, G, d] -> [p, E, d]
+        # Step 4, process: expert e on its mixed token of every (group, position).
+        processed = self.experts(merged.transpose(0, 1))  # [E, p, d]
+        # Step 5, emit with the same weights: y[g] = sum_e w[g, e] h_e.
+        return torch.bmm(mixing, processed.transpose(0, 1))  # [p, G, E] @ [p, E, d] -> [p, G, d]
 
     @torch.no_grad()
     def mixing_stats(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -16,29 +16,30 @@ from __future__ import annotations
 import torch
 
 
-@torch.no_grad()
 def mixture_of_tokens_reference(layer, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None):
     """`[B, S, d]` (and a `[B, S]` mask of real tokens) -> `[B, S, d]`, what `layer(hidden_states, token_mask)[0]`
-    computes (softmax routing; "uniform" routing uses a zero controller)."""
+    computes (softmax routing; "uniform" routing uses a zero controller). Differentiable, so the layer's gradients
+    can be judged too; call it under `torch.no_grad()` for outputs alone."""
     batch_size, seq_len, _ = hidden_states.shape
     group_size, num_experts = layer.group_size, layer.num_experts
-    temperature = torch.as_tensor(layer.temperature(), dtype=torch.float32).expand(num_experts)
-    controller = layer.gate.weight.float()  # [E, d]
+    dtype = torch.promote_types(hidden_states.dtype, torch.float32)  # fp32, or the input's if wider
+    temperature = torch.as_tensor(layer.temperature(), dtype=dtype).expand(num_experts)
+    controller = layer.gate.weight.to(dtype)  # [E, d]
     if layer.routing == "uniform":
         controller = torch.zeros_like(controller)
-    output = torch.zeros_like(hidden_states, dtype=torch.float32)
+    output = torch.zeros_like(hidden_states, dtype=dtype)
     for start in range(0, batch_size, group_size):
         rows = range(start, min(start + group_size, batch_size))
         for position in range(seq_len):
             real = [row for row in rows if token_mask is None or bool(token_mask[row, position])]
             if not real:
                 continue
-            tokens = hidden_states[real, position].float()  # [g, d]
+            tokens = hidden_states[real, position].to(dtype)  # [g, d]
             for expert in range(num_experts):
                 scores = tokens @ controller[expert] / temperature[expert]  # [g]
                 weights = torch.softmax(scores, dim=0)  # over the group's tokens
                 mixed = weights @ tokens  # [d]
                 processed = layer.experts.process_one(expert, mixed.unsqueeze(0).to(hidden_states.dtype))[0]
                 for weight, row in zip(weights, real, strict=True):
-                    output[row, position] += weight * processed.float()
+                    output[row, position] += weight * processed.to(dtype)
     return output.to(hidden_states.dtype)

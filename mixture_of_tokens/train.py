@@ -67,6 +67,8 @@ CONFIG_FLAGS = {
     "hidden_act": None,
     "chunked_lm_loss": ("Compute the training loss without the full logits (config default: true); false if a "
                         "callback needs outputs.logits in training."),
+    "mot_recompute": ("Recompute MoT's merged and processed tokens in backward instead of saving them: less "
+                      "activation memory for one more expert forward (docs/performance.md)."),
     "embedding_init": "fan_in_hidden (config default) or unit_fan_in (the authors' embedding initialisation).",
     "final_norm": "LayerNorm before the output head (config default: true; the authors' code has none).",
     # The modern (Llama-style) block options; the tiny-modern-* and modern-* presets set them all.

@@ -73,6 +73,29 @@ def test_mot_layer_matches_the_naive_reference_of_the_method(block):
         torch.testing.assert_close(output, mixture_of_tokens_reference(layer, x, token_mask), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("recompute", [False, True], ids=["saved", "recomputed"])
+@pytest.mark.parametrize("block", BLOCKS)
+def test_granular_mot_layer_matches_the_reference_in_outputs_and_gradients(block, recompute):
+    """The paper's /16 shape scaled down (E = 16 G experts of size d_ff / 16), with padding: outputs and the
+    gradients of the input and of every weight equal the naive reference's, whether the merged and processed
+    tokens are saved for backward or recomputed (`mot_recompute`)."""
+    config = small_config(group_size=2, num_experts=32, expert_size=4, mot_recompute=recompute, **BLOCKS[block])
+    # float64, so the comparison measures the method and not the rounding of two summation orders
+    layer = randomize(MixtureOfTokens(config), std=0.4).double().train()
+    x = torch.randn(4, 3, 32, dtype=torch.float64, requires_grad=True)
+    mask = torch.ones(4, 3, dtype=torch.bool)
+    mask[3, 1] = False
+    output = layer(x, mask)[0]
+    expected = mixture_of_tokens_reference(layer, x, mask)
+    torch.testing.assert_close(output, expected, rtol=1e-10, atol=1e-10)
+    probe = torch.randn_like(output)
+    grads = torch.autograd.grad((output * probe).sum(), [x, *layer.parameters()])
+    expected_grads = torch.autograd.grad((expected * probe).sum(), [x, *layer.parameters()])
+    for name, grad, expected_grad in zip(["input", *dict(layer.named_parameters())], grads, expected_grads,
+                                         strict=True):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-9, atol=1e-9, msg=name)
+
+
 def test_group_size_one_is_a_dense_ffn_of_width_experts_times_expert_size():
     config = small_config(group_size=1, num_experts=4, expert_size=16)
     layer = MixtureOfTokens(config)

@@ -201,6 +201,24 @@ def test_continuous_batching_gives_generate_tokens_for_token_choice_and_refuses_
 
 
 @pytest.mark.slow
+def test_compiled_training_step_with_recomputed_mixtures_matches_eager():
+    """`mot_recompute` (MoT's merged and processed tokens recomputed in backward) compiles with fullgraph=True and
+    gives the loss and gradients of the eager step that saves them."""
+    model = tiny().train()
+    ids, _ = left_padded()
+    eager_loss = model(ids, labels=ids).loss
+    eager_loss.backward()
+    eager_grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.config.mot_recompute = True
+    compiled_loss = torch.compile(model, fullgraph=True)(ids, labels=ids).loss
+    compiled_loss.backward()
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-4, atol=1e-5)
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("block", ["paper", "modern"])
 def test_compiled_training_step_and_static_cache_generation_match_eager(block):
     """`torch.compile(fullgraph=True)` with every layer type: a training step gives eager's loss and gradients, and
