@@ -31,7 +31,7 @@ LOCAL_FORMATS = {
 }
 DEFAULT_SOURCE = "pydoc_data.topics (Python documentation bundled with the standard library)"
 MAP_BATCH_SIZE = 1000  # rows per datasets.map call; packing drops < block_size tokens of each
-# The novels corpus of ../shared/data: its last novels are validation text, never trained on.
+# The novels corpus (ELTeC English, one gzipped text of novels separated by blank lines): its last novels are validation text, never trained on.
 HELD_OUT_NOVELS = 3
 
 

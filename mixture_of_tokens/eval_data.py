@@ -1,6 +1,6 @@
 """Offline data for lm-eval's stock PIQA, HellaSwag and ARC-Easy tasks.
 
-The original releases (laid out like `../shared/data`) use other schemas than the Hugging Face Hub datasets that
+The original releases (laid out as the table below lists) use other schemas than the Hugging Face Hub datasets that
 lm-eval's tasks read. Each converter below turns one release file into exactly the documents the Hub dataset
 holds, so that the stock task YAML (prompts, `process_docs`, metrics) runs on them unchanged; only where the data
 comes from is overridden (`dataset_path: json`, `dataset_kwargs: {data_files: ...}`, `training_split: null`).

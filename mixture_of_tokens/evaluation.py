@@ -114,8 +114,8 @@ def check_hub_datasets(tasks: list[str], task_manager) -> None:
             reason = type(error).__name__
             raise UserError(
                 f"task {task!r} needs the Hub dataset {dataset!r}, which cannot be fetched here ({reason}); evaluate "
-                f"offline with --data_dir DIR or {DATA_ENV}=DIR (a folder with piqa/, hellaswag/, arc_easy/ in their "
-                "release formats, e.g. ../shared/data)"
+                f"offline with --data_dir DIR or {DATA_ENV}=DIR (a folder with the original releases: "
+                "piqa/valid.jsonl and valid-labels.lst, hellaswag/hellaswag_val.jsonl, arc_easy/ARC-Easy-Test.jsonl)"
             ) from error
 
 

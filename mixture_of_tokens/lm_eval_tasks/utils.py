@@ -40,7 +40,8 @@ def data_dir() -> Path:
     value = os.environ.get(DATA_ENV, "")
     if not value.strip():
         raise UserError(f"{DATA_ENV} is not set; set it to the folder holding piqa/, hellaswag/ and arc_easy/ in "
-                        f"their release formats (e.g. {DATA_ENV}=../shared/data)")
+                        f"their release formats (piqa/valid.jsonl and valid-labels.lst, hellaswag/hellaswag_val.jsonl, "
+                        "arc_easy/ARC-Easy-Test.jsonl)")
     folder = Path(value).expanduser()
     if not folder.is_dir():
         raise UserError(f"{DATA_ENV}={value} is not a folder; it must hold piqa/, hellaswag/ and arc_easy/")
