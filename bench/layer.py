@@ -1,15 +1,27 @@
-"""Forward+backward time of each feed-forward type at equal FLOPs per token (the paper's Medium sizes).
+"""Forward+backward time of each feed-forward type at equal FLOPs per token (the paper's Medium sizes), with the
+paper's granular MoT variants beside their flop-matched dense FFN.
 
     python bench/layer.py --out bench/results/layer.json
+    python bench/layer.py --variants 32e-16 --precisions bf16 --no-routed   # one variant, MoT rows only
 
-Dense: d=512, d_ff=2048. MoT: G=32, E=32, f=2048 (flop-matched: E*f/G = d_ff). Token Choice and Expert Choice
-use the same E and f with one expert per token. Input: 32 x 256 tokens. The types are timed in interleaved
-rounds and the median of each is reported, so a background load slows all of them alike and the ratios stay
-meaningful on a shared machine.
+Dense: d=512, d_ff=2048. MoT (`--variants`, default all three; flop-matched, E*f/G = d_ff, G = 32):
+32e (MoT/32E: E=32, f=2048), 32e-8 (MoT/32E/8: E=256, f=256), 32e-16 (MoT/32E/16: E=512, f=128); each also with
+`mot_recompute=True` (the merged and processed tokens recomputed in backward instead of saved). Token Choice and
+Expert Choice (`--routed`, on by default) use 32E's E and f with one expert per token. Input: 32 x 256 tokens. The
+rows are timed in interleaved rounds and the median of each is reported, so a background load slows all of them
+alike and the ratios stay meaningful on a shared machine.
+
+Each row also has:
+- its FLOP floor over dense (bench/flops.py: matmul FLOPs, forward+backward; `1 + 1.5 E / d_ff` flop-matched,
+  so 1.02, 1.19, 1.375), and for recompute rows the floor with the recomputed forward as well;
+- its saved-activation memory over dense's (`saved_bytes`, per precision): the bytes of the distinct storages the
+  forward leaves for backward, on the same input;
+- on CUDA, its peak memory over dense's: `torch.cuda.max_memory_allocated` during one forward+backward, above what
+  was allocated before it (gradients included).
 
 Alongside, the naive reference of the MoT layer (mixture_of_tokens/reference.py: the paper's equations as loops)
-runs on the first `--reference_positions` positions of the input: its forward time and its largest difference from
-the layer's output are reported, so the fast layer is shown to compute the method.
+runs on the first `--reference_positions` positions of the input for each variant: its forward time and its largest
+difference from the layer's output are reported, so the fast layer is shown to compute the method.
 """
 
 from __future__ import annotations
@@ -19,17 +31,26 @@ import json
 import platform
 import statistics
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from flops import flop_floor  # bench/flops.py (this script's folder is on sys.path)
 
-from mixture_of_tokens import MoTConfig
+from mixture_of_tokens import MoTConfig, modeling_mot
 from mixture_of_tokens.cpu_memory import retain_freed_cpu_memory
 from mixture_of_tokens.modeling_mot import FEED_FORWARD_CLASSES, MoTPreTrainedModel
 from mixture_of_tokens.reference import mixture_of_tokens_reference
 
 FFN_TYPES = ["dense", "mot", "token_choice", "expert_choice"]
+# --variants name -> (preset, label); the dense and routed rows take BASE_PRESET's sizes.
+VARIANTS = {
+    "32e": ("mot-medium-32e", "MoT/32E"),
+    "32e-8": ("mot-medium-32e-8", "MoT/32E/8"),
+    "32e-16": ("mot-medium-32e-16", "MoT/32E/16"),
+}
+BASE_PRESET = "mot-medium-32e"
 
 
 def build_layer(ffn_type: str, config: MoTConfig, device: str) -> torch.nn.Module:
@@ -40,6 +61,41 @@ def build_layer(ffn_type: str, config: MoTConfig, device: str) -> torch.nn.Modul
     for module in layer.modules():
         initialiser._init_weights(module)
     return layer.to(device).train()
+
+
+@dataclass
+class Row:
+    """One row of the table: a feed-forward layer of `ffn_type` built from `config`."""
+
+    key: str  # its name in the JSON
+    label: str  # its name in the table
+    ffn_type: str
+    preset: str  # the preset `config` comes from: rows of one type and preset get the same weights
+    config: MoTConfig
+    floor: float | None  # FLOP floor over dense (None: not counted for this type)
+    recompute_floor: float | None = None  # with mot_recompute's second forward, for recompute rows
+
+
+def variant_key(variant: str) -> str:
+    """JSON name of a variant's MoT row: `mot` for 32E (the name this benchmark always had), `mot_32e_16`, ..."""
+    return "mot" if variant == "32e" else f"mot_{variant.replace('-', '_')}"
+
+
+def table_rows(variants: list[str], routed: bool) -> list[Row]:
+    base = MoTConfig.from_preset(BASE_PRESET)
+    rows = [Row("dense", "dense", "dense", BASE_PRESET, base, 1.0)]
+    for variant in variants:
+        preset, label = VARIANTS[variant]
+        config = MoTConfig.from_preset(preset)
+        floor = flop_floor(config, base.intermediate_size)
+        rows.append(Row(variant_key(variant), label, "mot", preset, config, floor))
+        rows.append(Row(f"{variant_key(variant)}_recompute", f"{label} recompute", "mot", preset,
+                        MoTConfig.from_preset(preset, mot_recompute=True), floor,
+                        flop_floor(config, base.intermediate_size, recompute=True)))
+    if routed:
+        rows += [Row("token_choice", "Token Choice 32E", "token_choice", BASE_PRESET, base, None),
+                 Row("expert_choice", "Expert Choice 32E", "expert_choice", BASE_PRESET, base, None)]
+    return rows
 
 
 def time_step(layer, inputs, autocast_dtype, device) -> float:
@@ -69,6 +125,115 @@ def interleaved_medians(layers: dict, inputs, autocast_dtype, device, rounds: in
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def _reaches(node, target: torch.Tensor, known: dict) -> bool:
+    """Whether the autograd graph below `node` reaches the leaf `target` (its AccumulateGrad node).
+
+    Depth-first without recursion (graphs can be deep); `known` maps `id(node)` to `(node, reaches)` for every node
+    settled so far (the node is kept so that its id is not reused): a node reaches the target once a child does,
+    and does not once all its children are settled without."""
+    if node is None:
+        return False
+    if id(node) in known:
+        return known[id(node)][1]
+    if getattr(node, "variable", None) is target:
+        known[id(node)] = (node, True)
+        return True
+    stack = [(node, iter(node.next_functions))]
+    while stack:
+        current, children = stack[-1]
+        for child, _ in children:
+            if child is None or (id(child) in known and not known[id(child)][1]):
+                continue
+            if (id(child) in known and known[id(child)][1]) or getattr(child, "variable", None) is target:
+                for ancestor, _ in stack:  # every node on the path reaches it
+                    known[id(ancestor)] = (ancestor, True)
+                return True
+            stack.append((child, iter(child.next_functions)))
+            break
+        else:
+            stack.pop()
+            known[id(current)] = (current, False)
+    return False
+
+
+@contextmanager
+def saved_storages(layer: torch.nn.Module, inputs: torch.Tensor):
+    """Record the tensor storages that the forward run inside this context saves for backward: yields a dict
+    `storage data_ptr -> nbytes`, filled as the forward runs.
+
+    A pack hook of `torch.autograd.graph.saved_tensors_hooks` records each saved tensor's whole storage (so views
+    of one tensor count once), except the parameters, tensors computed from the parameters alone (autocast's
+    low-precision copies of the weights: their autograd graph does not reach the input) and the input tensor
+    itself, which the layer's caller holds anyway.
+
+    With recomputation (`mot_recompute`) the region under `torch.utils.checkpoint` saves nothing through these
+    hooks (the checkpoint's own hooks take its ops' tensors): its inputs, the tokens and the mixing weights, are
+    kept for the recomputation instead, and are already saved by the ops before it (the controller's matmul saves
+    the tokens, the softmax its weights). Where they are not, as when autocast runs the softmax in fp32 (CUDA) and
+    the region gets a bf16 copy of the weights, that copy is held by the checkpoint alone; so that it counts, the
+    MoT layer's `checkpoint` is wrapped while the context is open and records the storages of its tensor
+    arguments (once each, like everything here).
+    """
+    skipped = {parameter.untyped_storage().data_ptr() for parameter in layer.parameters()}
+    skipped.add(inputs.untyped_storage().data_ptr())
+    storages: dict[int, int] = {}
+    reaches_input: dict = {}
+
+    def record(tensor: torch.Tensor) -> None:
+        if not isinstance(tensor, torch.Tensor) or isinstance(tensor, torch.nn.Parameter):
+            return
+        storage = tensor.untyped_storage()
+        pointer = storage.data_ptr()
+        if pointer in skipped or pointer in storages:
+            return
+        if tensor.grad_fn is not None and not _reaches(tensor.grad_fn, inputs, reaches_input):
+            return  # computed from the weights alone
+        storages[pointer] = storage.nbytes()
+
+    def pack(tensor):
+        record(tensor)
+        return tensor
+
+    original = getattr(modeling_mot, "checkpoint", None)
+
+    def recorded_checkpoint(function, *args, **kwargs):
+        for argument in args:
+            record(argument)
+        return original(function, *args, **kwargs)
+
+    if original is not None:
+        modeling_mot.checkpoint = recorded_checkpoint
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            yield storages
+    finally:
+        if original is not None:
+            modeling_mot.checkpoint = original
+
+
+def saved_bytes(layer, inputs, autocast_dtype, device) -> int:
+    """Bytes of the distinct storages one forward of `layer` on `inputs` saves for backward (see `saved_storages`)."""
+    autocast = torch.autocast(device_type=device, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+    with saved_storages(layer, inputs) as storages, autocast:
+        output = layer(inputs)[0]
+    del output  # frees the graph and what it saved
+    return sum(storages.values())
+
+
+def peak_memory_bytes(layer, inputs, autocast_dtype, device) -> int | None:
+    """CUDA only: the peak allocated memory of one forward+backward above what was allocated before it."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    time_step(layer, inputs, autocast_dtype, device)
+    peak = torch.cuda.max_memory_allocated() - before
+    layer.zero_grad(set_to_none=True)
+    inputs.grad = None
+    return peak
+
+
 # label -> (dtype of weights and inputs, autocast dtype)
 PRECISIONS = {
     "bf16": (torch.bfloat16, None),  # weights in bf16: the paper's bf16-only setting (`mot train --bf16_weights`)
@@ -77,19 +242,35 @@ PRECISIONS = {
 }
 
 
-def benchmark(precision: str, rounds: int, warmup: int, device: str, batch: int, seq: int) -> dict[str, float]:
+def row_layer(row: Row, weights: dict, device: str, dtype: torch.dtype) -> torch.nn.Module:
+    """The layer of `row` in `dtype` on `device`. Weights are initialised once per type and preset, in fp32 on the
+    CPU, and kept in `weights` (initialisation, not timing, dominates a short run): a variant and its recompute row,
+    and the layers of every precision, start from the same values."""
+    if (row.ffn_type, row.preset) not in weights:
+        torch.manual_seed(0)
+        weights[row.ffn_type, row.preset] = build_layer(row.ffn_type, MoTConfig.from_preset(row.preset), "cpu")
+    layer = FEED_FORWARD_CLASSES[row.ffn_type](row.config)
+    layer.load_state_dict(weights[row.ffn_type, row.preset].state_dict())
+    return layer.to(device=device, dtype=dtype).train()
+
+
+def benchmark(precision: str, rows: list[Row], weights: dict, rounds: int, warmup: int, device: str, batch: int,
+              seq: int) -> dict[str, dict]:
+    """Per row: median seconds, saved bytes and (CUDA) peak bytes, in one precision."""
     dtype, autocast_dtype = PRECISIONS[precision]
-    config = MoTConfig.from_preset("mot-medium-32e")
-    layers = {name: build_layer(name, config, device).to(dtype) for name in FFN_TYPES}
-    inputs = torch.randn(batch, seq, config.hidden_size, device=device, dtype=dtype, requires_grad=True)
-    return interleaved_medians(layers, inputs, autocast_dtype, device, rounds, warmup)
+    layers = {row.key: row_layer(row, weights, device, dtype) for row in rows}
+    inputs = torch.randn(batch, seq, rows[0].config.hidden_size, device=device, dtype=dtype, requires_grad=True)
+    seconds = interleaved_medians(layers, inputs, autocast_dtype, device, rounds, warmup)
+    memory = {key: saved_bytes(layer, inputs, autocast_dtype, device) for key, layer in layers.items()}
+    peaks = {key: peak_memory_bytes(layer, inputs, autocast_dtype, device) for key, layer in layers.items()}
+    return {"seconds": seconds, "saved_bytes": memory, "peak_bytes": peaks}
 
 
-def compare_with_reference(positions: int, batch: int, device: str) -> dict[str, float]:
-    """The MoT layer against its naive reference on `batch x positions` fp32 tokens: forward seconds of each and
-    the largest absolute difference of their outputs."""
-    config = MoTConfig.from_preset("mot-medium-32e")
-    layer = build_layer("mot", config, device).eval()
+def compare_with_reference(row: Row, weights: dict, positions: int, batch: int, device: str) -> dict[str, float]:
+    """The MoT layer of `row` against its naive reference on `batch x positions` fp32 tokens: forward seconds of
+    each and the largest absolute difference of their outputs."""
+    config = row.config
+    layer = row_layer(row, weights, device, torch.float32).eval()
     inputs = torch.randn(batch, positions, config.hidden_size, device=device)
     with torch.no_grad():
         start = time.perf_counter()
@@ -98,8 +279,34 @@ def compare_with_reference(positions: int, batch: int, device: str) -> dict[str,
         start = time.perf_counter()
         slow = mixture_of_tokens_reference(layer, inputs)
         reference_seconds = time.perf_counter() - start
-    return {"positions": positions, "batch": batch, "layer_forward_seconds": layer_seconds,
+    return {"preset": row.preset, "positions": positions, "batch": batch, "layer_forward_seconds": layer_seconds,
             "reference_forward_seconds": reference_seconds, "max_abs_difference": (fast - slow).abs().max().item()}
+
+
+def cpu_description() -> dict:
+    """The CPU's model name (/proc/cpuinfo on Linux; `platform.processor()` is often empty there) and whether it
+    has native bf16 matmul instructions (x86 flags avx512_bf16 or amx_bf16; aarch64 feature bf16)."""
+    name, flags = None, None
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                key = key.strip().lower()
+                if name is None and key in ("model name", "cpu model", "hardware"):
+                    name = value.strip()
+                elif flags is None and key in ("flags", "features"):
+                    flags = set(value.split())
+                if name is not None and flags is not None:
+                    break
+    except OSError:
+        pass
+    bf16_flags = sorted((flags or set()) & {"avx512_bf16", "amx_bf16", "bf16"})
+    return {"cpu": name or platform.processor() or platform.machine(),
+            "cpu_native_bf16": None if flags is None else bool(bf16_flags), "cpu_bf16_flags": bf16_flags}
+
+
+def ratio(value, dense) -> float | None:
+    return None if value is None or not dense else value / dense
 
 
 def main() -> None:
@@ -110,51 +317,92 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                        help="MoT variants, each with a recompute row (default: all three)")
+    parser.add_argument("--routed", action=argparse.BooleanOptionalAction, default=True,
+                        help="Token Choice and Expert Choice rows at 32E (default on; --no-routed drops them)")
     parser.add_argument("--system_malloc", action="store_true",
                         help="leave glibc malloc as it is (by default freed memory is kept for reuse, as `mot train` "
                              "does on CPU; see mixture_of_tokens/cpu_memory.py)")
     parser.add_argument("--reference_positions", type=int, default=4,
-                        help="positions of the input the naive reference runs on (0: skip it)")
+                        help="positions of the input the naive reference runs on, for each variant (0: skip it)")
     parser.add_argument("--precisions", nargs="+", choices=list(PRECISIONS), default=list(PRECISIONS))
     args = parser.parse_args()
     torch.manual_seed(0)
     retained = args.device == "cpu" and not args.system_malloc and retain_freed_cpu_memory()
+    rows = table_rows(args.variants, args.routed)
+    base = rows[0].config
 
     results: dict = {
         "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
-        "cpu": platform.processor() or platform.machine(),
+        **cpu_description(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "tokens": args.batch * args.seq,
         "rounds": args.rounds,
         "retain_freed_cpu_memory": retained,
+        "rows": {row.key: {"label": row.label, "type": row.ffn_type, "group_size": row.config.group_size,
+                           "num_experts": row.config.num_experts, "expert_size": row.config.expert_size,
+                           "mot_recompute": row.config.mot_recompute, "flop_floor": row.floor,
+                           "flop_floor_with_recompute": row.recompute_floor} for row in rows},
         "seconds": {},
+        "saved_bytes": {},
+        "peak_bytes": {},
     }
-    print(f"feed-forward forward+backward, {args.batch}x{args.seq} tokens, d=512, d_ff=2048, G=32, E=32, f=2048, "
-          f"{args.device}, {results['threads']} threads (median of {args.rounds}), freed memory retained: {retained}")
+    bf16 = {True: "native bf16", False: "no native bf16", None: "bf16 support unknown"}[results["cpu_native_bf16"]]
+    print(f"feed-forward forward+backward, {args.batch}x{args.seq} tokens, d={base.hidden_size}, "
+          f"d_ff={base.intermediate_size}, G={base.group_size}, {args.device}, {results['cpu']} ({bf16}), "
+          f"{results['threads']} threads (median of {args.rounds}), freed memory retained: {retained}")
+    weights: dict = {}
     for label in args.precisions:
-        results["seconds"][label] = benchmark(label, args.rounds, args.warmup, args.device, args.batch, args.seq)
-    types = list(results["seconds"][args.precisions[0]])
-    print(f"{'type':<20}" + "".join(f"{label + ' ms':>20}{'x dense':>9}" for label in args.precisions))
-    for name in types:
-        row = f"{name:<20}"
+        measured = benchmark(label, rows, weights, args.rounds, args.warmup, args.device, args.batch, args.seq)
+        for part, values in measured.items():
+            results[part][label] = values
+    cuda = args.device == "cuda"
+    header = f"{'row':<22}{'E':>5}{'f':>6}{'floor':>7}{'+recomp':>8}"
+    for label in args.precisions:
+        header += f"{label + ' ms':>19}{'x dense':>8}{'saved x':>8}" + (f"{'peak x':>7}" if cuda else "")
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        floor = "" if row.floor is None else f"{row.floor:.3f}"
+        recompute_floor = "" if row.recompute_floor is None else f"{row.recompute_floor:.3f}"
+        experts = "" if row.ffn_type == "dense" else str(row.config.num_experts)
+        width = row.config.intermediate_size if row.ffn_type == "dense" else row.config.expert_size
+        line = f"{row.label:<22}{experts:>5}{width:>6}{floor:>7}{recompute_floor:>8}"
         for label in args.precisions:
-            seconds = results["seconds"][label]
-            row += f"{seconds[name] * 1e3:>20.1f}{seconds[name] / seconds['dense']:>9.2f}"
-        print(row)
+            seconds, saved, peak = (results[part][label] for part in ("seconds", "saved_bytes", "peak_bytes"))
+            line += (f"{seconds[row.key] * 1e3:>19.1f}{seconds[row.key] / seconds['dense']:>8.2f}"
+                     f"{ratio(saved[row.key], saved['dense']):>8.2f}")
+            if cuda:
+                line += f"{ratio(peak[row.key], peak['dense']):>7.2f}"
+        print(line)
+    print("floor: matmul FLOPs over dense's (bench/flops.py); +recomp: the same with mot_recompute's second forward; "
+          "saved x: bytes saved for backward over dense's" + ("; peak x: CUDA peak memory over dense's" if cuda else ""))
     for label in args.precisions:
-        seconds = results["seconds"][label]
-        for name in types[1:]:
-            results[f"{name}_over_dense_{label}"] = seconds[name] / seconds["dense"]
+        seconds, saved, peak = (results[part][label] for part in ("seconds", "saved_bytes", "peak_bytes"))
+        for row in rows[1:]:
+            results[f"{row.key}_over_dense_{label}"] = seconds[row.key] / seconds["dense"]
+            results[f"{row.key}_saved_over_dense_{label}"] = ratio(saved[row.key], saved["dense"])
+            if cuda:
+                results[f"{row.key}_peak_over_dense_{label}"] = ratio(peak[row.key], peak["dense"])
+            floor = row.recompute_floor or row.floor
+            if floor:
+                results[f"{row.key}_over_floor_{label}"] = seconds[row.key] / seconds["dense"] / floor
     for label in args.precisions:
-        print(f"mot_over_dense_{label} = {results[f'mot_over_dense_{label}']:.3f}")
+        print(f"{label}, x dense over the row's floor (+recomp for recompute rows): "
+              + ", ".join(f"{row.label} {results[f'{row.key}_over_floor_{label}']:.2f}" for row in rows[1:] if row.floor))
     if args.reference_positions:
-        reference = compare_with_reference(args.reference_positions, args.batch, args.device)
-        results["reference"] = reference
-        print(f"naive reference, {args.batch}x{reference['positions']} tokens, fp32 forward: "
-              f"{reference['reference_forward_seconds'] * 1e3:.0f} ms vs the layer's "
-              f"{reference['layer_forward_seconds'] * 1e3:.1f} ms, largest difference "
-              f"{reference['max_abs_difference']:.2e}")
+        results["reference"] = {}
+        for row in rows:
+            if row.ffn_type != "mot" or row.config.mot_recompute:
+                continue
+            reference = compare_with_reference(row, weights, args.reference_positions, args.batch, args.device)
+            results["reference"][row.key] = reference
+            print(f"naive reference of {row.label}, {args.batch}x{reference['positions']} tokens, fp32 forward: "
+                  f"{reference['reference_forward_seconds'] * 1e3:.0f} ms vs the layer's "
+                  f"{reference['layer_forward_seconds'] * 1e3:.1f} ms, largest difference "
+                  f"{reference['max_abs_difference']:.2e}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"wrote {args.out}")

@@ -1,15 +1,24 @@
 """Training throughput (tokens/s) of MoT vs its dense baseline, through the same Trainer that `mot train` uses.
 
 Pairs: tiny-dense vs tiny-mot (flop-matched CPU presets) and transformer-medium vs mot-medium-32e (the paper's).
-Every model trains on the same random-token batches (same micro-batch, same sequence length, bf16 autocast by
-default), the first `--warmup` optimizer steps are not timed; a model's time per step is the median of its timed
-steps. With `--repeats N` the dense and MoT models of a pair are trained alternately N times each and the median is
-taken over all their timed steps, so that a busy period of a shared machine does not land on one model only.
-Prints a table and writes JSON.
+Or any presets at once with `--presets` (the paper's granular variants beside their dense partner), each step's
+time then relative to the first dense preset of the list. `--mot_recompute` sets `mot_recompute` on the MoT presets
+(`both`: each MoT preset with and without it). Every model trains on the same random-token batches (same
+micro-batch, same sequence length, bf16 autocast by default), the first `--warmup` optimizer steps are not timed; a
+model's time per step is the median of its timed steps. With `--repeats N` the models of a pair (or of `--presets`)
+are trained in turn N times each and the median is taken over all their timed steps, so that a busy period of a
+shared machine does not land on one model only.
+
+Each row has its step time over the dense model's (`x dense`) and the step's FLOP floor over dense (bench/flops.py:
+the matmul FLOPs of forward+backward of the whole model, attention and output head included, so far below the
+layer's floor; the optimizer's per-parameter work, which grows with MoT's parameters, is not counted). Prints a
+table and writes JSON.
 
     python bench/train_throughput.py                          # tiny pair + medium pair, small settings
     python bench/train_throughput.py --pairs tiny --steps 20 --batch 32 --seq_len 128
     python bench/train_throughput.py --pairs medium --batch 32 --seq_len 256 --steps 20   # on a GPU
+    python bench/train_throughput.py --presets transformer-medium mot-medium-32e mot-medium-32e-8 \
+        mot-medium-32e-16 --mot_recompute both --batch 32 --seq_len 256 --steps 5 --repeats 2
 """
 
 from __future__ import annotations
@@ -24,9 +33,10 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
+from flops import step_flops  # bench/flops.py (this script's folder is on sys.path)
 from transformers import TrainerCallback
 
-from mixture_of_tokens import MoTConfig, MoTForCausalLM
+from mixture_of_tokens import PRESETS, MoTConfig, MoTForCausalLM
 from mixture_of_tokens.cpu_memory import retain_freed_cpu_memory
 from mixture_of_tokens.data import collate_blocks
 from mixture_of_tokens.train import MoTTrainingArguments
@@ -36,10 +46,17 @@ PAIRS = {"tiny": ("tiny-dense", "tiny-mot"), "medium": ("transformer-medium", "m
 
 
 class StepClock(TrainerCallback):
-    """Wall-clock time at the end of every optimizer step."""
+    """Wall-clock time at the start of the first optimizer step and at the end of every step."""
 
     def __init__(self):
+        self.start: float | None = None
         self.times: list[float] = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.start is None:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.start = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
         if torch.cuda.is_available():
@@ -47,8 +64,16 @@ class StepClock(TrainerCallback):
         self.times.append(time.perf_counter())
 
 
-def measure(preset: str, args) -> dict:
-    config = MoTConfig.from_preset(preset, max_position_embeddings=max(args.seq_len, 64))
+def is_dense(preset: str) -> bool:
+    return set(MoTConfig.from_preset(preset).mlp_types) == {"dense"}
+
+
+def model_config(preset: str, recompute: bool, args) -> MoTConfig:
+    return MoTConfig.from_preset(preset, max_position_embeddings=max(args.seq_len, 64), mot_recompute=recompute)
+
+
+def measure(preset: str, recompute: bool, args) -> dict:
+    config = model_config(preset, recompute, args)
     if args.batch % config.group_size and "mot" in config.mlp_types:
         raise SystemExit(f"--batch {args.batch} must be a multiple of {preset}'s group_size {config.group_size}")
     torch.manual_seed(0)
@@ -68,20 +93,30 @@ def measure(preset: str, args) -> dict:
         trainer = MoTTrainer(model=model, args=training_args, train_dataset=data, data_collator=collate_blocks,
                              callbacks=[clock], plots_at_end=False)
         trainer.train()
-    timed = clock.times[args.warmup - 1 :] if args.warmup else [clock.times[0]] + clock.times
+    timed = clock.times[args.warmup - 1 :] if args.warmup else [clock.start] + clock.times
     return {
         "preset": preset,
+        "mot_recompute": recompute,
         "parameters": sum(p.numel() for p in model.parameters()),
         "step_seconds": [later - earlier for earlier, later in zip(timed[:-1], timed[1:], strict=True)],
     }
 
 
+def recompute_settings(preset: str, args) -> list[bool]:
+    """The `mot_recompute` values to train `preset` with: only False for a model without MoT layers."""
+    if "mot" not in MoTConfig.from_preset(preset).mlp_types:
+        return [False]
+    return {"off": [False], "on": [True], "both": [False, True]}[args.mot_recompute]
+
+
 def summarize(runs: list[dict], args) -> dict:
-    """One row from the repeated runs of a preset: the median step time over all their timed steps."""
+    """One row from the repeated runs of a model: the median step time over all their timed steps."""
     step_seconds = [seconds for run in runs for seconds in run["step_seconds"]]
     seconds_per_step = statistics.median(step_seconds)
     return {
         "preset": runs[0]["preset"],
+        "mot_recompute": runs[0]["mot_recompute"],
+        "name": runs[0]["preset"] + (" recompute" if runs[0]["mot_recompute"] else ""),
         "parameters": runs[0]["parameters"],
         "timed_steps": len(step_seconds),
         "step_seconds": step_seconds,
@@ -93,6 +128,12 @@ def summarize(runs: list[dict], args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", nargs="+", choices=sorted(PAIRS), default=["tiny", "medium"])
+    parser.add_argument("--presets", nargs="+", choices=list(PRESETS), default=None,
+                        help="time these presets together instead of --pairs, relative to the first dense one "
+                             "(e.g. transformer-medium mot-medium-32e mot-medium-32e-8 mot-medium-32e-16)")
+    parser.add_argument("--mot_recompute", nargs="?", choices=["off", "on", "both"], const="on", default="off",
+                        help="mot_recompute on the MoT presets: off (default), on (the bare flag), or both (each MoT "
+                             "preset with and without)")
     parser.add_argument("--batch", type=int, default=32, help="micro-batch (a multiple of every group_size)")
     parser.add_argument("--seq_len", type=int, default=64)
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per model")
@@ -110,29 +151,43 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.steps < 1:
         parser.error(f"--repeats and --steps must be at least 1, got {args.repeats} and {args.steps}")
+    groups = [args.presets] if args.presets else [list(PAIRS[pair]) for pair in args.pairs]
+    for group in groups:
+        if not any(is_dense(preset) for preset in group):
+            parser.error(f"no dense preset among {', '.join(group)} to compare with")
     if not torch.cuda.is_available() and not args.system_malloc:
         retain_freed_cpu_memory()
 
     rows = []
-    for pair in args.pairs:
-        dense, mot = PAIRS[pair]
-        runs: dict[str, list[dict]] = {dense: [], mot: []}
+    for group in groups:
+        models = [(preset, recompute) for preset in group for recompute in recompute_settings(preset, args)]
+        runs: dict[tuple[str, bool], list[dict]] = {model: [] for model in models}
         for _ in range(args.repeats):
-            for preset in (dense, mot):
-                runs[preset].append(measure(preset, args))
-        results = [summarize(runs[dense], args), summarize(runs[mot], args)]
-        results[1]["relative_to_dense"] = results[1]["tokens_per_second"] / results[0]["tokens_per_second"]
+            for model in models:
+                runs[model].append(measure(*model, args))
+        results = [summarize(runs[model], args) for model in models]
+        dense = next(row for row in results if is_dense(row["preset"]))
+        dense_flops = step_flops(model_config(dense["preset"], False, args), args.seq_len)
+        for row in results:
+            row["step_over_dense"] = row["seconds_per_step"] / dense["seconds_per_step"]
+            row["step_flop_floor"] = step_flops(model_config(row["preset"], row["mot_recompute"], args),
+                                                args.seq_len) / dense_flops
+            if row is not dense:
+                row["relative_to_dense"] = row["tokens_per_second"] / dense["tokens_per_second"]
         rows += results
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
-    header = f"{'preset':<20} {'params':>10} {'s/step':>9} {'tokens/s':>11} {'vs dense':>9}"
+    header = (f"{'model':<30} {'params':>10} {'s/step':>9} {'tokens/s':>11} {'x dense':>8} {'floor':>7} "
+              f"{'x floor':>8}")
     print(f"training throughput: batch {args.batch} x {args.seq_len} tokens x {args.grad_accum} micro-batches per "
           f"step, bf16 autocast {args.bf16}, {device}")
     print(header)
     print("-" * len(header))
     for row in rows:
-        ratio = f"{row['relative_to_dense']:.2f}x" if "relative_to_dense" in row else ""
-        print(f"{row['preset']:<20} {row['parameters'] / 1e6:>9.1f}M {row['seconds_per_step']:>9.3f} "
-              f"{row['tokens_per_second']:>11.0f} {ratio:>9}")
+        print(f"{row['name']:<30} {row['parameters'] / 1e6:>9.1f}M {row['seconds_per_step']:>9.3f} "
+              f"{row['tokens_per_second']:>11.0f} {row['step_over_dense']:>8.2f} {row['step_flop_floor']:>7.3f} "
+              f"{row['step_over_dense'] / row['step_flop_floor']:>8.2f}")
+    print("x dense: time per step over the dense model's; floor: the step's matmul FLOPs over dense's (forward+backward, "
+          "attention and head included, optimizer not)")
     report = {"settings": vars(args), "device": device, "torch": torch.__version__, "machine": platform.machine(),
               "results": rows}
     path = Path(args.json)

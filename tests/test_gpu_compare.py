@@ -113,13 +113,30 @@ def test_run_sh_on_a_gpu_like_machine_at_toy_size(shared_data, tmp_path):
     assert results["epochs"] <= 2
     layer = results["layer"]
     assert set(layer["seconds"]) == {"bf16", "bf16_autocast"}
-    for seconds in layer["seconds"].values():
-        assert set(seconds) >= {"dense", "mot"} and all(value > 0 for value in seconds.values())
+    granular = {"mot", "mot_32e_8", "mot_32e_16"}
+    for precision, seconds in layer["seconds"].items():
+        assert set(seconds) >= {"dense"} | granular | {f"{key}_recompute" for key in granular}
+        assert all(value > 0 for value in seconds.values())
+        saved = layer["saved_bytes"][precision]
+        for key in granular:  # recomputation saves less than keeping the merged and processed tokens
+            assert saved[f"{key}_recompute"] < saved[key]
+    assert [round(layer["rows"][key]["flop_floor"], 3) for key in ("mot", "mot_32e_8", "mot_32e_16")] == \
+        [1.023, 1.188, 1.375]
+    # The training step of dense and every granular variant, with and without recomputation, beside dense.
+    steps = results["step_timing"]
+    assert list(steps["rows"]) == ["transformer-medium"] + [f"mot-medium-32e{suffix}{recompute}"
+                                                            for suffix in ("", "-8", "-16")
+                                                            for recompute in ("", " recompute")]
+    assert not steps["skipped"]
+    for row in steps["rows"].values():
+        assert row["seconds_per_step"] > 0 and row["step_over_dense"] > 0 and row["step_flop_floor"] >= 1
+        assert len(row["step_seconds"]) == steps["warmup_steps"] + steps["timed_steps"]
     assert "warm-up" in results["tokens_per_second_note"]
     text = (out / "gpu_results.md").read_text()
     for run in runs:
         assert f"| {run['preset']} | " in text
     assert "x dense" in text and "Missing figures" not in text and "so far" not in text
+    assert "| mot-medium-32e-16 recompute | " in text and "| MoT/32E/16 recompute | " in text
     assert not [path.name for path in out.iterdir() if path.name.endswith(".tmp")]  # written atomically
 
 

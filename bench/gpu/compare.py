@@ -1,6 +1,7 @@
 """The paper's central comparison on one GPU, in one command of at most ~9 minutes: Transformer-Medium against
 MoT-Medium/32E (and MoT-Medium/32E/16 when the time allows), on ELTeC novels, the paper's recipe with the schedule
-shortened to the budget.
+shortened to the budget; and the granular variants' cost at their FLOP floor: MoT/32E, /32E/8 and /32E/16, each
+with and without `mot_recompute`, beside dense, as a layer and as a training step, time and peak memory.
 
     python3 bench/gpu/compare.py --corpus bench/gpu/data/eltec_eng_level1_body.txt.gz --out OUT
     python3 bench/gpu/compare.py --toy --corpus ../shared/data/eltec_eng/eltec_eng_level1_body.txt.gz --out /tmp/x
@@ -10,13 +11,18 @@ and every evaluation, so a run cut short still returns what it measured):
 1. a byte-level BPE tokenizer (8,192 tokens) trained once on the first novels; the training text is the novels but
    the last three, whose start is the validation text;
 2. `bench/layer.py` on the device: the feed-forward layers' forward+backward time at Medium sizes (bf16 weights
-   and bf16 autocast), MoT over dense;
-3. each model trained with the same batches in the same order: batch 256 x 256 tokens (`--batch`), bf16 autocast,
+   and bf16 autocast), each MoT variant (32E, 32E/8, 32E/16, each also with `mot_recompute`) over dense beside its
+   FLOP floor, with the bytes saved for backward and the peak memory (`torch.cuda.max_memory_allocated`) over
+   dense's;
+3. a training step of each of dense, 32E, 32E/8 and 32E/16 (and the three with `mot_recompute`), each model alone
+   on the device, on the same batches as below: median step time over the steps after the first two, over
+   dense's, beside the step's FLOP floor (bench/flops.py), and peak memory over dense's;
+4. each model trained with the same batches in the same order: batch 256 x 256 tokens (`--batch`), bf16 autocast,
    AdamW (0.9, 0.999), weight decay 0.1, clipping 0.5, peak LR 7e-4 (`--lr`), warm-up then cosine to 0.1x, at
    most two epochs of the training text; eval loss on fixed validation blocks at regular steps, against tokens
    and training wall time; tokens/s over the steps after the first two (warm-up: kernel selection, allocator
    growth); peak memory;
-4. OUT/gpu_results.md (a table per part) and, where matplotlib is installed, loss plots.
+5. OUT/gpu_results.md (a table per part) and, where matplotlib is installed, loss plots.
 
 A figure that could not be measured (the layer benchmark failing, a model's training raising) is named in
 results["errors"] with the reason, the rest still runs and is written, and the command then prints one line per
@@ -34,6 +40,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -49,9 +56,16 @@ from mixture_of_tokens.data import split_novels  # noqa: E402
 from mixture_of_tokens.tokenization import train_bpe_tokenizer  # noqa: E402
 from mixture_of_tokens.utils import UserError  # noqa: E402
 
+sys.path.insert(0, str(REPO / "bench"))
+from flops import flop_floor, step_flops  # noqa: E402
+
 PAPER_WARMUP_FRACTION = 2_500 / 150_000
 MODELS = ("transformer-medium", "mot-medium-32e", "mot-medium-32e-16")
 OPTIONAL_MODELS = ("mot-medium-32e-16",)  # trained only if the time left allows it
+# The training step timed for each (part 3): dense and the paper's granular variants, MoT also with mot_recompute.
+STEP_MODELS = ("transformer-medium", "mot-medium-32e", "mot-medium-32e-8", "mot-medium-32e-16")
+STEP_TIMING_STEPS = 5  # timed steps per model in part 3, after TIMING_WARMUP_STEPS (toy: 2)
+STEP_TIMING_SHARE = 0.25  # part 3 starts no new model after this share of the budget from its start
 TOY_SIZES = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
 TIMING_WARMUP_STEPS = 2  # the first steps of each model are left out of tokens/s (kernel selection, allocator growth)
 LAYER_TIMEOUT_SECONDS = 300
@@ -95,12 +109,104 @@ def model_config(preset: str, vocab_size: int, seq_len: int, toy: bool) -> MoTCo
         # The presets' shapes scaled down; G = 8 so that a toy batch of 16 sequences holds two groups.
         overrides.update(TOY_SIZES)
         if preset != "transformer-medium":
-            per_group = 16 if preset.endswith("-16") else 1
+            per_group = int(preset.rsplit("-", 1)[1]) if preset.startswith("mot-medium-32e-") else 1  # /8, /16
             overrides.update(mlp_types=["dense", "mot"], group_size=8, num_experts=8 * per_group,
                              expert_size=TOY_SIZES["intermediate_size"] // per_group)
         else:
             overrides.update(mlp_types=["dense", "dense"])
     return MoTConfig.from_preset(preset, **overrides)
+
+
+def step_name(preset: str, recompute: bool) -> str:
+    return preset + (" recompute" if recompute else "")
+
+
+def time_training_steps(preset: str, recompute: bool, args, train_blocks: torch.Tensor, vocab_size: int) -> dict:
+    """Part 3 for one model: a fresh model (built on the device) trained `TIMING_WARMUP_STEPS` +
+    `args.step_timing_steps` steps on the first batches of the shared order, with the recipe of `train`; the median
+    time of the steps after the warm-up, tokens/s, and the peak memory of the whole run (weights, gradients,
+    optimizer state, activations)."""
+    device = args.device
+    torch.manual_seed(0)
+    config = model_config(preset, vocab_size, args.seq_len, args.toy)
+    config.mot_recompute = recompute
+    with torch.device(device):  # initialised on the device: building 7 Medium models on the host would take long
+        model = MoTForCausalLM(config)
+    model.train()
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=args.lr, betas=(0.9, 0.999), fused=device == "cuda")
+    use_bf16 = device == "cuda" or args.toy_bf16
+    order = torch.randperm(train_blocks.shape[0], generator=torch.Generator().manual_seed(0))
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    seconds = []
+    for step in range(TIMING_WARMUP_STEPS + args.step_timing_steps):
+        index = order[(step * args.batch) % order.numel():][:args.batch]
+        if index.numel() < args.batch:
+            index = torch.cat([index, order[:args.batch - index.numel()]])
+        inputs = train_blocks[index].to(device)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=use_bf16):
+            loss = model(input_ids=inputs, labels=inputs).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - started)
+    median = statistics.median(seconds[TIMING_WARMUP_STEPS:])
+    dense = model_config("transformer-medium", vocab_size, args.seq_len, args.toy)
+    return {"preset": preset, "mot_recompute": recompute, "parameters": sum(p.numel() for p in model.parameters()),
+            "step_seconds": [round(value, 5) for value in seconds], "seconds_per_step": median,
+            "tokens_per_second": round(args.batch * args.seq_len / median, 1),
+            "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if device == "cuda" else None,
+            "step_flop_floor": step_flops(config, args.seq_len) / step_flops(dense, args.seq_len),
+            "layer_flop_floor": flop_floor(config, dense.intermediate_size, recompute) if "mot" in config.mlp_types
+            else 1.0,
+            "final_loss": round(float(loss.detach()), 4)}
+
+
+def step_timing(args, train_blocks: torch.Tensor, vocab_size: int, deadline: float, results: dict, on_row) -> None:
+    """Part 3: `results["steps"]` filled row by row (`on_row()` after each); a model that fails is named in
+    `results["errors"]` as `step_timing.<model>`, one left out for lack of time in `results["step_timing"]["skipped"]`."""
+    part = results["step_timing"] = {
+        "batch": args.batch, "seq_len": args.seq_len, "warmup_steps": TIMING_WARMUP_STEPS,
+        "timed_steps": args.step_timing_steps, "bf16_autocast": args.device == "cuda" or args.toy_bf16,
+        "rows": {}, "skipped": [],
+    }
+    models = [(preset, recompute) for preset in STEP_MODELS
+              for recompute in ((False,) if preset == "transformer-medium" else (False, True))]
+    for preset, recompute in models:
+        name = step_name(preset, recompute)
+        if time.perf_counter() > deadline:
+            part["skipped"].append(name)
+            log(f"step timing: no time left for {name}")
+            continue
+        try:
+            row = time_training_steps(preset, recompute, args, train_blocks, vocab_size)
+        except Exception as error:  # out of memory, say: the other models are still timed
+            why = one_line(f"training step raised {type(error).__name__}: {error}")
+            results["errors"][f"step_timing.{name}"] = why
+            log(f"step timing: {name} failed: {why}")
+        else:
+            part["rows"][name] = row
+            dense = part["rows"].get("transformer-medium")
+            if dense:
+                for entry in part["rows"].values():
+                    entry["step_over_dense"] = entry["seconds_per_step"] / dense["seconds_per_step"]
+                    entry["peak_memory_over_dense"] = None if dense["peak_memory_gib"] is None else \
+                        entry["peak_memory_gib"] / dense["peak_memory_gib"]
+            memory = "" if row["peak_memory_gib"] is None else f", peak {row['peak_memory_gib']:.2f} GiB"
+            log(f"step timing: {name}: {row['seconds_per_step'] * 1e3:.1f} ms/step{memory}")
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+        on_row()
 
 
 def learning_rate_at(step: int, steps: int, warmup: int, peak: float) -> float:
@@ -298,15 +404,53 @@ def render_markdown(results: dict) -> str:
         lines += ["", f"Not trained: {skipped}."]
     if results.get("errors"):
         lines += ["", "Missing figures:", ""] + [f"- {figure}: {why}" for figure, why in results["errors"].items()]
+    steps = results.get("step_timing")
+    if steps and steps["rows"]:
+        lines += ["", f"Training step at Medium sizes ({steps['batch']} x {steps['seq_len']} tokens, "
+                  f"{'bf16 autocast' if steps['bf16_autocast'] else 'fp32'}, AdamW; median of {steps['timed_steps']} "
+                  f"steps after {steps['warmup_steps']} warm-up steps, each model alone on the device; FLOP floors "
+                  "from bench/flops.py: the step's matmul FLOPs over dense's, and the MoT layer's):", "",
+                  "| model | params | ms/step | x dense | step FLOP floor | layer FLOP floor | peak memory | x dense |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, row in steps["rows"].items():
+            over = row.get("step_over_dense")
+            memory = "n/a" if row["peak_memory_gib"] is None else f"{row['peak_memory_gib']:.2f} GiB"
+            memory_over = row.get("peak_memory_over_dense")
+            lines.append(f"| {name} | {row['parameters'] / 1e6:.1f}M | {row['seconds_per_step'] * 1e3:.1f} | "
+                         f"{'n/a' if over is None else f'{over:.2f}'} | {row['step_flop_floor']:.3f} | "
+                         f"{row['layer_flop_floor']:.3f} | {memory} | "
+                         f"{'n/a' if memory_over is None else f'{memory_over:.2f}'} |")
+        if steps.get("skipped"):
+            lines += ["", f"Not timed for lack of time: {', '.join(steps['skipped'])}."]
     layer = results.get("layer")
     if layer:
+        precisions = [p for p in ("bf16", "bf16_autocast") if p in layer["seconds"]]
+        titles = {"bf16": "bf16 weights", "bf16_autocast": "bf16 autocast"}
+        peaks = {p: (layer.get("peak_bytes") or {}).get(p) or {} for p in precisions}
+        head = ["layer", "FLOP floor"]
+        for precision in precisions:
+            head += [f"{titles[precision]} ms", "x dense", "saved x dense"]
+            if any(value is not None for value in peaks[precision].values()):
+                head.append("peak memory x dense")
         lines += ["", f"Feed-forward layer forward+backward at Medium sizes (`bench/layer.py`, {layer['tokens']:,} "
-                  "tokens, median of interleaved rounds):", "",
-                  "| layer | bf16 weights ms | x dense | bf16 autocast ms | x dense |", "|---|---|---|---|---|"]
-        for name in layer["seconds"]["bf16"]:
-            bf16, autocast = layer["seconds"]["bf16"][name], layer["seconds"]["bf16_autocast"][name]
-            lines.append(f"| {name} | {bf16 * 1e3:.2f} | {bf16 / layer['seconds']['bf16']['dense']:.2f} | "
-                         f"{autocast * 1e3:.2f} | {autocast / layer['seconds']['bf16_autocast']['dense']:.2f} |")
+                  "tokens, median of interleaved rounds; FLOP floor: matmul FLOPs over dense's, with the second "
+                  "forward for recompute rows; saved: bytes kept for backward; peak: `torch.cuda.max_memory_allocated` "
+                  "during one forward+backward):", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for name in layer["seconds"][precisions[0]]:
+            info = (layer.get("rows") or {}).get(name, {})
+            floor = info.get("flop_floor_with_recompute") or info.get("flop_floor")
+            cells = [info.get("label", name), "" if floor is None else f"{floor:.3f}"]
+            for precision in precisions:
+                seconds = layer["seconds"][precision]
+                saved = (layer.get("saved_bytes") or {}).get(precision) or {}
+                cells += [f"{seconds[name] * 1e3:.2f}", f"{seconds[name] / seconds['dense']:.2f}",
+                          f"{saved[name] / saved['dense']:.2f}" if saved.get(name) is not None and saved.get("dense")
+                          else "n/a"]
+                if any(value is not None for value in peaks[precision].values()):
+                    peak = peaks[precision]
+                    cells.append(f"{peak[name] / peak['dense']:.2f}" if peak.get(name) and peak.get("dense")
+                                 else "n/a")
+            lines.append("| " + " | ".join(cells) + " |")
     if results.get("plots"):
         lines += [""] + [f"![{name}]({name})" for name in results["plots"]]
     return "\n".join(lines) + "\n"
@@ -360,6 +504,8 @@ def missing_figures(results: dict, models: list[str]) -> dict[str, str]:
     missing = dict(results.get("errors", {}))
     if results.get("layer") is None:
         missing.setdefault("layer", "bench/layer.py did not run")
+    if results.get("step_timing") is None:
+        missing.setdefault("step_timing", "the training steps were not timed")
     skipped = results.get("skipped") or ""
     for preset in models:
         run = results["runs"].get(preset)
@@ -384,6 +530,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=7e-4, help="peak learning rate (the paper's MoT-Medium 7e-4)")
     parser.add_argument("--vocab_size", type=int, default=None, help="BPE vocabulary (default 8192; toy 512)")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--step_timing_steps", type=int, default=None,
+                        help=f"timed training steps per model in the step timing of {', '.join(STEP_MODELS)} "
+                             f"(default {STEP_TIMING_STEPS}; toy 2)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     deadline = started + args.minutes * 60 - 20  # leave time to write the results
@@ -394,6 +543,7 @@ def main(argv: list[str] | None = None) -> int:
     args.eval_batch = 16 if args.toy else 64  # a multiple of every group size (32)
     args.warmup_fraction = max(PAPER_WARMUP_FRACTION, 0.02)
     args.toy_bf16 = False
+    args.step_timing_steps = args.step_timing_steps or (2 if args.toy else STEP_TIMING_STEPS)
     vocab_size = args.vocab_size or (512 if args.toy else 8192)
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -426,6 +576,9 @@ def main(argv: list[str] | None = None) -> int:
     if why:
         results["errors"]["layer"] = why
         log(f"layer benchmark failed: {why}")
+    save(results, args.out, started)
+    step_deadline = min(deadline, time.perf_counter() + STEP_TIMING_SHARE * args.minutes * 60)
+    step_timing(args, train_blocks, vocab_size, step_deadline, results, lambda: save(results, args.out, started))
     save(results, args.out, started)
     models = list(args.models)
     for index, preset in enumerate(models):
