@@ -121,6 +121,43 @@ def step_name(preset: str, recompute: bool) -> str:
     return preset + (" recompute" if recompute else "")
 
 
+def paper_optimizer(model, lr: float, device: str) -> torch.optim.AdamW:
+    """The paper's AdamW: betas (0.9, 0.999), weight decay 0.1 on matrices, none on vectors."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.999), fused=device == "cuda")
+
+
+def batch_at(order: torch.Tensor, blocks: torch.Tensor, step: int, batch_size: int, device: str) -> torch.Tensor:
+    """Step `step`'s batch of `blocks`, taken in `order` and wrapping into the next epoch."""
+    index = order[(step * batch_size) % order.numel():][:batch_size]
+    if index.numel() < batch_size:
+        index = torch.cat([index, order[:batch_size - index.numel()]])
+    return blocks[index].to(device, non_blocking=True)
+
+
+def timed_optimizer_step(model, optimizer, inputs: torch.Tensor, autocast, device: str) -> tuple[torch.Tensor, float]:
+    """One training step (forward, backward, clip at 0.5, AdamW): its loss and its seconds, the GPU synchronised."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    with autocast():
+        loss = model(input_ids=inputs, labels=inputs).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return loss, time.perf_counter() - started
+
+
+def bf16_autocast(device: str, enabled: bool):
+    """A factory of the training steps' autocast contexts: bf16 where enabled (on a GPU always)."""
+    return lambda: torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=enabled)
+
+
 def time_training_steps(preset: str, recompute: bool, args, train_blocks: torch.Tensor, vocab_size: int) -> dict:
     """Part 3 for one model: a fresh model (built on the device) trained `TIMING_WARMUP_STEPS` +
     `args.step_timing_steps` steps on the first batches of the shared order, with the recipe of `train`; the median
@@ -133,33 +170,17 @@ def time_training_steps(preset: str, recompute: bool, args, train_blocks: torch.
     with torch.device(device):  # initialised on the device: building 7 Medium models on the host would take long
         model = MoTForCausalLM(config)
     model.train()
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=args.lr, betas=(0.9, 0.999), fused=device == "cuda")
-    use_bf16 = device == "cuda" or args.toy_bf16
+    optimizer = paper_optimizer(model, args.lr, device)
+    autocast = bf16_autocast(device, device == "cuda" or args.toy_bf16)
     order = torch.randperm(train_blocks.shape[0], generator=torch.Generator().manual_seed(0))
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     seconds = []
     for step in range(TIMING_WARMUP_STEPS + args.step_timing_steps):
-        index = order[(step * args.batch) % order.numel():][:args.batch]
-        if index.numel() < args.batch:
-            index = torch.cat([index, order[:args.batch - index.numel()]])
-        inputs = train_blocks[index].to(device)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=use_bf16):
-            loss = model(input_ids=inputs, labels=inputs).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - started)
+        inputs = batch_at(order, train_blocks, step, args.batch, device)
+        loss, elapsed = timed_optimizer_step(model, optimizer, inputs, autocast, device)
+        seconds.append(elapsed)
     median = statistics.median(seconds[TIMING_WARMUP_STEPS:])
     dense = model_config("transformer-medium", vocab_size, args.seq_len, args.toy)
     return {"preset": preset, "mot_recompute": recompute, "parameters": sum(p.numel() for p in model.parameters()),
@@ -240,15 +261,8 @@ def train(preset: str, args, train_blocks: torch.Tensor, valid: torch.Tensor, vo
     config = model_config(preset, vocab_size, args.seq_len, args.toy)
     model = MoTForCausalLM(config).to(device)
     parameters = sum(p.numel() for p in model.parameters())
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=args.lr, betas=(0.9, 0.999), fused=device == "cuda")
-    use_bf16 = device == "cuda" or args.toy_bf16
-
-    def autocast():
-        return torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=use_bf16)
-
+    optimizer = paper_optimizer(model, args.lr, device)
+    autocast = bf16_autocast(device, device == "cuda" or args.toy_bf16)
     steps, warmup = args.steps, max(1, round(args.steps * args.warmup_fraction))
     order = torch.randperm(train_blocks.shape[0], generator=torch.Generator().manual_seed(0))  # same for every model
     if device == "cuda":
@@ -282,24 +296,10 @@ def train(preset: str, args, train_blocks: torch.Tensor, valid: torch.Tensor, vo
             run["stopped"] = f"time budget reached after {step} of {steps} steps"
             log(f"{preset}: {run['stopped']}")
             break
-        index = order[(step * args.batch) % order.numel():][:args.batch]
-        if index.numel() < args.batch:  # wrap into the second epoch
-            index = torch.cat([index, order[:args.batch - index.numel()]])
-        inputs = train_blocks[index].to(device, non_blocking=True)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
+        inputs = batch_at(order, train_blocks, step, args.batch, device)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(step, steps, warmup, args.lr)
-        with autocast():
-            loss = model(input_ids=inputs, labels=inputs).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - started
+        loss, elapsed = timed_optimizer_step(model, optimizer, inputs, autocast, device)
         train_seconds += elapsed
         tokens += inputs.numel()
         completed = step + 1
