@@ -125,34 +125,17 @@ def interleaved_medians(layers: dict, inputs, autocast_dtype, device, rounds: in
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def _reaches(node, target: torch.Tensor, known: dict) -> bool:
-    """Whether the autograd graph below `node` reaches the leaf `target` (its AccumulateGrad node).
-
-    Depth-first without recursion (graphs can be deep); `known` maps `id(node)` to `(node, reaches)` for every node
-    settled so far (the node is kept so that its id is not reused): a node reaches the target once a child does,
-    and does not once all its children are settled without."""
-    if node is None:
-        return False
-    if id(node) in known:
-        return known[id(node)][1]
-    if getattr(node, "variable", None) is target:
-        known[id(node)] = (node, True)
-        return True
-    stack = [(node, iter(node.next_functions))]
-    while stack:
-        current, children = stack[-1]
-        for child, _ in children:
-            if child is None or (id(child) in known and not known[id(child)][1]):
-                continue
-            if (id(child) in known and known[id(child)][1]) or getattr(child, "variable", None) is target:
-                for ancestor, _ in stack:  # every node on the path reaches it
-                    known[id(ancestor)] = (ancestor, True)
-                return True
-            stack.append((child, iter(child.next_functions)))
-            break
-        else:
-            stack.pop()
-            known[id(current)] = (current, False)
+def is_weight_copy(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` comes from one parameter alone through single-input ops: autocast's low-precision copy of a
+    weight, or a view of one."""
+    node = tensor.grad_fn
+    while node is not None:
+        children = [child for child, _ in node.next_functions if child is not None]
+        if hasattr(node, "variable"):  # a leaf
+            return isinstance(node.variable, torch.nn.Parameter)
+        if len(children) != 1:
+            return False
+        node = children[0]
     return False
 
 
@@ -162,9 +145,8 @@ def saved_storages(layer: torch.nn.Module, inputs: torch.Tensor):
     `storage data_ptr -> nbytes`, filled as the forward runs.
 
     A pack hook of `torch.autograd.graph.saved_tensors_hooks` records each saved tensor's whole storage (so views
-    of one tensor count once), except the parameters, tensors computed from the parameters alone (autocast's
-    low-precision copies of the weights: their autograd graph does not reach the input) and the input tensor
-    itself, which the layer's caller holds anyway.
+    of one tensor count once), except the parameters, autocast's low-precision copies of them (`is_weight_copy`)
+    and the input tensor itself, which the layer's caller holds anyway.
 
     With recomputation (`mot_recompute`) the region under `torch.utils.checkpoint` saves nothing through these
     hooks (the checkpoint's own hooks take its ops' tensors): its inputs, the tokens and the mixing weights, are
@@ -177,7 +159,6 @@ def saved_storages(layer: torch.nn.Module, inputs: torch.Tensor):
     skipped = {parameter.untyped_storage().data_ptr() for parameter in layer.parameters()}
     skipped.add(inputs.untyped_storage().data_ptr())
     storages: dict[int, int] = {}
-    reaches_input: dict = {}
 
     def record(tensor: torch.Tensor) -> None:
         if not isinstance(tensor, torch.Tensor) or isinstance(tensor, torch.nn.Parameter):
@@ -186,8 +167,8 @@ def saved_storages(layer: torch.nn.Module, inputs: torch.Tensor):
         pointer = storage.data_ptr()
         if pointer in skipped or pointer in storages:
             return
-        if tensor.grad_fn is not None and not _reaches(tensor.grad_fn, inputs, reaches_input):
-            return  # computed from the weights alone
+        if is_weight_copy(tensor):
+            return
         storages[pointer] = storage.nbytes()
 
     def pack(tensor):
