@@ -19,7 +19,7 @@ Each row also has:
 - on CUDA, its peak memory over dense's: `torch.cuda.max_memory_allocated` during one forward+backward, above what
   was allocated before it (gradients included).
 
-Alongside, the naive reference of the MoT layer (mixture_of_tokens/reference.py: the paper's equations as loops)
+Alongside, the naive reference of the MoT layer (mixture_of_tokens/modeling/reference.py: the paper's equations as loops)
 runs on the first `--reference_positions` positions of the input for each variant: its forward time and its largest
 difference from the layer's output are reported, so the fast layer is shown to compute the method.
 """
@@ -38,10 +38,11 @@ from pathlib import Path
 import torch
 from flops import flop_floor  # bench/flops.py (this script's folder is on sys.path)
 
-from mixture_of_tokens import MoTConfig, modeling_mot
+from mixture_of_tokens import MoTConfig
 from mixture_of_tokens.cpu_memory import retain_freed_cpu_memory
-from mixture_of_tokens.modeling_mot import FEED_FORWARD_CLASSES, MoTPreTrainedModel
-from mixture_of_tokens.reference import mixture_of_tokens_reference
+from mixture_of_tokens.modeling import modeling_mot
+from mixture_of_tokens.modeling.modeling_mot import FEED_FORWARD_CLASSES, MoTPreTrainedModel
+from mixture_of_tokens.modeling.reference import mixture_of_tokens_reference
 
 FFN_TYPES = ["dense", "mot", "token_choice", "expert_choice"]
 # --variants name -> (preset, label); the dense and routed rows take BASE_PRESET's sizes.

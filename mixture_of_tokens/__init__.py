@@ -20,8 +20,8 @@ def _only_asked_for_help() -> bool:
 if not _only_asked_for_help():
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-    from .configuration_mot import PRESETS, MoTConfig
-    from .modeling_mot import MoTForCausalLM, MoTModel, MoTPreTrainedModel
+    from .modeling.configuration_mot import PRESETS, MoTConfig
+    from .modeling.modeling_mot import MoTForCausalLM, MoTModel, MoTPreTrainedModel
 
     AutoConfig.register(MoTConfig.model_type, MoTConfig, exist_ok=True)
     AutoModel.register(MoTConfig, MoTModel, exist_ok=True)

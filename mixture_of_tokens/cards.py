@@ -312,7 +312,7 @@ def render_card(model_dir: str | Path, *, repo_id: str | None = None, model_name
     import jinja2
     from huggingface_hub import ModelCard, ModelCardData
 
-    from .configuration_mot import MoTConfig
+    from .modeling.configuration_mot import MoTConfig
 
     model_dir = Path(model_dir)
     if not (model_dir / CONFIG_FILE).is_file():

@@ -31,7 +31,7 @@ def _load_source_config(src: str | Path):
     from transformers import AutoConfig
 
     from . import MoTConfig  # registers the "mot" model type
-    from .configuration_mot import ROUTED_TYPES
+    from .modeling.configuration_mot import ROUTED_TYPES
 
     src = Path(src)
     if not src.is_dir():

@@ -73,7 +73,7 @@ def _weight_files(model_dir: Path) -> list[str]:
 
 def _completed_config(model_dir: Path) -> bytes | None:
     """config.json with every `auto_map` entry we support, or None when the saved one is already complete."""
-    from .configuration_mot import AUTO_MAP, MoTConfig
+    from .modeling.configuration_mot import AUTO_MAP, MoTConfig
 
     path = model_dir / CONFIG_FILE
     raw = check_config(model_dir)  # one line for a config that is not JSON or holds an invalid value
@@ -132,9 +132,9 @@ def plan_upload(model_dir: str | Path) -> UploadPlan:
     files.update({n: model_dir / n for n in (*tokenizer, *TOKENIZER_EXTRAS) if (model_dir / n).is_file()})
 
     # The folder's own code files match its weights; a folder saved without them gets the installed package's.
-    package_dir = Path(__file__).resolve().parent
+    installed_dir = Path(__file__).resolve().parent / "modeling"
     for name in CODE_FILES:
-        files[name] = model_dir / name if (model_dir / name).is_file() else package_dir / name
+        files[name] = model_dir / name if (model_dir / name).is_file() else installed_dir / name
 
     for path in sorted(model_dir.rglob("*")):
         relative = path.relative_to(model_dir).as_posix()

@@ -43,7 +43,7 @@ def check_config(folder: Path) -> dict:
     """Validate a Mixture of Tokens `config.json` the way `MoTConfig` does, as one line naming the file."""
     config = read_config_dict(folder)
     if config.get("model_type") == "mot":
-        from .configuration_mot import MoTConfig
+        from .modeling.configuration_mot import MoTConfig
 
         try:
             MoTConfig.from_dict(config)

@@ -57,7 +57,7 @@ def check_servable(model_dir: str | Path) -> Path:
 
     folder = check_model_folder(model_dir, weights=False)
     if read_config_dict(folder).get("model_type") == "mot":
-        from .configuration_mot import MoTConfig
+        from .modeling.configuration_mot import MoTConfig
 
         refusal = serving_refusal(MoTConfig.from_pretrained(folder))
         if refusal:

@@ -30,10 +30,10 @@ from transformers.trainer_utils import IntervalStrategy, get_last_checkpoint
 from transformers.utils import logging
 
 from .cards import refresh_card
-from .configuration_mot import PRESETS, MoTConfig
 from .cpu_memory import retain_freed_cpu_memory
 from .data import DataArguments, collate_blocks, limit_blocks, load_raw_text, pack_blocks, require_blocks
 from .model_folder import TRAIN_RESULTS_FILE, TRAINER_STATE_FILE, TRAINING_ARGS_FILE
+from .modeling.configuration_mot import PRESETS, MoTConfig
 from .utils import UserError, apply_umask
 
 if TYPE_CHECKING:
@@ -275,7 +275,7 @@ def load_tokenizer(model_args: ModelArguments, config: MoTConfig, raw, data_args
 def build_model(model_args: ModelArguments, config: MoTConfig, tokenizer):
     from transformers import set_seed
 
-    from .modeling_mot import MoTForCausalLM
+    from .modeling.modeling_mot import MoTForCausalLM
 
     if model_args.init_from:
         if len(tokenizer) > config.vocab_size:

@@ -18,7 +18,7 @@ import copy
 
 import torch
 
-from mixture_of_tokens.modeling_mot import CACHE_NAME
+from mixture_of_tokens.modeling.modeling_mot import CACHE_NAME
 
 MAX_NEW_TOKENS = 4
 

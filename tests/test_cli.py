@@ -123,8 +123,8 @@ def test_converted_folder_has_the_umask_permissions(model_dir, tmp_path):
 
 
 def test_command_line_routings_are_the_configs():
-    from mixture_of_tokens.configuration_mot import MOT_ROUTINGS
     from mixture_of_tokens.generate import ROUTINGS
+    from mixture_of_tokens.modeling.configuration_mot import MOT_ROUTINGS
 
     assert ROUTINGS == MOT_ROUTINGS
 

@@ -13,9 +13,10 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import mixture_of_tokens  # noqa: F401  (registers the Auto classes)
-from mixture_of_tokens import MoTConfig, MoTForCausalLM, performance_mot
-from mixture_of_tokens.modeling_mot import ExpertChoice, MixtureOfTokens, TokenChoice
-from mixture_of_tokens.reference import mixture_of_tokens_reference
+from mixture_of_tokens import MoTConfig, MoTForCausalLM
+from mixture_of_tokens.modeling import performance_mot
+from mixture_of_tokens.modeling.modeling_mot import ExpertChoice, MixtureOfTokens, TokenChoice
+from mixture_of_tokens.modeling.reference import mixture_of_tokens_reference
 
 VOCAB = 97
 FFN_TYPES = ["mot", "token_choice", "expert_choice", "dense"]
@@ -60,7 +61,7 @@ def randomize(layer, std=0.3, seed=0):
 @pytest.mark.parametrize("block", BLOCKS)
 def test_mot_layer_matches_the_naive_reference_of_the_method(block):
     """Group j = rows j*G..j*G+G-1 at one position; softmax over the group per expert; merge, process, emit: the
-    loops of mixture_of_tokens.reference, with padding, a smaller last group and a learned temperature."""
+    loops of mixture_of_tokens.modeling.reference, with padding, a smaller last group and a learned temperature."""
     config = small_config(group_size=3, num_experts=2, mot_temperature=0.7, learnable_temperature="per_expert",
                           **BLOCKS[block])
     layer = randomize(MixtureOfTokens(config), std=0.4)

@@ -16,7 +16,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 import mixture_of_tokens  # noqa: F401  (registers the Auto classes)
 from mixture_of_tokens import MoTConfig, MoTForCausalLM
-from mixture_of_tokens.modeling_mot import CACHE_NAME
+from mixture_of_tokens.modeling.modeling_mot import CACHE_NAME
 
 LEGACY = Path(__file__).parent / "fixtures" / "legacy"
 MODERN = dict(position_embedding_type="rope", norm_type="rmsnorm", gated_mlp=True, hidden_act="silu",
