@@ -105,7 +105,7 @@ def time_step(layer, inputs, autocast_dtype, device) -> float:
         torch.cuda.synchronize()
     start = time.perf_counter()
     with autocast:
-        output = layer(inputs)[0]  # every feed-forward layer returns its output first
+        output = layer(inputs)
     output.float().square().mean().backward()
     if device == "cuda":
         torch.cuda.synchronize()
@@ -197,7 +197,7 @@ def saved_bytes(layer, inputs, autocast_dtype, device) -> int:
     """Bytes of the distinct storages one forward of `layer` on `inputs` saves for backward (see `saved_storages`)."""
     autocast = torch.autocast(device_type=device, dtype=autocast_dtype) if autocast_dtype else nullcontext()
     with saved_storages(layer, inputs) as storages, autocast:
-        output = layer(inputs)[0]
+        output = layer(inputs)
     del output  # frees the graph and what it saved
     return sum(storages.values())
 
@@ -256,7 +256,7 @@ def compare_with_reference(row: Row, weights: dict, positions: int, batch: int, 
     inputs = torch.randn(batch, positions, config.hidden_size, device=device)
     with torch.no_grad():
         start = time.perf_counter()
-        fast = layer(inputs)[0]
+        fast = layer(inputs)
         layer_seconds = time.perf_counter() - start
         start = time.perf_counter()
         slow = mixture_of_tokens_reference(layer, inputs)

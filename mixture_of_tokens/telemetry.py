@@ -1,7 +1,7 @@
 """Routing telemetry for Trainer: per-layer MoT / Token Choice / Expert Choice statistics in the logs, and plots.
 
-`RoutingTelemetryCallback` reads the routing statistics that every routed layer returns while training (forward
-hooks on the layers; nothing in the model or its config is switched), averages them over the logging window (like Trainer's loss) and adds them to every training log
+`RoutingTelemetryCallback` reads the routing statistics that every routed layer records while training (forward
+hooks on the layers' `routing_stats` modules; nothing in the model or its config is switched), averages them over the logging window (like Trainer's loss) and adds them to every training log
 as `routing/layer_{i}/{statistic}`: mixing-weight entropy, max weight and (if learned) temperature of MoT
 layers; expert load, dropped fraction, router entropy and aux loss of Token Choice layers; the fraction of
 tokens no expert picked for Expert Choice. The callback puts itself first among the callbacks, so the
@@ -48,7 +48,7 @@ class RoutingTelemetryCallback(TrainerCallback):
         for index, block in enumerate(layers):
             mlp_type = self._config.mlp_types[index]
             if mlp_type in LOGGED_STATS:
-                self._hooks.append(block.mlp.register_forward_hook(self._make_hook(index, mlp_type)))
+                self._hooks.append(block.mlp.routing_stats.register_forward_hook(self._make_hook(index, mlp_type)))
 
     def on_train_end(self, args, state, control, **kwargs):
         self.remove_hooks()
@@ -61,10 +61,9 @@ class RoutingTelemetryCallback(TrainerCallback):
         self._hooks = []
 
     def _make_hook(self, index: int, mlp_type: str):
-        def hook(module, inputs, outputs):
-            # A feed-forward layer returns (output, aux_loss, statistics); the statistics are there while training.
-            stats = outputs[2] if isinstance(outputs, tuple) and len(outputs) > 2 else None
-            if not module.training or not stats:
+        def hook(module, inputs, stats):
+            # A routed layer hands its statistics to its `routing_stats` module on every training step.
+            if not module.training:
                 return
             values = {name: value for name, value in stats.items() if getattr(value, "numel", lambda: 0)() == 1}
             if mlp_type == "mot" and self._config.learnable_temperature == "off":

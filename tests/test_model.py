@@ -70,7 +70,7 @@ def test_mot_layer_matches_the_naive_reference_of_the_method(block):
     mask[1, :2] = False
     mask[7, :] = False
     for token_mask in (None, mask):
-        output = layer(x, token_mask)[0]
+        output = layer(x, token_mask)
         torch.testing.assert_close(output, mixture_of_tokens_reference(layer, x, token_mask), rtol=1e-5, atol=1e-5)
 
 
@@ -86,7 +86,7 @@ def test_granular_mot_layer_matches_the_reference_in_outputs_and_gradients(block
     x = torch.randn(4, 3, 32, dtype=torch.float64, requires_grad=True)
     mask = torch.ones(4, 3, dtype=torch.bool)
     mask[3, 1] = False
-    output = layer(x, mask)[0]
+    output = layer(x, mask)
     expected = mixture_of_tokens_reference(layer, x, mask)
     torch.testing.assert_close(output, expected, rtol=1e-10, atol=1e-10)
     probe = torch.randn_like(output)
@@ -105,7 +105,7 @@ def test_group_size_one_is_a_dense_ffn_of_width_experts_times_expert_size():
     up = layer.experts.up_proj.permute(1, 0, 2).reshape(32, 4 * 16)  # [E, d, f] -> [d, E*f]
     down = layer.experts.down_proj.reshape(4 * 16, 32)  # [E, f, d] -> [E*f, d]
     dense = torch.relu(x @ up) @ down
-    output = layer(x)[0]
+    output = layer(x)
     torch.testing.assert_close(output, dense, rtol=1e-5, atol=1e-5)
 
 
@@ -133,7 +133,7 @@ def test_discrete_routing_gives_each_expert_exactly_one_token():
 def test_discrete_routing_still_trains_the_controller():
     layer = MixtureOfTokens(small_config(mot_routing="discrete")).train()
     randomize(layer)
-    output = layer(torch.randn(8, 3, 32))[0]
+    output = layer(torch.randn(8, 3, 32))
     output.square().sum().backward()
     assert layer.gate.weight.grad is not None and layer.gate.weight.grad.abs().sum() > 0
 
@@ -145,23 +145,23 @@ def test_padding_takes_no_part_and_gets_a_zero_update():
     mask = torch.ones(4, 6, dtype=torch.bool)
     mask[1, 2:] = False  # row 1 padded after position 1
     mask[:, 5] = False  # a column of padding only
-    output = layer(x, mask)[0]
+    output = layer(x, mask)
     assert torch.isfinite(output).all()
     assert torch.equal(output[~mask], torch.zeros_like(output[~mask]))
     # a padded token's content cannot change anyone's output
     changed = x.clone()
     changed[1, 3] += 100.0
-    torch.testing.assert_close(layer(changed, mask)[0], output)
+    torch.testing.assert_close(layer(changed, mask), output)
 
 
 def test_ragged_last_group_leaves_full_groups_unchanged_and_warns_once(caplog):
     layer = MixtureOfTokens(small_config(group_size=4))
     randomize(layer)
     x = torch.randn(10, 5, 32)  # groups of 4, 4 and 2
-    full_only = layer(x[:8])[0]
-    ragged = layer(x)[0]
+    full_only = layer(x[:8])
+    ragged = layer(x)
     torch.testing.assert_close(ragged[:8], full_only, rtol=0, atol=1e-6)
-    alone = layer(x[8:])[0]  # the small group alone equals the small group inside the batch
+    alone = layer(x[8:])  # the small group alone equals the small group inside the batch
     torch.testing.assert_close(ragged[8:], alone, rtol=0, atol=1e-6)
     assert torch.isfinite(ragged).all()
 
@@ -171,7 +171,7 @@ def test_learnable_temperature_gets_gradients_and_stays_positive():
         layer = MixtureOfTokens(small_config(learnable_temperature=mode, mot_temperature=2.0))
         randomize(layer)
         assert layer.log_temperature.shape == shape
-        output = layer(torch.randn(8, 3, 32))[0]
+        output = layer(torch.randn(8, 3, 32))
         output.square().sum().backward()
         assert layer.log_temperature.grad.abs().sum() > 0
         with torch.no_grad():
@@ -246,8 +246,8 @@ def test_expert_choice_picks_tokens_within_each_group():
     assert layer.tokens_per_expert == 2  # k * G / E
     randomize(layer)
     x = torch.randn(8, 3, 32)
-    output = layer(x)[0]
-    first_group_alone = layer(x[:4])[0]
+    output = layer(x)
+    first_group_alone = layer(x[:4])
     torch.testing.assert_close(output[:4], first_group_alone)
 
 
@@ -256,9 +256,9 @@ def test_token_choice_dispatch_paths_agree_when_nothing_is_dropped():
     randomize(layer)
     x = torch.randn(4, 5, 32)
     layer.eval()
-    dropless = layer(x)[0]
+    dropless = layer(x)
     layer.train()
-    with_capacity = layer(x)[0]
+    with_capacity = layer(x)
     torch.testing.assert_close(with_capacity, dropless, rtol=1e-5, atol=1e-5)
 
 
@@ -584,7 +584,7 @@ def test_gated_experts_compute_the_gated_dense_layer_with_their_own_weights(ffn)
             dense.gate_proj.bias.copy_(gate_bias)
             dense.up_proj.bias.copy_(up_bias)
             dense.down_proj.bias.copy_(experts.down_proj_bias[expert])
-            expected = dense(x)[0]
+            expected = dense(x)
             torch.testing.assert_close(experts.process_one(expert, x), expected)
             batched = experts.process(x.expand(4, 5, 32).contiguous())[expert]
             torch.testing.assert_close(batched, expected, rtol=1e-5, atol=1e-6)

@@ -79,13 +79,11 @@ def merge_cache_arguments(cache: Cache | None, past_key_values: Cache | None) ->
 @dataclass
 class MoTModelOutputWithPast(MoeModelOutputWithPast):
     """`MoeModelOutputWithPast` plus `controller_logits` (MoT's and Expert Choice's, in their group layout; recorded
-    when `output_controller_logits=True`), `routing_stats` (one dict of scalar tensors per routed block, in block
-    order, recorded when `output_routing_stats=True`) and `aux_loss` (the Token Choice router losses while
-    training)."""
+    when `output_controller_logits=True`) and `routing_stats` (one dict of tensors per routed block, in block order,
+    recorded when `output_routing_stats=True`)."""
 
     controller_logits: tuple[torch.Tensor, ...] | None = None
     routing_stats: tuple[dict[str, torch.Tensor], ...] | None = None
-    aux_loss: torch.Tensor | None = None
 
 
 @dataclass
@@ -267,11 +265,11 @@ class DenseFeedForward(nn.Module):
         self.down_proj = nn.Linear(width, size, bias=bias)
         self.act_fn = ACT2FN[config.hidden_act]
 
-    def forward(self, hidden_states, token_mask=None, want_stats=False):
-        """Like every feed-forward layer here: `(output, aux_loss, routing statistics)`; a dense layer has neither."""
+    def forward(self, hidden_states: torch.Tensor, **routing_kwargs) -> torch.Tensor:
+        """`[B, S, d] -> [B, S, d]`; the routed layers' arguments (`token_mask`, `output_routing_stats`) do not apply."""
         hidden = self.up_proj(hidden_states)
         hidden = self.act_fn(hidden) if self.gate_proj is None else self.act_fn(self.gate_proj(hidden_states)) * hidden
-        return self.down_proj(hidden), None, None
+        return self.down_proj(hidden)
 
 
 class MoTRouter(nn.Module):
@@ -298,18 +296,33 @@ class TopKRouter(nn.Module):
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
 
     def forward(self, hidden_states: torch.Tensor):
-        """`[N, d]` -> router logits `[N, E]`, probabilities `[N, E]` (fp32), gates and expert indices `[N, k]`."""
+        """`[N, d]` -> router logits `[N, E]`, gates (fp32) and expert indices `[N, k]`."""
         router_logits = F.linear(hidden_states, self.weight)
-        router_probs = torch.softmax(router_logits.float(), dim=-1)
-        top_k_weights, top_k_index = router_probs.topk(self.top_k, dim=-1)
-        return router_logits, router_probs, top_k_weights, top_k_index
+        top_k_weights, top_k_index = torch.softmax(router_logits.float(), dim=-1).topk(self.top_k, dim=-1)
+        return router_logits, top_k_weights, top_k_index
 
 
-def _batched_projection(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`[E, N, in] @ [E, in, out] (+ [E, out])` -> `[E, N, out]`."""
-    if bias is None:
-        return torch.bmm(inputs, weight)
-    return torch.baddbmm(bias.unsqueeze(1), inputs, weight)
+def project(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`[E, N, in] @ [E, in, out] (+ [E, out])` -> `[E, N, out]`, or one expert's `[N, in] @ [in, out] (+ [out])`.
+    bmm reads each matrix of a transposed view as it lies; matmul would copy such a view first."""
+    if inputs.dim() == 3:
+        return torch.bmm(inputs, weight) if bias is None else torch.baddbmm(bias.unsqueeze(1), inputs, weight)
+    return inputs @ weight if bias is None else torch.addmm(bias, inputs, weight)
+
+
+def expert_feed_forward(inputs, up_proj, up_proj_bias, down_proj, down_proj_bias, act_fn, gated: bool):
+    """What an expert computes, for all experts at once (`[E, N, d]` inputs, `[E, in, out]` weights) or for one
+    (`[N, d]`, `[in, out]`): `act(x W_up) W_down`, or gated `(act(x W_gate) * (x W_up)) W_down` with `W_up` the second
+    half of the fused `gate_up_proj`."""
+    hidden = project(inputs, up_proj, up_proj_bias)
+    if gated:
+        gate, up = hidden.chunk(2, dim=-1)
+        hidden = act_fn(gate) * up
+    else:
+        # In place for ReLU: a matmul keeps its inputs, not its output, for backward, so this saves a tensor as large
+        # as the hidden activations.
+        hidden = hidden.relu_() if isinstance(act_fn, nn.ReLU) else act_fn(hidden)
+    return project(hidden, down_proj, down_proj_bias)
 
 
 # Weights stored `[E, in, out]` (transformers' `is_transposed` layout, as GPT-OSS's): the batched matmuls of MoT then
@@ -346,27 +359,22 @@ class MoTExperts(nn.Module):
 
     def process(self, expert_inputs: torch.Tensor) -> torch.Tensor:
         """`[E, N, d]` -> `[E, N, d]`: expert `e` processes row block `e`."""
-        if self.has_gate:
-            gate, up = _batched_projection(expert_inputs, self.gate_up_proj, self.gate_up_proj_bias).chunk(2, dim=-1)
-            hidden = self.act_fn(gate) * up  # [E, N, f]
-        else:
-            hidden = _batched_projection(expert_inputs, self.up_proj, self.up_proj_bias)
-            # In place for ReLU: bmm keeps its inputs, not its output, for backward, so this saves an [E, N, f] tensor.
-            hidden = hidden.relu_() if isinstance(self.act_fn, nn.ReLU) else self.act_fn(hidden)
-        return _batched_projection(hidden, self.down_proj, self.down_proj_bias)
+        return expert_feed_forward(expert_inputs, *self.up_projection(), self.down_proj, self.down_proj_bias,
+                                   self.act_fn, self.has_gate)
 
     def process_one(self, expert: int, inputs: torch.Tensor) -> torch.Tensor:
         """`[N, d]` -> `[N, d]` through expert `expert` alone."""
+        up_proj, up_proj_bias = self.up_projection()
+        return expert_feed_forward(
+            inputs, up_proj[expert], None if up_proj_bias is None else up_proj_bias[expert], self.down_proj[expert],
+            None if self.down_proj_bias is None else self.down_proj_bias[expert], self.act_fn, self.has_gate,
+        )
 
-        def project(x, weight, bias):
-            return x @ weight[expert] if bias is None else torch.addmm(bias[expert], x, weight[expert])
-
+    def up_projection(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The first projection's weight and bias: `gate_up_proj` when gated, else `up_proj`."""
         if self.has_gate:
-            gate, up = project(inputs, self.gate_up_proj, self.gate_up_proj_bias).chunk(2, dim=-1)
-            hidden = self.act_fn(gate) * up
-        else:
-            hidden = self.act_fn(project(inputs, self.up_proj, self.up_proj_bias))
-        return project(hidden, self.down_proj, self.down_proj_bias)
+            return self.gate_up_proj, self.gate_up_proj_bias
+        return self.up_proj, self.up_proj_bias
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         """Eager: `[N, d]` tokens, `[N, k]` chosen experts and gates -> `[N, d]`, each used expert once on its tokens.
@@ -414,6 +422,14 @@ class RoutedExperts(MoTExperts):
         if top_k_index is None:
             return self.process(hidden_states)
         return super().forward(hidden_states, top_k_index, top_k_weights)
+
+
+class RoutingStatistics(nn.Module):
+    """Hands a routed layer's statistics (a dict of tensors) on unchanged, so that transformers' output capturing
+    records them as `routing_stats` (`output_routing_stats=True`) and the training telemetry can hook them."""
+
+    def forward(self, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return stats
 
 
 def group_rows(
@@ -474,6 +490,7 @@ class MixtureOfTokens(nn.Module):
         self.routing = config.mot_routing
         self.gate = MoTRouter(config)
         self.experts = RoutedExperts(config)
+        self.routing_stats = RoutingStatistics()
         if config.learnable_temperature == "off":
             self.log_temperature = None
         else:
@@ -512,7 +529,9 @@ class MixtureOfTokens(nn.Module):
             weights = weights * group_mask
         return weights
 
-    def forward(self, hidden_states, token_mask=None, want_stats=False):
+    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None,
+                output_routing_stats: bool = False) -> torch.Tensor:
+        """`[B, S, d] -> [B, S, d]`; `token_mask` `[B, S]` marks the real tokens (padding takes no part in a group)."""
         batch_size, seq_len, hidden_size = hidden_states.shape
         # Cast once (autocast would cast again for every matmul that reads the tokens).
         hidden_states = hidden_states.to(compute_dtype(hidden_states))
@@ -534,8 +553,9 @@ class MixtureOfTokens(nn.Module):
             output = self.merge_process_emit(mixing, tokens)  # [p, G, d]
         # [p, G, d] = [n, S, G, d] -> [n, G, S, d] -> [B, S, d]
         output = ContiguousTranspose.apply(output.view(num_groups, seq_len, group_size, hidden_size), 1, 2)
-        output = drop_group_padding(output.view(-1, seq_len, hidden_size), batch_size)
-        return output, None, self.mixing_stats(weights) if want_stats else None
+        if output_routing_stats:
+            self.routing_stats(self.mixing_stats(weights))
+        return drop_group_padding(output.view(-1, seq_len, hidden_size), batch_size)
 
     def merge_process_emit(self, mixing: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Steps 3-5 for weights `[p, G, E]` and tokens `[p, G, d]` -> `[p, G, d]`.
@@ -563,6 +583,29 @@ class MixtureOfTokens(nn.Module):
         }
 
 
+def expert_assignment_fraction(top_k_index: torch.Tensor, num_experts: int, token_weight: torch.Tensor) -> torch.Tensor:
+    """The fraction of the real tokens' assignments `[N, k]` that goes to each expert, `[E]`."""
+    assignments = (_one_hot(top_k_index, num_experts).sum(1) * token_weight).sum(0)
+    return assignments / assignments.sum().clamp_min(1)
+
+
+def router_losses(router_logits: torch.Tensor, top_k: int, token_weight: torch.Tensor | None = None):
+    """One Token Choice layer's load-balancing loss and router z-loss over its real tokens (docs/design.md):
+    `E * sum_e (mean router probability of e) * (fraction of assignments to e)` and the mean squared logsumexp of the
+    logits. Router logits `[N, E]` (the router's choice is the top-k of their softmax), `token_weight` `[N, 1]` (1 for
+    a real token, 0 for padding; None: all real)."""
+    num_experts = router_logits.shape[-1]
+    weight = torch.ones_like(router_logits[:, :1], dtype=torch.float32) if token_weight is None else token_weight
+    num_real = weight.sum().clamp_min(1)
+    router_probs = torch.softmax(router_logits.float(), dim=-1)
+    top_k_index = router_probs.topk(top_k, dim=-1).indices
+    assignment_fraction = expert_assignment_fraction(top_k_index, num_experts, weight)
+    mean_probs = (router_probs * weight).sum(0) / num_real
+    balance_loss = num_experts * (mean_probs * assignment_fraction).sum()
+    z_loss = (torch.logsumexp(router_logits.float(), dim=-1, keepdim=True).square() * weight).sum() / num_real
+    return balance_loss, z_loss
+
+
 class TokenChoice(nn.Module):
     """Token Choice (Switch) routing: softmax over experts per token, top-k, output scaled by the router
     probability. While training each expert takes at most `capacity_factor * tokens * k / E` tokens (the rest
@@ -578,11 +621,15 @@ class TokenChoice(nn.Module):
         self.capacity_factor = config.capacity_factor
         self.gate = TopKRouter(config)
         self.experts = RoutedExperts(config)
+        self.routing_stats = RoutingStatistics()
 
-    def forward(self, hidden_states, token_mask=None, want_stats=False):
+    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None,
+                output_routing_stats: bool = False) -> torch.Tensor:
+        """`[B, S, d] -> [B, S, d]`; `token_mask` `[B, S]` marks the real tokens. The router losses are computed from
+        the recorded router logits, in `MoTForCausalLM` (`router_losses`)."""
         batch_size, seq_len, hidden_size = hidden_states.shape
         tokens = hidden_states.reshape(-1, hidden_size)  # [N, d]
-        router_logits, router_probs, top_k_weights, top_k_index = self.gate(tokens)
+        router_logits, top_k_weights, top_k_index = self.gate(tokens)
         valid = None if token_mask is None else token_mask.reshape(-1, 1)  # [N, 1]
         dropped = None
         if self.training:
@@ -592,29 +639,26 @@ class TokenChoice(nn.Module):
             # Each token on its own: padding is routed like any token, and its output is never read.
             output = self.experts(tokens, top_k_index, top_k_weights.to(tokens.dtype))
 
-        aux_loss = stats = None
-        if self.training or want_stats:
-            # Load balancing (docs/design.md): E * sum_e (mean router prob of e) * (fraction of assignments to e).
-            weight = torch.ones_like(router_probs[:, :1]) if valid is None else valid.float()  # [N, 1]
-            num_real = weight.sum().clamp_min(1)
-            assignments = (_one_hot(top_k_index, self.num_experts).sum(1) * weight).sum(0)  # [E]
-            assignment_fraction = assignments / assignments.sum().clamp_min(1)
-            mean_probs = (router_probs * weight).sum(0) / num_real
-            balance_loss = self.num_experts * (mean_probs * assignment_fraction).sum()
-            z_loss = (torch.logsumexp(router_logits.float(), dim=-1, keepdim=True).square() * weight).sum() / num_real
-            aux_loss = self.config.router_aux_loss_coef * balance_loss + self.config.router_z_loss_coef * z_loss
-            if want_stats:
-                with torch.no_grad():
-                    stats = {
-                        "aux_loss": aux_loss.detach(),
-                        "balance_loss": balance_loss.detach(),
-                        "z_loss": z_loss.detach(),
-                        "expert_load_max": assignment_fraction.max() * self.num_experts,  # 1 = perfectly balanced
-                        "router_entropy": (_entropy(router_probs, dim=-1).unsqueeze(-1) * weight).sum() / num_real,
-                        "dropped_fraction": torch.zeros(()) if dropped is None else dropped.detach(),
-                        "expert_load": assignment_fraction.detach(),
-                    }
-        return output.view(batch_size, seq_len, hidden_size), aux_loss if self.training else None, stats
+        if output_routing_stats:
+            self.routing_stats(self.routing_statistics(router_logits, top_k_index, valid, dropped))
+        return output.view(batch_size, seq_len, hidden_size)
+
+    @torch.no_grad()
+    def routing_statistics(self, router_logits, top_k_index, valid, dropped) -> dict[str, torch.Tensor]:
+        """Router losses, expert load, router entropy and the dropped fraction of the real tokens' assignments."""
+        weight = torch.ones_like(router_logits[:, :1], dtype=torch.float32) if valid is None else valid.float()
+        balance_loss, z_loss = router_losses(router_logits, self.top_k, weight)
+        router_probs = torch.softmax(router_logits.float(), dim=-1)
+        assignment_fraction = expert_assignment_fraction(top_k_index, self.num_experts, weight)
+        return {
+            "aux_loss": self.config.router_aux_loss_coef * balance_loss + self.config.router_z_loss_coef * z_loss,
+            "balance_loss": balance_loss,
+            "z_loss": z_loss,
+            "expert_load_max": assignment_fraction.max() * self.num_experts,  # 1 = perfectly balanced
+            "router_entropy": (_entropy(router_probs, dim=-1).unsqueeze(-1) * weight).sum() / weight.sum().clamp_min(1),
+            "dropped_fraction": torch.zeros(()) if dropped is None else dropped,
+            "expert_load": assignment_fraction,
+        }
 
     def _dispatch_with_capacity(self, tokens, top_k_index, top_k_weights, valid):
         """Static-shape training path: scatter into `[E, capacity, d]`, one batched matmul, gather back. Its one host
@@ -656,8 +700,11 @@ class ExpertChoice(nn.Module):
                                             round(config.num_experts_per_tok * config.group_size / config.num_experts)))
         self.gate = MoTRouter(config)
         self.experts = RoutedExperts(config)
+        self.routing_stats = RoutingStatistics()
 
-    def forward(self, hidden_states, token_mask=None, want_stats=False):
+    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None,
+                output_routing_stats: bool = False) -> torch.Tensor:
+        """`[B, S, d] -> [B, S, d]`; `token_mask` `[B, S]` marks the real tokens."""
         batch_size, seq_len, hidden_size = hidden_states.shape
         grouped, group_mask = group_rows(hidden_states, token_mask, self.group_size)  # [n, G, S, d]
         num_groups, group_size = grouped.shape[:2]
@@ -681,15 +728,12 @@ class ExpertChoice(nn.Module):
             2, flat_choice.expand(-1, -1, -1, hidden_size),
             expert_outputs.reshape(num_groups, seq_len, -1, hidden_size),
         )  # [n, S, G, d]
-        output = drop_group_padding(output.transpose(1, 2).reshape(-1, seq_len, hidden_size), batch_size)
-
-        stats = None
-        if want_stats:
+        if output_routing_stats:
             with torch.no_grad():
                 load = torch.zeros(num_groups, seq_len, group_size, device=scores.device)
                 load.scatter_add_(2, choice.reshape(num_groups, seq_len, -1), torch.ones_like(choice_score).flatten(2))
-                stats = {"unprocessed_fraction": (load == 0).float().mean()}
-        return output, None, stats
+                self.routing_stats({"unprocessed_fraction": (load == 0).float().mean()})
+        return drop_group_padding(output.transpose(1, 2).reshape(-1, seq_len, hidden_size), batch_size)
 
 
 FEED_FORWARD_CLASSES = {
@@ -706,8 +750,7 @@ FEED_FORWARD_CLASSES = {
 
 
 class MoTBlock(GradientCheckpointingLayer):
-    """Pre-norm Transformer block whose feed-forward type is `config.mlp_types[layer_idx]`. Returns the hidden
-    states, the feed-forward layer's router losses (Token Choice while training) and its routing statistics."""
+    """Pre-norm Transformer block whose feed-forward type is `config.mlp_types[layer_idx]`."""
 
     def __init__(self, config: MoTConfig, layer_idx: int):
         super().__init__()
@@ -723,13 +766,14 @@ class MoTBlock(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None = None,
         token_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
-        want_stats: bool = False,
+        output_routing_stats: bool = False,
         **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor] | None]:
+    ) -> torch.Tensor:
         attn_output, _ = self.self_attn(self.input_layernorm(hidden_states), attention_mask, cache=cache, **kwargs)
         hidden_states = hidden_states + attn_output
-        mlp_output, aux_loss, stats = self.mlp(self.post_attention_layernorm(hidden_states), token_mask, want_stats)
-        return hidden_states + mlp_output, aux_loss, stats
+        mlp_output = self.mlp(self.post_attention_layernorm(hidden_states), token_mask=token_mask,
+                              output_routing_stats=output_routing_stats)
+        return hidden_states + mlp_output
 
 
 class MoTPreTrainedModel(PreTrainedModel):
@@ -751,7 +795,7 @@ class MoTPreTrainedModel(PreTrainedModel):
         # trainers read for Mixtral's load-balancing loss; MoT's and Expert Choice's controllers apart.
         "router_logits": OutputRecorder(TopKRouter, index=0),
         "controller_logits": MoTRouter,
-        "routing_stats": OutputRecorder(MoTBlock, index=2),
+        "routing_stats": RoutingStatistics,
     }
 
     @torch.no_grad()
@@ -930,19 +974,16 @@ class MoTModel(MoTPreTrainedModel):
             hidden_states, position_embeddings = inputs_embeds, self.rotary_emb(inputs_embeds, position_ids)
         # Routing statistics cost little next to a backward pass: computed while training (the telemetry reads
         # them) and on request.
-        want_stats = self.training or bool(kwargs.get("output_routing_stats", self.config.output_routing_stats))
-        aux_losses = []
+        requested = kwargs.pop("output_routing_stats", None)
+        output_routing_stats = self.training or bool(
+            self.config.output_routing_stats if requested is None else requested
+        )
         for layer in self.layers:
-            hidden_states, aux_loss, _ = layer(hidden_states, attention_mask=causal_mask, token_mask=token_mask,
-                                               cache=cache, want_stats=want_stats,
-                                               position_embeddings=position_embeddings, **kwargs)
-            if aux_loss is not None:
-                aux_losses.append(aux_loss)
+            hidden_states = layer(hidden_states, attention_mask=causal_mask, token_mask=token_mask, cache=cache,
+                                  output_routing_stats=output_routing_stats, position_embeddings=position_embeddings,
+                                  **kwargs)
         return MoTModelOutputWithPast(
-            last_hidden_state=self.norm(hidden_states),
-            **{CACHE_NAME: cache if use_cache else None},
-            # Averaged over the routed layers, so the coefficient means the same at any depth.
-            aux_loss=torch.stack(aux_losses).mean() if aux_losses else None,
+            last_hidden_state=self.norm(hidden_states), **{CACHE_NAME: cache if use_cache else None}
         )
 
     def position_ids(self, attention_mask, cache: Cache | None, seq_len: int, device) -> torch.Tensor:
@@ -1030,6 +1071,9 @@ class MoTForCausalLM(MoTPreTrainedModel, GenerationMixin):
         accumulation (Trainer passes `num_items_in_batch`), they are weighted by this micro-batch's share of the
         label tokens, like the language-modelling loss, so accumulation never over-counts them.
         """
+        token_routed = self.training and "token_choice" in self.config.mlp_types
+        if token_routed:
+            kwargs["output_router_logits"] = True  # the router losses are computed from them, below
         outputs: MoTModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -1053,17 +1097,22 @@ class MoTForCausalLM(MoTPreTrainedModel, GenerationMixin):
             logits = self.lm_head(hidden_states)
             if labels is not None:
                 loss = self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
-        if loss is not None and self.training and outputs.aux_loss is not None:
+        aux_loss = None
+        if token_routed:
+            token_mask = new_token_padding(attention_mask, kwargs.get("padding_mask"), outputs.get(CACHE_NAME),
+                                           outputs.last_hidden_state.shape[1])
+            aux_loss = self.router_loss(outputs.router_logits, token_mask)
+        if loss is not None and aux_loss is not None:
             share = 1.0
             num_items_in_batch = kwargs.get("num_items_in_batch")
             if num_items_in_batch is not None:
                 local_items = (labels[..., 1:] != -100).sum()
                 share = local_items / torch.as_tensor(num_items_in_batch, device=labels.device)
-            loss = loss + outputs.aux_loss.to(loss.device) * share
+            loss = loss + aux_loss.to(loss.device) * share
 
         return MoTCausalLMOutputWithPast(
             loss=loss,
-            aux_loss=outputs.aux_loss,
+            aux_loss=aux_loss,
             logits=logits,
             **{CACHE_NAME: outputs.get(CACHE_NAME)},
             hidden_states=outputs.hidden_states,
@@ -1072,6 +1121,17 @@ class MoTForCausalLM(MoTPreTrainedModel, GenerationMixin):
             controller_logits=outputs.controller_logits,
             routing_stats=outputs.routing_stats,
         )
+
+    def router_loss(self, router_logits: tuple[torch.Tensor, ...], token_mask: torch.Tensor | None) -> torch.Tensor:
+        """The Token Choice layers' router losses (`router_aux_loss_coef` * load balancing + `router_z_loss_coef` *
+        z-loss, over the real tokens of `token_mask` `[B, S]`), averaged over the layers so that the coefficients mean
+        the same at any depth."""
+        token_weight = None if token_mask is None else token_mask.reshape(-1, 1).float()
+        losses = []
+        for logits in router_logits:
+            balance_loss, z_loss = router_losses(logits, self.config.num_experts_per_tok, token_weight)
+            losses.append(self.config.router_aux_loss_coef * balance_loss + self.config.router_z_loss_coef * z_loss)
+        return torch.stack(losses).mean()
 
 
 # --------------------------------------------------------------------------------------------------------------

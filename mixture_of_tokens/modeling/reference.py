@@ -17,7 +17,7 @@ import torch
 
 
 def mixture_of_tokens_reference(layer, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None):
-    """`[B, S, d]` (and a `[B, S]` mask of real tokens) -> `[B, S, d]`, what `layer(hidden_states, token_mask)[0]`
+    """`[B, S, d]` (and a `[B, S]` mask of real tokens) -> `[B, S, d]`, what `layer(hidden_states, token_mask)`
     computes (softmax routing; "uniform" routing uses a zero controller). Differentiable, so the layer's gradients
     can be judged too; call it under `torch.no_grad()` for outputs alone."""
     batch_size, seq_len, _ = hidden_states.shape
