@@ -1,3 +1,16 @@
+# Copyright 2026 The mixture-of-tokens authors. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
 """Mixture of Tokens (MoT) causal language model for Hugging Face Transformers.
 
 Mixture of Tokens (Antoniak et al., "Mixture of Tokens: Continuous MoE through Cross-Example Aggregation",
@@ -40,7 +53,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
-from transformers.utils import can_return_tuple, logging
+from transformers.utils import auto_docstring, can_return_tuple, logging
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
@@ -76,19 +89,29 @@ def merge_cache_arguments(cache: Cache | None, past_key_values: Cache | None) ->
 # --------------------------------------------------------------------------------------------------------------
 
 
+@auto_docstring(custom_intro="`MoeModelOutputWithPast` with the routing outputs of MoT and Expert Choice layers.")
 @dataclass
 class MoTModelOutputWithPast(MoeModelOutputWithPast):
-    """`MoeModelOutputWithPast` plus `controller_logits` (MoT's and Expert Choice's, in their group layout; recorded
-    when `output_controller_logits=True`) and `routing_stats` (one dict of tensors per routed block, in block order,
-    recorded when `output_routing_stats=True`)."""
+    r"""
+    controller_logits (`tuple[torch.Tensor]`, *optional*, returned when `output_controller_logits=True`):
+        MoT's and Expert Choice's controller logits, one tensor per block, E last, in their group layout.
+    routing_stats (`tuple[dict[str, torch.Tensor]]`, *optional*, returned when `output_routing_stats=True`):
+        One dict of statistics per routed block, in block order.
+    """
 
     controller_logits: tuple[torch.Tensor, ...] | None = None
     routing_stats: tuple[dict[str, torch.Tensor], ...] | None = None
 
 
+@auto_docstring(custom_intro="`MoeCausalLMOutputWithPast` with the routing outputs of MoT and Expert Choice layers.")
 @dataclass
 class MoTCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
-    """`MoeCausalLMOutputWithPast` plus `controller_logits` and `routing_stats` (see `MoTModelOutputWithPast`)."""
+    r"""
+    controller_logits (`tuple[torch.Tensor]`, *optional*, returned when `output_controller_logits=True`):
+        MoT's and Expert Choice's controller logits, one tensor per block, E last, in their group layout.
+    routing_stats (`tuple[dict[str, torch.Tensor]]`, *optional*, returned when `output_routing_stats=True`):
+        One dict of statistics per routed block, in block order.
+    """
 
     controller_logits: tuple[torch.Tensor, ...] | None = None
     routing_stats: tuple[dict[str, torch.Tensor], ...] | None = None
@@ -116,6 +139,8 @@ class MoTRMSNorm(nn.Module):
 
 def make_norm(config: MoTConfig) -> nn.Module:
     """The block's and the final norm: LayerNorm (the paper) or RMSNorm (`norm_type="rmsnorm"`)."""
+    # CODEPATH: "layernorm": the paper's presets (transformer-medium, mot-medium-32e*, tiny-mot); "rmsnorm": the
+    # modern presets (modern-*, tiny-modern-*).
     if config.norm_type == "rmsnorm":
         return MoTRMSNorm(config.hidden_size, config.rms_norm_eps)
     return nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
@@ -132,8 +157,8 @@ class MoTRotaryEmbedding(nn.Module):
         # Read by transformers' dynamic_rope_update (the "dynamic" and "longrope" types).
         self.max_seq_len_cached = self.original_max_seq_len = config.max_position_embeddings
         inv_freq, self.attention_scaling = self.rope_init_fn(config)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
+        self.inv_freq = nn.Buffer(inv_freq, persistent=False)
+        self.original_inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)
 
     @property
     def rope_init_fn(self) -> Callable:
@@ -260,6 +285,7 @@ class DenseFeedForward(nn.Module):
     def __init__(self, config: MoTConfig):
         super().__init__()
         size, width, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        # CODEPATH: ungated: the paper's presets (ReLU); gated: the modern presets (SwiGLU).
         self.gate_proj = nn.Linear(size, width, bias=bias) if config.gated_mlp else None
         self.up_proj = nn.Linear(size, width, bias=bias)
         self.down_proj = nn.Linear(width, size, bias=bias)
@@ -347,6 +373,7 @@ class MoTExperts(nn.Module):
         self.hidden_dim = config.hidden_size
         self.intermediate_dim = config.expert_size
         experts, size, width, bias = config.num_experts, config.hidden_size, config.expert_size, config.mlp_bias
+        # CODEPATH: `up_proj`: the paper's presets (ReLU experts); `gate_up_proj`: the modern presets (SwiGLU).
         if config.gated_mlp:
             self.gate_up_proj = nn.Parameter(torch.empty(experts, size, 2 * width))
             self.gate_up_proj_bias = nn.Parameter(torch.empty(experts, 2 * width)) if bias else None
@@ -491,10 +518,13 @@ class MixtureOfTokens(nn.Module):
         self.gate = MoTRouter(config)
         self.experts = RoutedExperts(config)
         self.routing_stats = RoutingStatistics()
+        # CODEPATH: "off": every preset (the paper's fixed T = 1); "shared" / "per_expert": the paper's learned-temperature
+        # ablation, trained with `mot train --learnable_temperature`.
         if config.learnable_temperature == "off":
             self.log_temperature = None
         else:
             # T = exp(p) keeps the learned temperature positive whatever the optimizer does.
+            # CODEPATH: one temperature per layer ("shared") or per expert ("per_expert"), as above.
             shape = (1,) if config.learnable_temperature == "shared" else (config.num_experts,)
             self.log_temperature = nn.Parameter(torch.full(shape, math.log(config.mot_temperature)))
 
@@ -546,6 +576,7 @@ class MixtureOfTokens(nn.Module):
         # Steps 1-2: controller logits, softmax over the group's tokens for each expert.
         weights = self.mixing_weights(tokens, group_mask)  # [p, G, E], softmax over G; fp32 under autocast
         mixing = weights.to(tokens.dtype)
+        # CODEPATH: no checkpoint differs: a training-time memory option (`mot train --mot_recompute`), same outputs.
         if self.config.mot_recompute and self.training and torch.is_grad_enabled():
             # The merged and processed tokens are E/G times the input each: recompute them in backward instead.
             output = checkpoint(self.merge_process_emit, mixing, tokens, use_reentrant=False)
@@ -776,6 +807,7 @@ class MoTBlock(GradientCheckpointingLayer):
         return hidden_states + mlp_output
 
 
+@auto_docstring(custom_intro="The weights' initialisation and transformers' plumbing of the Mixture of Tokens models.")
 class MoTPreTrainedModel(PreTrainedModel):
     config_class = MoTConfig
     config: MoTConfig
@@ -811,6 +843,8 @@ class MoTPreTrainedModel(PreTrainedModel):
             truncated(module.weight, module.in_features)
             if module.bias is not None:
                 init.zeros_(module.bias)
+        # CODEPATH: "unit_fan_in": models trained to match the authors' code (`mot train --embedding_init`); every
+        # preset takes "fan_in_hidden".
         elif isinstance(module, nn.Embedding) and self.config.embedding_init == "unit_fan_in":
             # The authors' embeddings: fan-in 1 and a cut at +-2 * init_scale (not two std): std about 0.11.
             init.trunc_normal_(module.weight, mean=0.0, std=math.sqrt(scale), a=-2 * scale, b=2 * scale)
@@ -904,9 +938,11 @@ def no_empty_router_outputs(forward: Callable) -> Callable:
     return wrapper
 
 
+@auto_docstring(
+    custom_intro="""The Mixture of Tokens decoder: token embeddings, learned absolute position embeddings (the paper)
+    or rotary ones in every attention layer, `num_hidden_layers` blocks, final norm."""
+)
 class MoTModel(MoTPreTrainedModel):
-    """The decoder: token embeddings, learned absolute position embeddings (the paper) or rotary ones in every
-    attention layer, `num_hidden_layers` blocks, final norm."""
 
     def __init__(self, config: MoTConfig):
         super().__init__(config)
@@ -915,7 +951,8 @@ class MoTModel(MoTPreTrainedModel):
         self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size) if learned else None
         self.rotary_emb = None if learned else MoTRotaryEmbedding(config)
         self.layers = nn.ModuleList(MoTBlock(config, i) for i in range(config.num_hidden_layers))
-        # The authors' code has no final norm (config.final_norm=False); an Identity keeps the forward one path.
+        # CODEPATH: every preset has a final norm; the authors' code has none (final_norm=False, for comparisons with
+        # it). An Identity keeps the forward one path.
         self.norm = make_norm(config) if config.final_norm else nn.Identity()
         self.gradient_checkpointing = False
         self.post_init()
@@ -929,6 +966,7 @@ class MoTModel(MoTPreTrainedModel):
     @no_empty_router_outputs
     @merge_with_config_defaults
     @capture_outputs
+    @auto_docstring
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -942,18 +980,22 @@ class MoTModel(MoTPreTrainedModel):
         **kwargs,
     ) -> MoTModelOutputWithPast:
         r"""
-        cache: the KV cache (a `Cache`) of earlier tokens; `past_key_values` is its name before transformers 5.24.
-        padding_mask: `[B, S]` (or `[B, cached + S]`), 1 for real tokens: which tokens MoT and Expert Choice leave
-            out of their groups when `attention_mask` is not 2-D. `generate()` passes it with a static cache.
-        output_routing_stats: return per-routed-block routing statistics (`routing_stats`).
-        output_router_logits: return the router logits of the token-routed (Token Choice) blocks, `[tokens, E]` each
-            (transformers' convention; None for a model without any). The router losses do not depend on it: while
-            training they are in `aux_loss`.
-        output_controller_logits: return MoT's and Expert Choice's controller logits (`controller_logits`, one tensor
-            per block, E last, in their group layout: `[positions * groups, G, E]` and `[groups, G, S, E]`).
+        cache (`Cache`, *optional*):
+            The KV cache of earlier tokens; `past_key_values` is its name before transformers 5.24.
+        padding_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
+            1 for real tokens (or `[B, cached + S]`): which tokens MoT and Expert Choice leave out of their groups
+            when `attention_mask` is not 2-D. `generate()` passes it with a static cache.
+        past_key_values (`Cache`, *optional*):
+            The KV cache under its name before transformers 5.24.
+
+        Besides transformers' `output_*` flags, `output_routing_stats` returns per-routed-block routing statistics,
+        `output_router_logits` the `[tokens, E]` router logits of the Token Choice blocks (transformers' convention;
+        None for a model without any) and `output_controller_logits` MoT's and Expert Choice's controller logits, one
+        tensor per block, E last, in their group layout: `[positions * groups, G, E]` and `[groups, G, S, E]`.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        # CODEPATH: MoT and Expert Choice models (tiny-mot, mot-medium-32e*, ...); dense and Token Choice ones need no check.
         if self.training and self.config.grouped_layer_types:
             refuse_packed_rows(position_ids, kwargs, self.config.grouped_layer_types)
         cache = merge_cache_arguments(cache, past_key_values)
@@ -1001,6 +1043,7 @@ class MoTModel(MoTPreTrainedModel):
         return torch.arange(seq_len, device=device).unsqueeze(0) + past_length
 
 
+@auto_docstring(custom_intro="The Mixture of Tokens decoder with a language-modelling head.")
 class MoTForCausalLM(MoTPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -1046,6 +1089,7 @@ class MoTForCausalLM(MoTPreTrainedModel, GenerationMixin):
         return super().init_continuous_batching(*args, **kwargs)
 
     @can_return_tuple
+    @auto_docstring
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -1060,9 +1104,15 @@ class MoTForCausalLM(MoTPreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> MoTCausalLMOutputWithPast:
         r"""
-        cache: the KV cache (a `Cache`) of earlier tokens; `past_key_values` is its name before transformers 5.24.
-        labels: token ids for the language-modelling loss (shifted inside; -100 is ignored).
-        output_routing_stats, output_router_logits, padding_mask: see `MoTModel.forward`.
+        cache (`Cache`, *optional*):
+            The KV cache of earlier tokens; `past_key_values` is its name before transformers 5.24.
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Token ids for the language-modelling loss (shifted inside; -100 is ignored).
+        past_key_values (`Cache`, *optional*):
+            The KV cache under its name before transformers 5.24.
+
+        `output_routing_stats`, `output_router_logits`, `output_controller_logits` and `padding_mask`: see
+        `MoTModel.forward`.
 
         While training with `labels` and `config.chunked_lm_loss` (the default), the loss is computed without
         materialising the logits and `logits` is None (see `ChunkedLMLoss`).
