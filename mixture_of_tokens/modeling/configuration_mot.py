@@ -1,17 +1,34 @@
+# Copyright 2026 The mixture-of-tokens authors. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
 """Configuration of Mixture of Tokens (MoT) causal language models.
 
 Mixture of Tokens (Antoniak et al., arXiv 2310.15961) is a continuous mixture of experts: tokens at the same
 position of `group_size` different sequences are mixed into one token per expert, processed, and redistributed
 with the same weights. This file is self-contained (it travels to the Hub as custom code next to
-`modeling_mot.py`), so it imports only `transformers`.
+`modeling_mot.py`), so it imports only `transformers` and `huggingface_hub` (a dependency of transformers).
 """
 
+# Annotations stay strings: `@strict` then leaves our fields' types to `validate_mot()`, whose `ValueError` names the
+# field in one line, instead of raising its own multi-line error (and rejecting an int for a float field).
 from __future__ import annotations
 
 import math
 
+from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.utils import auto_docstring
 
 MLP_TYPES = ("dense", "mot", "token_choice", "expert_choice")
 ROUTED_TYPES = ("mot", "token_choice", "expert_choice")  # a router and experts
@@ -66,67 +83,103 @@ PRESETS: dict[str, dict] = {
 }
 
 
-class MoTConfig(PreTrainedConfig):
-    r"""
+# The argument descriptions below are auto_docstring's; no line of them may start with "Return" or "Example", where
+# transformers 5.9 ends the list.
+@auto_docstring(
+    custom_intro="""
     Configuration of a decoder-only Transformer whose feed-forward layers are dense, Mixture of Tokens, Token
     Choice or Expert Choice, chosen per block by `mlp_types`. Defaults are the paper's MoT-Medium/32E.
-
-    Args:
-        vocab_size: size of the vocabulary (GPT-2's 50257 in the paper).
-        hidden_size: model width `d`.
-        num_hidden_layers: number of Transformer blocks.
-        num_attention_heads: attention heads; must divide `hidden_size`.
-        intermediate_size: width `d_ff` of the dense feed-forward layers.
-        max_position_embeddings: context length. It bounds the input only with learned positions; with RoPE it
-            is the length the rotary utilities scale from (as in Llama).
-        position_embedding_type: "learned" (default: absolute position embeddings, the paper's) or "rope" (rotary
-            embeddings from transformers' own utilities: `rope_parameters`, or `rope_theta` / `rope_scaling` as
-            transformers 5 reads them).
-        rope_parameters: transformers 5's RoPE dict (`rope_type`, `rope_theta`, ...); only with "rope" (a
-            learned-position config has no such attribute).
-        norm_type: "layernorm" (default) or "rmsnorm" (Llama's, with `rms_norm_eps`).
-        gated_mlp: false (default): `act(x W_up) W_down`; true: `(act(x W_gate) * (x W_up)) W_down` (SwiGLU with
-            silu) in the dense feed-forward layers and in every expert of every routed layer. Flop-matching is
-            unchanged: `num_experts * expert_size / group_size = intermediate_size` still gives a routed layer the
-            dense layer's FLOPs, since both then have three matrices.
-        num_key_value_heads: key/value heads of grouped-query attention (default: `num_attention_heads`).
-        attention_bias: biases on the query, key, value and output projections (Llama's `attention_bias`).
-        mlp_bias: biases on the feed-forward projections, dense and experts (Llama's `mlp_bias`).
-        mlp_types: feed-forward type of each block, one of "dense", "mot", "token_choice", "expert_choice".
-            Default: first half dense, second half MoT, as in the paper.
-        group_size: `G`, the number of sequences whose tokens at one position form a MoT group (also the
-            group of Expert Choice).
-        num_experts: `E`, experts per routed layer.
-        expert_size: `f`, hidden width of each expert.
-        mot_temperature: initial (or fixed) softmax temperature of MoT's mixing weights. Not named
-            `temperature`: that name would become the generation config's sampling temperature.
-        learnable_temperature: "off" (fixed), "shared" (one learned temperature per layer) or "per_expert".
-        mot_routing: "softmax" (the paper), "uniform" (controller frozen at zero, every weight 1/G) or
-            "discrete" (temperature -> 0: each expert takes only its highest-scoring token of the group).
-        num_experts_per_tok: `k` of Token Choice (and tokens per expert per group of Expert Choice are
-            `k * group_size / num_experts`, which keeps its FLOPs equal to Token Choice's).
-        capacity_factor: Token Choice capacity `cf * tokens * k / E` while training; eval is dropless.
-        router_aux_loss_coef: weight of Token Choice's load-balancing loss (default: Switch's 0.01). A config
-            without Token Choice layers has no such loss: its coefficient is 0, whatever is given.
-        router_z_loss_coef: weight of Token Choice's router z-loss (0 = off).
-        hidden_act: activation of dense and expert layers (ReLU in the paper).
-        init_scale: weights are drawn from a truncated normal with std `sqrt(init_scale / fan_in)`.
-        layer_norm_eps: epsilon of the LayerNorms.
-        embedding_init: "fan_in_hidden" (default): token and position embeddings get std
-            `sqrt(init_scale / hidden_size)` like every other weight; "unit_fan_in": the authors' code (fan-in 1,
-            std `sqrt(init_scale)` cut at `+-2 * init_scale`, an actual std of about 0.11 with init_scale 0.1).
-        final_norm: LayerNorm before the output head (default true; the authors' code has none).
-        output_routing_stats: return per-layer routing statistics from every forward.
-        output_router_logits: return the router logits of every Token Choice block (`[tokens, E]`, transformers'
-            convention) from every forward. The router losses are part of the training loss either way (unlike
-            transformers' MoE models, where they need this flag). MoT's and Expert Choice's controller logits come
-            with `output_controller_logits=True` passed to `forward`.
-        mot_recompute: in MoT layers while training, recompute the merged and processed tokens in backward
-            instead of saving them (selective recomputation: one more forward of the experts, merge and emit;
-            saved activations shrink about E/G-fold, far cheaper than checkpointing whole blocks).
-        chunked_lm_loss: while training with `labels`, compute the language-modelling loss a chunk of tokens
-            at a time without materialising the full logits (`outputs.logits` is then None): the same loss and
-            gradients in a fraction of the memory and time. False: always return the logits.
+    """
+)
+@strict
+class MoTConfig(PreTrainedConfig):
+    r"""
+    vocab_size (`int`):
+        Size of the vocabulary (GPT-2's 50257 in the paper).
+    hidden_size (`int`):
+        Model width `d`.
+    num_hidden_layers (`int`):
+        Number of Transformer blocks.
+    num_attention_heads (`int`):
+        Attention heads; must divide `hidden_size`.
+    intermediate_size (`int`):
+        Width `d_ff` of the dense feed-forward layers.
+    max_position_embeddings (`int`):
+        Context length. It bounds the input only with learned positions; with RoPE it is the length the rotary
+        utilities scale from (as in Llama).
+    position_embedding_type (`str`):
+        "learned" (absolute position embeddings, the paper's) or "rope" (rotary embeddings from transformers' own
+        utilities). A "rope" config takes transformers 5's `rope_parameters` dict (`rope_type`, `rope_theta`, ...),
+        or `rope_theta` / `rope_scaling` as transformers 5 reads them; a learned-position config has no
+        `rope_parameters` attribute.
+    norm_type (`str`):
+        "layernorm" or "rmsnorm" (Llama's, with `rms_norm_eps`).
+    gated_mlp (`bool`):
+        False: `act(x W_up) W_down`; true: `(act(x W_gate) * (x W_up)) W_down` (SwiGLU with silu) in the dense
+        feed-forward layers and in every expert of every routed layer. Flop-matching is unchanged:
+        `num_experts * expert_size / group_size = intermediate_size` still gives a routed layer the dense layer's
+        FLOPs, since both then have three matrices.
+    num_key_value_heads (`int`):
+        Key/value heads of grouped-query attention (default: `num_attention_heads`).
+    attention_bias (`bool`):
+        Biases on the query, key, value and output projections (Llama's `attention_bias`).
+    mlp_bias (`bool`):
+        Biases on the feed-forward projections, dense and experts (Llama's `mlp_bias`).
+    mlp_types (`list[str]`):
+        Feed-forward type of each block, one of "dense", "mot", "token_choice", "expert_choice". Default: first
+        half dense, second half MoT, as in the paper.
+    group_size (`int`):
+        `G`, the number of sequences whose tokens at one position form a MoT group (also the group of Expert
+        Choice).
+    num_experts (`int`):
+        `E`, experts per routed layer.
+    expert_size (`int`):
+        `f`, hidden width of each expert.
+    mot_temperature (`float`):
+        Initial (or fixed) softmax temperature of MoT's mixing weights. Not named `temperature`: that name would
+        become the generation config's sampling temperature.
+    learnable_temperature (`str`):
+        "off" (fixed), "shared" (one learned temperature per layer) or "per_expert".
+    mot_routing (`str`):
+        "softmax" (the paper), "uniform" (controller frozen at zero, every weight 1/G) or "discrete" (temperature
+        -> 0: each expert takes only its highest-scoring token of the group).
+    num_experts_per_tok (`int`):
+        `k` of Token Choice (and tokens per expert per group of Expert Choice are `k * group_size / num_experts`,
+        which keeps its FLOPs equal to Token Choice's).
+    capacity_factor (`float`):
+        Token Choice capacity `cf * tokens * k / E` while training; eval is dropless.
+    router_aux_loss_coef (`float`):
+        Weight of Token Choice's load-balancing loss (default: Switch's 0.01). A config without Token Choice layers
+        has no such loss: its coefficient is 0, whatever is given.
+    router_z_loss_coef (`float`):
+        Weight of Token Choice's router z-loss (0 = off).
+    hidden_act (`str`):
+        Activation of dense and expert layers (ReLU in the paper).
+    init_scale (`float`):
+        Weights are drawn from a truncated normal with std `sqrt(init_scale / fan_in)`.
+    layer_norm_eps (`float`):
+        Epsilon of the LayerNorms.
+    embedding_init (`str`):
+        "fan_in_hidden": token and position embeddings get std `sqrt(init_scale / hidden_size)` like every other
+        weight; "unit_fan_in": the authors' code (fan-in 1, std `sqrt(init_scale)` cut at `+-2 * init_scale`, an
+        actual std of about 0.11 with init_scale 0.1).
+    final_norm (`bool`):
+        LayerNorm before the output head (the authors' code has none).
+    output_routing_stats (`bool`):
+        Whether every forward returns per-layer routing statistics.
+    output_router_logits (`bool`):
+        Whether every forward returns the router logits of every Token Choice block (`[tokens, E]`, transformers'
+        convention). The router losses are part of the training loss either way (unlike transformers' MoE models,
+        where they need this flag). MoT's and Expert Choice's controller logits come with
+        `output_controller_logits=True` passed to `forward`.
+    mot_recompute (`bool`):
+        In MoT layers while training, recompute the merged and processed tokens in backward instead of saving them
+        (selective recomputation: one more forward of the experts, merge and emit; saved activations shrink about
+        E/G-fold, far cheaper than checkpointing whole blocks).
+    chunked_lm_loss (`bool`):
+        While training with `labels`, compute the language-modelling loss a chunk of tokens at a time without
+        materialising the full logits (`outputs.logits` is then None): the same loss and gradients in a fraction of
+        the memory and time. False: always return the logits.
     """
 
     model_type = "mot"
