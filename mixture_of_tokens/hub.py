@@ -3,9 +3,10 @@
 A push checks everything first (a model folder with safetensors weights and a Mixture of Tokens config, a
 tokenizer, a valid repo id) and only then talks to the Hub, uploading all files in a single commit, so a failed
 push never leaves a half-updated repo. What is uploaded: weights (safetensors), `config.json` with `auto_map`, the
-three code files (`CODE_FILES`: configuration, modeling and the CPU performance helpers), the tokenizer, the generation config, the model card
-(`README.md`, rendered first if the folder has none), plots, and the JSON records the card is built from. Training
-state (optimizer, pickled `training_args.bin`, checkpoints) stays local.
+code files (`CODE_FILES`: configuration, modeling, the CPU performance helpers, the loading of earlier weight names),
+the tokenizer, the generation config, the model card (`README.md`, rendered first if the folder has none), plots,
+and the JSON records the card is built from. Training state (optimizer, pickled `training_args.bin`, checkpoints)
+stays local.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from .model_folder import (
 )
 from .utils import UserError, atomic_directory
 
-CODE_FILES = ("configuration_mot.py", "modeling_mot.py", "performance_mot.py")
+CODE_FILES = ("configuration_mot.py", "modeling_mot.py", "performance_mot.py", "legacy_mot.py")
 TOKENIZER_DEFINITIONS = ("tokenizer.json", "vocab.json", "tokenizer.model", "vocab.txt", "spiece.model")
 TOKENIZER_EXTRAS = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "merges.txt",
                     "chat_template.jinja", "chat_template.json")

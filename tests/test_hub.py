@@ -120,7 +120,7 @@ def test_push_is_one_commit_and_pull_returns_identical_files(hub, pushed, model_
     uploaded = hub.files(pushed)
     assert hub.commit_count == 1
     expected = {"model.safetensors", "config.json", "configuration_mot.py", "modeling_mot.py", "performance_mot.py",
-                "tokenizer.json", "tokenizer_config.json", "generation_config.json", "README.md", "eval_results.json",
+                "legacy_mot.py", "tokenizer.json", "tokenizer_config.json", "generation_config.json", "README.md", "eval_results.json",
                 "training_args.json", "plots/loss.png"}
     assert set(uploaded) == expected  # no optimizer state, no pickles
     local = folder_files(model_dir)

@@ -368,7 +368,8 @@ def test_auto_classes_save_and_load_round_trip(tmp_path):
     model = small_model("mot")
     model.save_pretrained(tmp_path)
     files = set(os.listdir(tmp_path))
-    assert {"model.safetensors", "config.json", "configuration_mot.py", "modeling_mot.py", "performance_mot.py"} <= files
+    assert {"model.safetensors", "config.json", "configuration_mot.py", "modeling_mot.py", "performance_mot.py",
+            "legacy_mot.py"} <= files
     auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
     assert set(auto_map) == {"AutoConfig", "AutoModel", "AutoModelForCausalLM"}
     assert isinstance(AutoConfig.from_pretrained(tmp_path), MoTConfig)

@@ -27,13 +27,12 @@ becomes a Token Choice model by changing only `mlp_types` (the paper's transitio
 tokens through transformers' experts interface (`experts_implementation=`: eager, batched_mm, grouped_mm, ...).
 
 This file holds the method and transformers' plumbing; its performance paths (the chunked training loss, layout
-helpers) are in `performance_mot.py`. Both, with `configuration_mot.py`, travel to the Hub as custom code
-(`trust_remote_code=True`): they import only each other and installed packages. The method's design is in the
-repository's docs/design.md.
+helpers) are in `performance_mot.py`, the loading of checkpoints with earlier parameter names in `legacy_mot.py`.
+They, with `configuration_mot.py`, travel to the Hub as custom code (`trust_remote_code=True`): they import only
+each other and installed packages. The method's design is in the repository's docs/design.md.
 """
 
 import functools
-import json
 import math
 import warnings
 from collections.abc import Callable
@@ -58,6 +57,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_mot import MoTConfig
+from .legacy_mot import read_legacy_checkpoint
 
 # The performance paths (the chunked training loss, layout changes with contiguous gradients) live apart in
 # performance_mot.py, which travels to the Hub with this file; they compute exactly what their plain versions do.
@@ -107,6 +107,10 @@ class MoTModelOutputWithPast(MoeModelOutputWithPast):
 @dataclass
 class MoTCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
     r"""
+    loss (`torch.FloatTensor` of shape `(1,)`, *optional*, returned when `labels` is provided):
+        The language-modelling loss, plus the Token Choice router losses while training.
+    logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, config.vocab_size)`, *optional*):
+        The head's scores for each vocabulary token; None while training with `chunked_lm_loss`.
     controller_logits (`tuple[torch.Tensor]`, *optional*, returned when `output_controller_logits=True`):
         MoT's and Expert Choice's controller logits, one tensor per block, E last, in their group layout.
     routing_stats (`tuple[dict[str, torch.Tensor]]`, *optional*, returned when `output_routing_stats=True`):
@@ -872,8 +876,8 @@ class MoTPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """transformers' `from_pretrained`; a checkpoint written with the earlier parameter names (see
-        `convert_legacy_state_dict`) is converted to today's on the way in (the same logits, up to float rounding)."""
+        """transformers' `from_pretrained`; a checkpoint written with the earlier parameter names is converted to
+        today's on the way in (legacy_mot.py; the same logits, up to float rounding)."""
         legacy = None
         if kwargs.get("state_dict") is None and pretrained_model_name_or_path is not None:
             legacy = read_legacy_checkpoint(cls, pretrained_model_name_or_path, kwargs)
@@ -1182,83 +1186,6 @@ class MoTForCausalLM(MoTPreTrainedModel, GenerationMixin):
             balance_loss, z_loss = router_losses(logits, self.config.num_experts_per_tok, token_weight)
             losses.append(self.config.router_aux_loss_coef * balance_loss + self.config.router_z_loss_coef * z_loss)
         return torch.stack(losses).mean()
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Checkpoints with the earlier parameter names
-# --------------------------------------------------------------------------------------------------------------
-
-# transformers' own key mapping (`register_checkpoint_conversion_mapping`) does not fit these checkpoints: across the
-# supported releases its operations differ (no size-aware split before 5.18), it skips custom code unless registered
-# globally, and `save_pretrained` would write the old names back. `from_pretrained` converts them instead.
-
-
-def is_legacy_state_dict(names) -> bool:
-    return any(name.endswith((".qkv_proj.weight", ".mlp.router", ".attn_norm.weight")) for name in names)
-
-
-def convert_legacy_state_dict(state_dict: dict[str, torch.Tensor], config: MoTConfig) -> dict[str, torch.Tensor]:
-    """A state dict with the earlier names (fused `qkv_proj`, `attn_norm`/`mlp_norm`, `router [d, E]`, experts
-    `w1`/`w_gate [E, d, f]`, `w2 [E, f, d]`, `b1`/`b_gate`/`b2`) in today's names; the experts keep their layout."""
-    converted = {}
-    sizes = [config.num_attention_heads * config.head_dim] + [config.num_key_value_heads * config.head_dim] * 2
-    for name, tensor in state_dict.items():
-        stem, _, leaf = name.rpartition(".")
-        if ".attn_norm." in name or ".mlp_norm." in name:
-            name = name.replace(".attn_norm.", ".input_layernorm.").replace(".mlp_norm.", ".post_attention_layernorm.")
-            converted[name] = tensor
-        elif stem.endswith(".self_attn.qkv_proj"):
-            base = stem.removesuffix("qkv_proj")
-            for part, piece in zip("qkv", tensor.split(sizes, dim=0), strict=True):
-                converted[f"{base}{part}_proj.{leaf}"] = piece.contiguous()
-        elif stem.endswith(".mlp") and leaf == "router":
-            converted[f"{stem}.gate.weight"] = tensor.t().contiguous()
-        elif stem.endswith(".mlp") and leaf in ("w1", "w_gate", "b1", "b_gate"):
-            if leaf in ("w1", "b1"):  # the up projection, joined after the gate's when gated
-                gate = state_dict.get(f"{stem}.{'w_gate' if leaf == 'w1' else 'b_gate'}")
-                target = ("gate_up_proj" if gate is not None else "up_proj") + ("" if leaf == "w1" else "_bias")
-                up = tensor if gate is None else torch.cat([gate, tensor], dim=-1)  # [E, d, 2f] / [E, 2f]
-                converted[f"{stem}.experts.{target}"] = up.contiguous()
-        elif stem.endswith(".mlp") and leaf == "w2":
-            converted[f"{stem}.experts.down_proj"] = tensor
-        elif stem.endswith(".mlp") and leaf == "b2":
-            converted[f"{stem}.experts.down_proj_bias"] = tensor
-        else:
-            converted[name] = tensor
-    return converted
-
-
-def read_legacy_checkpoint(model_class, path, kwargs) -> tuple[dict, MoTConfig, dict] | None:
-    """The converted tensors, config and Hub arguments of the safetensors checkpoint at `path` (a folder or a Hub id,
-    with `from_pretrained`'s Hub arguments) if it uses the earlier names, else None (only one header was read)."""
-    from safetensors import safe_open
-    from transformers.utils import cached_file
-
-    hub = {key: kwargs[key] for key in ("cache_dir", "force_download", "local_files_only", "token", "revision",
-                                        "subfolder", "proxies") if kwargs.get(key) is not None}
-
-    def fetch(filename):
-        return cached_file(path, filename, _raise_exceptions_for_missing_entries=False,
-                           _raise_exceptions_for_connection_errors=False, **hub)
-
-    files = [fetch("model.safetensors")]
-    if files[0] is None:
-        index = fetch("model.safetensors.index.json")
-        if index is None:
-            return None
-        with open(index) as handle:
-            files = [fetch(name) for name in sorted(set(json.load(handle)["weight_map"].values()))]
-    with safe_open(files[0], framework="pt") as handle:
-        if not is_legacy_state_dict(handle.keys()):
-            return None
-    state_dict = {}
-    for file in files:
-        with safe_open(file, framework="pt") as handle:
-            state_dict.update({name: handle.get_tensor(name) for name in handle.keys()})
-    config = kwargs.get("config")
-    if not isinstance(config, MoTConfig):
-        config = model_class.config_class.from_pretrained(path, **hub)
-    return convert_legacy_state_dict(state_dict, config), config, hub
 
 
 __all__ = [
