@@ -3,25 +3,51 @@
 Importing this package registers the `mot` model type with AutoConfig, AutoModel and AutoModelForCausalLM, and
 marks the classes for custom-code export, so `save_pretrained` writes an `auto_map` and the three code files and the
 saved folder loads with `trust_remote_code=True` where this package is not installed.
+
+The names below are looked up when first used (PEP 562), as transformers' own `_LazyModule` does, so they resolve
+in every process. One process skips the registration: `mot COMMAND --help`. Registering needs the classes, and
+with them torch and transformers' modeling code (seconds); that process only builds the command's argument parser,
+whose module lies in this package, and Python runs this file before any module of the package, so the package
+cannot tell that import from `import mixture_of_tokens` by anything but the command line.
 """
 
+from __future__ import annotations
+
+import importlib
 import sys
 from pathlib import Path
 
 __version__ = "0.1.0"
 
+# Each public name -> the module of `modeling/` that defines it.
+_DEFINED_IN = {
+    "MoTConfig": "configuration_mot",
+    "PRESETS": "configuration_mot",
+    "MoTModel": "modeling_mot",
+    "MoTForCausalLM": "modeling_mot",
+    "MoTPreTrainedModel": "modeling_mot",
+}
 
-def _only_asked_for_help() -> bool:
-    """Whether this process is `mot ... --help`: it needs the argument parsers, not the model classes, whose import
-    (torch, then transformers' modeling code) would take seconds before any help is printed."""
-    return Path(sys.argv[0]).name == "mot" and any(flag in ("-h", "--help") for flag in sys.argv[1:])
+__all__ = [*_DEFINED_IN, "__version__"]
 
 
-if not _only_asked_for_help():
+def __getattr__(name: str):
+    if name not in _DEFINED_IN:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.modeling.{_DEFINED_IN[name]}"), name)
+    globals()[name] = value  # later look-ups find it without coming here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+def _register_with_auto_classes() -> None:
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-    from .modeling.configuration_mot import PRESETS, MoTConfig
-    from .modeling.modeling_mot import MoTForCausalLM, MoTModel, MoTPreTrainedModel
+    from .modeling.configuration_mot import MoTConfig
+    from .modeling.modeling_mot import MoTForCausalLM, MoTModel
 
     AutoConfig.register(MoTConfig.model_type, MoTConfig, exist_ok=True)
     AutoModel.register(MoTConfig, MoTModel, exist_ok=True)
@@ -30,4 +56,11 @@ if not _only_asked_for_help():
     MoTModel.register_for_auto_class("AutoModel")
     MoTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
-__all__ = ["MoTConfig", "MoTModel", "MoTForCausalLM", "MoTPreTrainedModel", "PRESETS", "__version__"]
+
+def _only_asked_for_help() -> bool:
+    """Whether this process is `mot ... --help`, which prints an argument parser's help and uses no model."""
+    return Path(sys.argv[0]).name == "mot" and any(flag in ("-h", "--help") for flag in sys.argv[1:])
+
+
+if not _only_asked_for_help():
+    _register_with_auto_classes()

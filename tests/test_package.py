@@ -1,0 +1,44 @@
+"""What `import mixture_of_tokens` gives a fresh process: the `mot` model type registered with transformers' Auto
+classes, so a saved folder loads without trust_remote_code, and every name of `__all__`, also in the one process
+that skips the registration (`mot COMMAND --help`, tests/test_cli.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+
+def run_fresh(script: str) -> list[str]:
+    """The words of the last line `script` prints in a new interpreter (libraries may log lines before it)."""
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout.splitlines()[-1].split()
+
+
+def test_importing_the_package_lets_the_auto_classes_load_a_saved_folder(tiny_model_folder):
+    folder = tiny_model_folder("model")
+    out = run_fresh(f"""
+        import mixture_of_tokens
+        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained({str(folder)!r})
+        base = AutoModel.from_pretrained({str(folder)!r})
+        causal = AutoModelForCausalLM.from_pretrained({str(folder)!r})
+        print(type(config) is mixture_of_tokens.MoTConfig, type(base) is mixture_of_tokens.MoTModel,
+              type(causal) is mixture_of_tokens.MoTForCausalLM)
+    """)
+    assert out == ["True", "True", "True"]
+
+
+def test_every_public_name_resolves_where_the_registration_is_skipped():
+    out = run_fresh("""
+        import sys
+        sys.argv = ["mot", "generate", "--help"]
+        import mixture_of_tokens
+        skipped = "torch" not in sys.modules
+        print(skipped, all(getattr(mixture_of_tokens, name) is not None for name in mixture_of_tokens.__all__),
+              set(mixture_of_tokens.__all__) <= set(dir(mixture_of_tokens)))
+    """)
+    assert out == ["True", "True", "True"]
