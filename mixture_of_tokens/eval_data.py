@@ -23,6 +23,9 @@ from pathlib import Path
 
 from .utils import UserError, atomic_write_text
 
+# Names the folder of release files for the shipped lm-eval tasks (lm_eval_tasks/), and `mot eval --data_dir`'s default.
+DATA_ENV = "MOT_EVAL_DATA"
+
 
 def _read_jsonl(path: Path) -> Iterator[dict]:
     with open(path, encoding="utf-8") as handle:
@@ -174,5 +177,5 @@ def local_task_overrides(task: str, data_file: Path) -> dict:
     }
 
 
-__all__ = ["LOCAL_TASKS", "convert_piqa", "convert_hellaswag", "convert_arc", "check_data_dir", "prepare_local_file",
-           "local_task_overrides"]
+__all__ = ["DATA_ENV", "LOCAL_TASKS", "convert_piqa", "convert_hellaswag", "convert_arc", "check_data_dir",
+           "prepare_local_file", "local_task_overrides"]

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # torch, transformers and lm-eval are imported where they are used, so that `mot eval --help` answers at once.
-from .lm_eval_tasks import DATA_ENV
-from .model_folder import EVAL_RESULTS_FILE, load_model_and_tokenizer
+from . import eval_data
+from .model_folder import EVAL_RESULTS_FILE, check_mot_routing, load_model_and_tokenizer
 from .utils import UserError, atomic_write_text
 
 DEFAULT_TASKS = ("piqa", "hellaswag", "arc_easy")
@@ -67,8 +67,6 @@ def prepare_tasks(tasks: list[str], data_dir: str | None = None, cache_dir: Path
     """
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    from . import eval_data
-
     if data_dir is not None:
         for task in tasks:
             if task not in eval_data.LOCAL_TASKS:
@@ -114,7 +112,7 @@ def check_hub_datasets(tasks: list[str], task_manager) -> None:
             reason = type(error).__name__
             raise UserError(
                 f"task {task!r} needs the Hub dataset {dataset!r}, which cannot be fetched here ({reason}); evaluate "
-                f"offline with --data_dir DIR or {DATA_ENV}=DIR (a folder with the original releases: "
+                f"offline with --data_dir DIR or {eval_data.DATA_ENV}=DIR (a folder with the original releases: "
                 "piqa/valid.jsonl and valid-labels.lst, hellaswag/hellaswag_val.jsonl, arc_easy/ARC-Easy-Test.jsonl)"
             ) from error
 
@@ -163,7 +161,8 @@ def evaluate(model: str | Path, *, tasks: list[str] | tuple[str, ...] | Prepared
     """`mot eval MODEL --tasks ...` as a function: score the model folder zero-shot (offline with `data_dir`, default
     $MOT_EVAL_DATA), write the results to `output` (JSON) if given, and return lm-eval's results dict plus our
     metadata under `mot_eval`."""
-    data_dir = data_dir if data_dir is not None else os.environ.get(DATA_ENV) or None  # as `mot eval` reads it
+    if data_dir is None:
+        data_dir = os.environ.get(eval_data.DATA_ENV) or None  # as `mot eval` reads it
     prepared = tasks if isinstance(tasks, PreparedTasks) else prepare_tasks(
         list(tasks), None if data_dir is None else str(data_dir), cache_dir)
     loaded, tokenizer = load_model_and_tokenizer(model, mot_routing=mot_routing, device=device)
@@ -275,8 +274,6 @@ def store_for_card(model_dir, record: dict) -> Path:
 
 # --------------------------------------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
-    from .generate import ROUTINGS as MOT_ROUTINGS
-
     parser = argparse.ArgumentParser(prog="mot eval", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Batch dependence of MoT scores: see docs/evaluation.md.")
@@ -286,14 +283,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, help="first N documents of each task (for quick checks)")
     parser.add_argument("--batch_size", type=int,
                         help="sequences per forward; MoT scores depend on it (default: the model's group_size)")
-    parser.add_argument("--data_dir", default=os.environ.get(DATA_ENV) or None,
+    parser.add_argument("--data_dir", default=os.environ.get(eval_data.DATA_ENV) or None,
                         help=f"offline: folder with piqa/, hellaswag/, arc_easy/ in their release formats (default: "
-                             f"${DATA_ENV} if set, else the Hub)")
+                             f"${eval_data.DATA_ENV} if set, else the Hub)")
     parser.add_argument("--output", help="write lm-eval's results dict plus our metadata (`mot_eval`) to this JSON")
     parser.add_argument("--perplexity", metavar="FILE", help="also (or only) report loss/perplexity on a .txt[.gz]")
     parser.add_argument("--block_size", type=int, help="perplexity block length (default max_position_embeddings)")
-    parser.add_argument("--mot_routing", choices=MOT_ROUTINGS,
-                        help="override the saved MoT routing; `discrete` is the temperature -> 0 limit")
+    parser.add_argument("--mot_routing", help="override the saved MoT routing (a value of MoTConfig.mot_routing); "
+                                              "`discrete` is the temperature -> 0 limit")
     parser.add_argument("--backend", choices=("mot", "hf"), default="mot",
                         help="mot: masked fixed-group batches (default); hf: lm-eval's stock model, for comparison")
     parser.add_argument("--update_card", action="store_true",
@@ -306,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    check_mot_routing(args.mot_routing)
     for name in ("limit", "batch_size", "block_size"):
         value = getattr(args, name)
         if value is not None and value <= 0:

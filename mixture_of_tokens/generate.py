@@ -12,11 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from .model_folder import check_mot_routing, load_model_and_tokenizer
 from .utils import UserError
-
-# configuration_mot.MOT_ROUTINGS, restated for the command lines: importing the config imports torch, which would
-# slow every `--help` by seconds (tests/test_cli.py checks that both agree).
-ROUTINGS = ("softmax", "uniform", "discrete")
 
 
 def read_prompts(prompts: list[str] | None, prompts_file: str | None) -> list[str]:
@@ -34,8 +31,6 @@ def read_prompts(prompts: list[str] | None, prompts_file: str | None) -> list[st
 
 def load_for_generation(model_path: str | Path, mot_routing: str | None = None, device: str | None = None):
     """Model folder -> (model in eval mode, tokenizer set up for left padding); loaded as `mot eval` loads it."""
-    from .model_folder import load_model_and_tokenizer
-
     model, tokenizer = load_model_and_tokenizer(model_path, mot_routing=mot_routing, device=device)
     # Left padding keeps every prompt's last token in the last column, where generation continues.
     tokenizer.padding_side = "left"
@@ -123,11 +118,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="nucleus sampling probability mass (with --do_sample)")
     parser.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
     parser.add_argument("--stream", action="store_true", help="print tokens as they are generated (one prompt)")
-    parser.add_argument("--mot_routing", choices=ROUTINGS, default=None,
-                        help="override the MoT routing; 'discrete' is the temperature -> 0 limit, where each expert "
-                             "takes only the highest-scoring token of its group")
+    parser.add_argument("--mot_routing", default=None,
+                        help="override the MoT routing (a value of MoTConfig.mot_routing); 'discrete' is the "
+                             "temperature -> 0 limit, where each expert takes only the highest-scoring token of its "
+                             "group")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    check_mot_routing(args.mot_routing)
     if args.top_p > 1:
         raise UserError(f"--top_p must be in (0, 1], got {args.top_p}")
 

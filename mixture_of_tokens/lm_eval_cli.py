@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import sys
 
-from .lm_eval_tasks import DATA_ENV, TASKS_DIR
+from .eval_data import DATA_ENV
+from .lm_eval_tasks import TASKS_DIR
 
 _OVERRIDE_NOTICE = "Task '%s' from %s overrides existing task from %s"
 

@@ -100,6 +100,21 @@ def check_model_folder(folder: str | Path, *, weights: bool = True) -> Path:
     return folder
 
 
+def check_mot_routing(mot_routing: str | None) -> None:
+    """A command's `--mot_routing` judged by `MoTConfig`, which holds the routings, as one line naming the flag.
+
+    Its commands check it after parsing rather than as argparse choices: importing the config imports torch, which
+    their `--help` does without."""
+    if mot_routing is None:
+        return
+    from .modeling.configuration_mot import MoTConfig
+
+    try:
+        MoTConfig(mot_routing=mot_routing)
+    except ValueError as error:
+        raise UserError(f"--mot_routing: {error}") from None
+
+
 def load_model_and_tokenizer(model_dir, mot_routing: str | None = None, config_overrides: dict | None = None,
                              device: str | None = None):
     """Load a saved model folder (safetensors weights only) and its tokenizer, in eval mode.

@@ -33,7 +33,7 @@ from .cards import refresh_card
 from .cpu_memory import retain_freed_cpu_memory
 from .data import DataArguments, collate_blocks, limit_blocks, load_raw_text, pack_blocks, require_blocks
 from .model_folder import TRAIN_RESULTS_FILE, TRAINER_STATE_FILE, TRAINING_ARGS_FILE
-from .modeling.configuration_mot import PRESETS, MoTConfig
+from .modeling.configuration_mot import EMBEDDING_INITS, NORM_TYPES, POSITION_EMBEDDING_TYPES, PRESETS, MoTConfig
 from .utils import UserError, apply_umask
 
 if TYPE_CHECKING:
@@ -43,6 +43,13 @@ logger = logging.get_logger(__name__)
 
 DEFAULT_PRESET = "tiny-mot"
 PAPER_WARMUP_FRACTION = 2_500 / 150_000  # 2.5K warm-up steps of 150K
+
+
+def _values_help(name: str, values: tuple[str, ...]) -> str:
+    """The allowed values of config field `name` and its default, as MoTConfig states them."""
+    return f"{' or '.join(values)} (config default: {MoTConfig.__dataclass_fields__[name].default})"
+
+
 # Fields of MoTConfig that `mot train` takes as flags (`--group_size 16`), with their help where the name alone says
 # too little. Each becomes a ModelArguments field of the same name, typed from MoTConfig: a new config field is
 # a flag by one line here.
@@ -69,11 +76,11 @@ CONFIG_FLAGS = {
                         "callback needs outputs.logits in training."),
     "mot_recompute": ("Recompute MoT's merged and processed tokens in backward instead of saving them: less "
                       "activation memory for one more expert forward (docs/performance.md)."),
-    "embedding_init": "fan_in_hidden (config default) or unit_fan_in (the authors' embedding initialisation).",
+    "embedding_init": _values_help("embedding_init", EMBEDDING_INITS) + "; unit_fan_in is the authors' initialisation.",
     "final_norm": "LayerNorm before the output head (config default: true; the authors' code has none).",
     # The modern (Llama-style) block options; the tiny-modern-* and modern-* presets set them all.
-    "position_embedding_type": "learned (default) or rope",
-    "norm_type": "layernorm (default) or rmsnorm",
+    "position_embedding_type": _values_help("position_embedding_type", POSITION_EMBEDDING_TYPES),
+    "norm_type": _values_help("norm_type", NORM_TYPES),
     "gated_mlp": "SwiGLU-style gated dense layers and experts",
     "num_key_value_heads": "grouped-query attention",
     "attention_bias": None,

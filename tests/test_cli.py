@@ -122,11 +122,19 @@ def test_converted_folder_has_the_umask_permissions(model_dir, tmp_path):
         assert path.stat().st_mode & 0o777 == expected, f"{path}: {oct(path.stat().st_mode & 0o777)}"
 
 
-def test_command_line_routings_are_the_configs():
-    from mixture_of_tokens.generate import ROUTINGS
+@pytest.mark.parametrize("command", ["generate", "eval"])
+def test_an_unknown_routing_gives_one_line_naming_it_and_the_allowed_ones(command, model_dir, tmp_path):
+    """MoTConfig judges `--mot_routing` (its commands take no argparse choices: the routings live in the config)."""
     from mixture_of_tokens.modeling.configuration_mot import MOT_ROUTINGS
 
-    assert ROUTINGS == MOT_ROUTINGS
+    result = subprocess.run([MOT, *COMMAND_LINES[command](model_dir, tmp_path), "--mot_routing", "bogus"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr[-2000:]
+    assert lines[0].startswith(f"mot {command}: error: --mot_routing") and "'bogus'" in lines[0], lines[0]
+    assert ", ".join(MOT_ROUTINGS) in lines[0], lines[0]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_readme_and_help_give_the_same_smoke_run_time():

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from mixture_of_tokens.lm_eval_tasks import DATA_ENV, TASKS_DIR
+from mixture_of_tokens.eval_data import DATA_ENV
+from mixture_of_tokens.lm_eval_tasks import TASKS_DIR
 
 TASKS = ["piqa", "hellaswag", "arc_easy"]
 BIN = Path(sys.executable).parent

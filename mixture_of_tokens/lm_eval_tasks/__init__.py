@@ -16,6 +16,5 @@ Hub-backed tasks of the same name for that run:
 from pathlib import Path
 
 TASKS_DIR = Path(__file__).resolve().parent
-DATA_ENV = "MOT_EVAL_DATA"
 
-__all__ = ["TASKS_DIR", "DATA_ENV"]
+__all__ = ["TASKS_DIR"]

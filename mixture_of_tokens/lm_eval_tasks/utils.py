@@ -13,8 +13,7 @@ from pathlib import Path
 
 from lm_eval.tasks.hellaswag.utils import process_docs as process_hellaswag  # lm-eval's own HellaSwag cleanup
 
-from mixture_of_tokens.eval_data import LOCAL_TASKS, prepare_local_file
-from mixture_of_tokens.lm_eval_tasks import DATA_ENV
+from mixture_of_tokens.eval_data import DATA_ENV, LOCAL_TASKS, prepare_local_file
 from mixture_of_tokens.utils import UserError
 
 
