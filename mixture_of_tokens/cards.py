@@ -137,16 +137,6 @@ def _format_value(value: Any) -> str:
     return str(value)
 
 
-def _public_dataset(spec: str) -> str:
-    """A dataset as a public card may name it: a Hub dataset id as is, local data by its file name only."""
-    from .data import LOCAL_FORMATS
-
-    path = Path(spec).expanduser()
-    local = (path.is_absolute() or spec.startswith((".", "~")) or spec.count("/") > 1 or "\\" in spec
-             or spec.lower().endswith(tuple(LOCAL_FORMATS)) or path.exists())
-    return f"local data `{path.name}`" if local else spec
-
-
 def _precision(values: dict[str, Any]) -> str:
     """One phrase for three flags (ModelArguments.bf16_weights, TrainingArguments.bf16 and fp16)."""
     if values.get("bf16_weights"):
@@ -159,17 +149,17 @@ def _precision(values: dict[str, Any]) -> str:
 
 
 def _recipe_rows(args: dict[str, Any], complete: bool, default_block_size: int) -> list[tuple[str, str]]:
-    from .data import DEFAULT_SOURCE
+    from .data import public_source  # data.py imports torch, which `mot card --help` does without
 
     values = dict(args)
+    for key in DATASET_KEYS:
+        if isinstance(values.get(key), str):
+            values[key] = public_source(values[key])
     if complete:  # `mot train`'s record: an argument left at None took the default, which the card spells out
         if values.get("dataset") is None:
-            values["dataset"] = DEFAULT_SOURCE
+            values["dataset"] = public_source(None)
         if values.get("block_size") is None:
             values["block_size"] = default_block_size  # train.resolve_block_size: the model's context
-    for key in DATASET_KEYS:
-        if isinstance(values.get(key), str) and values[key] != DEFAULT_SOURCE:
-            values[key] = _public_dataset(values[key])  # a local path would leak the author's file system
     if isinstance(values.get("max_steps"), int) and values["max_steps"] > 0:
         values.pop("num_train_epochs", None)  # Trainer ignores the epoch count when max_steps is set
     else:

@@ -14,7 +14,6 @@ Mapping is done with `datasets.map`, so the result of local files is cached and 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,9 +110,19 @@ def _local_format(path: Path) -> str | None:
 
 
 def looks_local(spec: str) -> bool:
-    """A path the user meant as local (so "not found" must not fall through to the Hub)."""
-    return (os.sep in spec or spec.startswith((".", "~")) or Path(spec).exists()
-            or any(spec.lower().endswith(suffix) for suffix in LOCAL_FORMATS))
+    """A path the user meant as local (so "not found" must not fall through to the Hub). A Hub dataset id is `name`
+    or `owner/name`: one slash alone does not make a path."""
+    path = Path(spec).expanduser()
+    return (path.is_absolute() or spec.startswith((".", "~")) or spec.count("/") > 1 or "\\" in spec
+            or spec.lower().endswith(tuple(LOCAL_FORMATS)) or path.exists())
+
+
+def public_source(spec: str | None) -> str:
+    """A training source as a public model card names it: a Hub dataset id as is, local data by its file name only
+    (its path would show the author's file system), no `--dataset` as the bundled text."""
+    if spec is None:
+        return DEFAULT_SOURCE
+    return f"local data `{Path(spec).expanduser().name}`" if looks_local(spec) else spec
 
 
 def resolve_local_files(spec: str) -> tuple[str, list[str]]:

@@ -288,6 +288,15 @@ def test_init_optimizer_from_continues_adam_state_and_schedule(tmp_path):
 # data formats
 
 
+def test_a_hub_dataset_id_is_no_local_path_and_a_card_names_local_data_by_its_file(tmp_path):
+    from mixture_of_tokens.data import looks_local, public_source
+
+    assert not looks_local("allenai/c4") and public_source("allenai/c4") == "allenai/c4"
+    (tmp_path / "org").mkdir()
+    assert looks_local(str(tmp_path / "org")) and looks_local("corpus/part/train.txt")
+    assert public_source(str(tmp_path / "novels.txt.gz")) == "local data `novels.txt.gz`"
+
+
 def test_data_formats_folders_and_streaming(tmp_path, tiny_tokenizer, novels_text):
     import pyarrow as pa
     import pyarrow.parquet as pq
