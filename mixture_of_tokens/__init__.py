@@ -1,7 +1,7 @@
 """Mixture of Tokens for Hugging Face Transformers.
 
 Importing this package registers the `mot` model type with AutoConfig, AutoModel and AutoModelForCausalLM, and
-marks the classes for custom-code export, so `save_pretrained` writes an `auto_map` and the three code files and the
+marks the classes for custom-code export, so `save_pretrained` writes an `auto_map` and the model's code files and the
 saved folder loads with `trust_remote_code=True` where this package is not installed.
 
 The names below are looked up when first used (PEP 562), as transformers' own `_LazyModule` does, so they resolve
