@@ -164,8 +164,8 @@ def test_a_dense_block_as_identical_experts_computes_the_dense_block(num_experts
     hidden = torch.randn(2, 7, MODERN["hidden_size"])
     with torch.no_grad():
         for index in (0, 2):
-            theirs, _, _ = routed.model.layers[index].mlp(hidden)
-            ours, _, _ = dense.model.layers[index].mlp(hidden)
+            theirs = routed.model.layers[index].mlp(hidden)
+            ours = dense.model.layers[index].mlp(hidden)
             torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-6)
         ids = torch.randint(0, 50, (2, 9))
         torch.testing.assert_close(routed(ids).logits, dense(ids).logits, rtol=0, atol=1e-5)
