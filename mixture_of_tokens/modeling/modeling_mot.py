@@ -46,7 +46,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationConfig, GenerationMixin
-from transformers.integrations import use_experts_implementation
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, use_experts_implementation
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
@@ -355,20 +355,21 @@ def expert_feed_forward(inputs, up_proj, up_proj_bias, down_proj, down_proj_bias
     return project(hidden, down_proj, down_proj_bias)
 
 
-# Weights stored `[E, in, out]` (transformers' `is_transposed` layout, as GPT-OSS's): the batched matmuls of MoT then
-# read them as they are; through a transposed view, CPU bf16 bmm ran at half the speed (forward + backward).
-@use_experts_implementation(is_transposed=True)
 class MoTExperts(nn.Module):
     """`E` feed-forward experts with stacked weights, under transformers' MoE names in its transposed layout:
     `gate_up_proj [E, d, 2f]` (gate columns first; with `gated_mlp`) or `up_proj [E, d, f]`, and `down_proj [E, f, d]`,
     with `*_bias [E, out]` under `mlp_bias`. Expert `e` computes what the dense feed-forward layer computes, with its
     own weights.
 
-    `process` is the one computation of MoT and Expert Choice (and Token Choice's capacity-limited training path):
-    `[E, N, d] -> [E, N, d]`, expert `e` on row block `e`; the layers reach it through `__call__` (see
-    `RoutedExperts`). `forward(hidden_states, top_k_index, top_k_weights)` is transformers' token-routed interface;
-    `config._experts_implementation` picks the function that runs it (eager: the loop below; batched_mm, grouped_mm
-    or any function registered in `ALL_EXPERTS_FUNCTIONS`).
+    Called in one of two ways, both through `__call__` so that whatever wraps the module applies (PEFT's adapters on
+    `up_proj`/`down_proj`, forward hooks, FSDP's unsharding), and dispatched by `ExpertRowsOrTokens`:
+    - `experts(expert_inputs)`: one block of rows per expert, `[E, N, d] -> [E, N, d]` (`process`: MoT's mixed
+      tokens, Expert Choice's picks, Token Choice's capacity slots);
+    - `experts(hidden_states, top_k_index, top_k_weights)`: transformers' token-routed interface (Token Choice),
+      run by the function `config._experts_implementation` names (eager: `forward` below; batched_mm, grouped_mm
+      or any function registered in `ALL_EXPERTS_FUNCTIONS`).
+
+    The classes below are this one with transformers' flags for one weight layout each (`experts_class`).
     """
 
     def __init__(self, config: MoTConfig):
@@ -433,26 +434,55 @@ class MoTExperts(nn.Module):
         return output
 
 
-class RoutedExperts(MoTExperts):
-    """The experts of one routed layer, called in one of two ways, both through `__call__` so that whatever wraps
-    the module applies (PEFT's adapters on `up_proj`/`down_proj`, forward hooks, FSDP's unsharding):
+class ExpertRowsOrTokens:
+    """The experts interface that `@use_experts_implementation` dispatches `MoTExperts`' calls through: a call with
+    the expert inputs alone runs `process`; a token-routed call runs the function that `config._experts_implementation`
+    names in transformers' `ALL_EXPERTS_FUNCTIONS` (whose registrations it reads, so a user's own function works)."""
 
-    - `experts(hidden_states, top_k_index, top_k_weights)`: transformers' token-routed interface (Token Choice);
-    - `experts(expert_inputs)`: one block of rows per expert, `[E, N, d] -> [E, N, d]` (MoT's mixed tokens, Expert
-      Choice's picks, Token Choice's capacity slots).
+    def get_interface(self, experts_implementation: str, default: Callable) -> Callable:
+        token_routed = ALL_EXPERTS_FUNCTIONS.get_interface(experts_implementation, default)
 
-    `@use_experts_implementation` states one layout per class; ours follows the config (gated or not, biases or
-    not), so the flags the experts functions read are set from it here.
-    """
+        def experts_forward(experts, hidden_states, top_k_index=None, top_k_weights=None):
+            if top_k_index is None:
+                return experts.process(hidden_states)
+            return token_routed(experts, hidden_states, top_k_index, top_k_weights)
 
-    def __init__(self, config: MoTConfig):
-        super().__init__(config)
-        self.has_gate, self.has_bias = config.gated_mlp, config.mlp_bias
+        return experts_forward
 
-    def forward(self, hidden_states, top_k_index=None, top_k_weights=None):
-        if top_k_index is None:
-            return self.process(hidden_states)
-        return super().forward(hidden_states, top_k_index, top_k_weights)
+
+# One class per weight layout: `@use_experts_implementation` states a class's layout, and ours follows the config
+# (gated or not, biases or not). Weights are stored `[E, in, out]` (transformers' `is_transposed` layout, as
+# GPT-OSS's): the batched matmuls of MoT then read them as they are; through a transposed view, CPU bf16 bmm ran at
+# half the speed (forward + backward).
+@use_experts_implementation(is_transposed=True, has_gate=False, experts_interface=ExpertRowsOrTokens())
+class MoTReLUExperts(MoTExperts):
+    """Experts with `up_proj` (the paper's: ReLU, no biases)."""
+
+
+@use_experts_implementation(is_transposed=True, has_gate=True, experts_interface=ExpertRowsOrTokens())
+class MoTGatedExperts(MoTExperts):
+    """Experts with a fused `gate_up_proj` (the modern presets: SwiGLU)."""
+
+
+@use_experts_implementation(is_transposed=True, has_gate=False, has_bias=True, experts_interface=ExpertRowsOrTokens())
+class MoTReLUExpertsWithBias(MoTExperts):
+    """`MoTReLUExperts` with biases (`mlp_bias`)."""
+
+
+@use_experts_implementation(is_transposed=True, has_gate=True, has_bias=True, experts_interface=ExpertRowsOrTokens())
+class MoTGatedExpertsWithBias(MoTExperts):
+    """`MoTGatedExperts` with biases (`mlp_bias`)."""
+
+
+def experts_class(config: MoTConfig) -> type[MoTExperts]:
+    """The experts class of the config's weight layout."""
+    # CODEPATH: (gated_mlp, mlp_bias): the paper's presets (False, False), the modern ones (True, False).
+    return {
+        (False, False): MoTReLUExperts,
+        (True, False): MoTGatedExperts,
+        (False, True): MoTReLUExpertsWithBias,
+        (True, True): MoTGatedExpertsWithBias,
+    }[config.gated_mlp, config.mlp_bias]
 
 
 class RoutingStatistics(nn.Module):
@@ -520,7 +550,7 @@ class MixtureOfTokens(nn.Module):
         self.group_size = config.group_size
         self.routing = config.mot_routing
         self.gate = MoTRouter(config)
-        self.experts = RoutedExperts(config)
+        self.experts = experts_class(config)(config)
         self.routing_stats = RoutingStatistics()
         # CODEPATH: "off": every preset (the paper's fixed T = 1); "shared" / "per_expert": the paper's learned-temperature
         # ablation, trained with `mot train --learnable_temperature`.
@@ -655,7 +685,7 @@ class TokenChoice(nn.Module):
         self.top_k = config.num_experts_per_tok
         self.capacity_factor = config.capacity_factor
         self.gate = TopKRouter(config)
-        self.experts = RoutedExperts(config)
+        self.experts = experts_class(config)(config)
         self.routing_stats = RoutingStatistics()
 
     def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None,
@@ -734,7 +764,7 @@ class ExpertChoice(nn.Module):
         self.tokens_per_expert = max(1, min(config.group_size,
                                             round(config.num_experts_per_tok * config.group_size / config.num_experts)))
         self.gate = MoTRouter(config)
-        self.experts = RoutedExperts(config)
+        self.experts = experts_class(config)(config)
         self.routing_stats = RoutingStatistics()
 
     def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None,
