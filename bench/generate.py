@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mixture_of_tokens import MoTConfig, MoTForCausalLM
-from mixture_of_tokens.convert import converted_config
+from mixture_of_tokens.conversion.convert import converted_config
 
 
 def build_models(preset: str, top_k: int, device: str, implementations=("grouped_mm",),

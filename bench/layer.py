@@ -39,10 +39,10 @@ import torch
 from flops import flop_floor  # bench/flops.py (this script's folder is on sys.path)
 
 from mixture_of_tokens import MoTConfig
-from mixture_of_tokens.cpu_memory import retain_freed_cpu_memory
 from mixture_of_tokens.modeling import modeling_mot
 from mixture_of_tokens.modeling.modeling_mot import FEED_FORWARD_CLASSES, MoTPreTrainedModel
 from mixture_of_tokens.modeling.reference import mixture_of_tokens_reference
+from mixture_of_tokens.training.cpu_memory import retain_freed_cpu_memory
 
 FFN_TYPES = ["dense", "mot", "token_choice", "expert_choice"]
 # --variants name -> (preset, label); the dense and routed rows take BASE_PRESET's sizes.
@@ -305,7 +305,7 @@ def main() -> None:
                         help="Token Choice and Expert Choice rows at 32E (default on; --no-routed drops them)")
     parser.add_argument("--system_malloc", action="store_true",
                         help="leave glibc malloc as it is (by default freed memory is kept for reuse, as `mot train` "
-                             "does on CPU; see mixture_of_tokens/cpu_memory.py)")
+                             "does on CPU; see mixture_of_tokens/training/cpu_memory.py)")
     parser.add_argument("--reference_positions", type=int, default=4,
                         help="positions of the input the naive reference runs on, for each variant (0: skip it)")
     parser.add_argument("--precisions", nargs="+", choices=list(PRECISIONS), default=list(PRECISIONS))

@@ -26,7 +26,7 @@ from layer import FFN_TYPES, PRECISIONS, build_layer, interleaved_medians, time_
 from torch.profiler import profile
 
 from mixture_of_tokens import MoTConfig
-from mixture_of_tokens.cpu_memory import retain_freed_cpu_memory
+from mixture_of_tokens.training.cpu_memory import retain_freed_cpu_memory
 
 
 class LossOnly(torch.nn.Module):

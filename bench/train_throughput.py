@@ -37,10 +37,10 @@ from flops import step_flops  # bench/flops.py (this script's folder is on sys.p
 from transformers import TrainerCallback
 
 from mixture_of_tokens import PRESETS, MoTConfig, MoTForCausalLM
-from mixture_of_tokens.cpu_memory import retain_freed_cpu_memory
 from mixture_of_tokens.data import collate_blocks
-from mixture_of_tokens.train import MoTTrainingArguments
-from mixture_of_tokens.trainer import MoTTrainer
+from mixture_of_tokens.training.cpu_memory import retain_freed_cpu_memory
+from mixture_of_tokens.training.train import MoTTrainingArguments
+from mixture_of_tokens.training.trainer import MoTTrainer
 
 PAIRS = {"tiny": ("tiny-dense", "tiny-mot"), "medium": ("transformer-medium", "mot-medium-32e")}
 

@@ -24,7 +24,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from multiprocessing import get_context
 from pathlib import Path
 
-from mixture_of_tokens.model_folder import CONFIG_FILE
+from mixture_of_tokens.folders.model_folder import CONFIG_FILE
 from mixture_of_tokens.utils import UserError, atomic_write_text
 
 from . import report
@@ -89,7 +89,7 @@ def prepare_data(data_dir: Path, folder: Path, budget: Budget) -> tuple[Path, Pa
 
 def train_shared_tokenizer(train_file: Path, folder: Path, vocab_size: int) -> str:
     """Train the one tokenizer every run uses; returns a fingerprint of it (resumed runs must share it)."""
-    from mixture_of_tokens.tokenization import train_bpe_tokenizer
+    from mixture_of_tokens.training.tokenization import train_bpe_tokenizer
 
     with open(train_file, encoding="utf-8") as handle:
         tokenizer = train_bpe_tokenizer((line for line in handle if line.strip()), vocab_size=vocab_size)
@@ -155,7 +155,7 @@ def common_train_settings(budget: Budget, data: dict) -> dict:
 
 
 def train_run(run: Run, learning_rate: float, budget: Budget, data: dict, output: Path) -> dict:
-    from mixture_of_tokens.train import run_training, training_arguments
+    from mixture_of_tokens.training.train import run_training, training_arguments
 
     every = min(budget.eval_every, max(1, run.steps // 4))
     saving = ({"save_strategy": "steps", "save_steps": run.steps, "save_total_limit": 1} if run.save_checkpoint
@@ -178,7 +178,7 @@ def train_run(run: Run, learning_rate: float, budget: Budget, data: dict, output
 
 
 def transition_run(job: Transition, source_dir: Path, output: Path) -> dict:
-    from mixture_of_tokens.convert import transition_tune
+    from mixture_of_tokens.conversion.convert import transition_tune
 
     every = max(1, job.steps // 5)
     outcome, checkpoint = transition_tune(
@@ -195,7 +195,7 @@ def transition_run(job: Transition, source_dir: Path, output: Path) -> dict:
 
 
 def zero_shot(key: str, model_dir: Path, data_dir: Path, limit: int, output: Path) -> dict:
-    from mixture_of_tokens.evaluation import evaluate
+    from mixture_of_tokens.evaluation.evaluation import evaluate
 
     results = evaluate(model_dir, tasks=report.ZERO_SHOT_TASKS, data_dir=data_dir, limit=limit, output=output,
                        device="cuda" if _cuda() else "cpu")
@@ -488,7 +488,7 @@ def check_arguments(args) -> tuple[str, ...]:
                         "(recorded runs are kept) or --overwrite to start again")
     if not (args.data_dir / CORPUS).is_file():
         raise UserError(f"no novels corpus at {args.data_dir / CORPUS}; pass --data_dir pointing at shared/data")
-    from mixture_of_tokens import eval_data
+    from mixture_of_tokens.evaluation import eval_data
 
     eval_data.check_data_dir(args.data_dir, list(report.ZERO_SHOT_TASKS))
     return sections

@@ -13,16 +13,16 @@ from .utils import UserError
 
 # name -> ("module:function", one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("mixture_of_tokens.train:main", "pretrain a MoT (or dense/Token Choice) model with Trainer"),
-    "convert": ("mixture_of_tokens.convert:convert_main", "turn a MoT checkpoint into Token Choice (or back)"),
-    "transition": ("mixture_of_tokens.convert:transition_main", "convert to Token Choice and keep training"),
+    "train": ("mixture_of_tokens.training.train:main", "pretrain a MoT (or dense/Token Choice) model with Trainer"),
+    "convert": ("mixture_of_tokens.conversion.convert:convert_main", "turn a MoT checkpoint into Token Choice (or back)"),
+    "transition": ("mixture_of_tokens.conversion.convert:transition_main", "convert to Token Choice and keep training"),
     "generate": ("mixture_of_tokens.generate:main", "generate text, streaming tokens as they come"),
-    "eval": ("mixture_of_tokens.evaluation:main", "zero-shot lm-eval tasks (PIQA, HellaSwag, ARC-Easy), perplexity"),
-    "lm-eval": ("mixture_of_tokens.lm_eval_cli:main",
+    "eval": ("mixture_of_tokens.evaluation.evaluation:main", "zero-shot lm-eval tasks (PIQA, HellaSwag, ARC-Easy), perplexity"),
+    "lm-eval": ("mixture_of_tokens.evaluation.lm_eval_cli:main",
                 "lm-evaluation-harness's command line, with the batch-aware `mot` model registered"),
-    "card": ("mixture_of_tokens.cards:main", "render or refresh a model folder's README.md model card"),
-    "push": ("mixture_of_tokens.hub:push_main", "upload a model folder to the Hugging Face Hub"),
-    "pull": ("mixture_of_tokens.hub:pull_main", "download a model from the Hub into a folder"),
+    "card": ("mixture_of_tokens.folders.cards:main", "render or refresh a model folder's README.md model card"),
+    "push": ("mixture_of_tokens.folders.hub:push_main", "upload a model folder to the Hugging Face Hub"),
+    "pull": ("mixture_of_tokens.folders.hub:pull_main", "download a model from the Hub into a folder"),
     "serve": ("mixture_of_tokens.serve:main", "serve a dense or Token Choice model over an OpenAI-compatible HTTP API"),
 }
 

@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .model_folder import check_mot_routing, load_model_and_tokenizer
+from .folders.model_folder import check_mot_routing, load_model_and_tokenizer
 from .utils import UserError
 
 

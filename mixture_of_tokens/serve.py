@@ -53,7 +53,7 @@ def serving_refusal(config) -> str | None:
 
 def check_servable(model_dir: str | Path) -> Path:
     """The folder, checked as every `mot` command checks it, and refused in one `UserError` if it cannot be served."""
-    from .model_folder import check_model_folder, check_weights, read_config_dict
+    from .folders.model_folder import check_model_folder, check_weights, read_config_dict
 
     folder = check_model_folder(model_dir, weights=False)
     if read_config_dict(folder).get("model_type") == "mot":
@@ -113,7 +113,7 @@ class FolderLoader:
             raise UserError(f"cannot load the tokenizer saved in {model_id}: {error}") from None
 
     def load_model_and_processor(self, model_id: str, on_progress=None):
-        from .model_folder import load_model_and_tokenizer
+        from .folders.model_folder import load_model_and_tokenizer
 
         if on_progress is not None:
             on_progress({"status": "loading", "model": model_id, "stage": "model"})

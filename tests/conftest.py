@@ -60,7 +60,7 @@ def novels_text(shared_data) -> str:
 @pytest.fixture(scope="session")
 def tiny_tokenizer(novels_text):
     """A 2048-token byte-level BPE trained on the novels (seconds)."""
-    from mixture_of_tokens.tokenization import train_bpe_tokenizer
+    from mixture_of_tokens.training.tokenization import train_bpe_tokenizer
 
     lines = novels_text.splitlines()
     return train_bpe_tokenizer((line for line in lines[:20000]), vocab_size=2048)
@@ -77,7 +77,7 @@ we had everything before us, we had nothing before us -- "we were all going dire
 @pytest.fixture(scope="session")
 def small_tokenizer():
     """A byte-level BPE trained on a paragraph (300 ids: the 256 bytes, <|endoftext|>, 43 merges)."""
-    from mixture_of_tokens.tokenization import train_bpe_tokenizer
+    from mixture_of_tokens.training.tokenization import train_bpe_tokenizer
 
     return train_bpe_tokenizer(PARAGRAPH.splitlines() * 20, vocab_size=300)
 

@@ -15,9 +15,9 @@ import pytest
 from huggingface_hub import ModelCard
 
 from mixture_of_tokens import MoTConfig
-from mixture_of_tokens.cards import _format_value, render_card
 from mixture_of_tokens.cli import main as mot
 from mixture_of_tokens.data import DEFAULT_SOURCE
+from mixture_of_tokens.folders.cards import _format_value, render_card
 
 # Values a default run would not have, so that each one can only have come from the recorded arguments.
 RECIPE = {"learning_rate": "0.003", "weight_decay": "0.05", "max_grad_norm": "0.7", "adam_beta2": "0.98",

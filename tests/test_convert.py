@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mixture_of_tokens import MoTConfig, MoTForCausalLM
 from mixture_of_tokens.cli import main as mot
-from mixture_of_tokens.convert import CONVERSION_FILE, SET_ASIDE_FILE
+from mixture_of_tokens.conversion.convert import CONVERSION_FILE, SET_ASIDE_FILE
 
 
 def tensors(folder):
@@ -221,8 +221,8 @@ def test_transition_without_checkpoint_starts_fresh_and_says_so(trained_tiny_mot
 def test_transition_keyword_settings_are_the_flags_given(tiny_model_folder, tmp_path):
     """`mot transition`'s extra flags reach `transition_tune` as exactly the settings given, typed; the settings it
     sets itself are refused before anything is written."""
-    from mixture_of_tokens.convert import transition_tune
-    from mixture_of_tokens.train import given_settings
+    from mixture_of_tokens.conversion.convert import transition_tune
+    from mixture_of_tokens.training.train import given_settings
     from mixture_of_tokens.utils import UserError
 
     given = given_settings(["--learning_rate", "1e-3", "--no_remove_unused_columns", "--block_size", "32"])

@@ -16,7 +16,7 @@ GLIBC_LINUX = sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
 # on our CI machine (whose kernel also pages out idle memory), so 16 rounds: with glibc's default none is free.
 PROBE = textwrap.dedent("""
     import resource, torch
-    from mixture_of_tokens.cpu_memory import retain_freed_cpu_memory
+    from mixture_of_tokens.training.cpu_memory import retain_freed_cpu_memory
     applied = retain_freed_cpu_memory()
     faults = []
     for _ in range(16):

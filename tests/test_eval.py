@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from mixture_of_tokens import cli
-from mixture_of_tokens.eval_data import convert_arc, convert_hellaswag, convert_piqa
-from mixture_of_tokens.evaluation import load_model_and_tokenizer, prepare_tasks, run_tasks
+from mixture_of_tokens.evaluation.eval_data import convert_arc, convert_hellaswag, convert_piqa
+from mixture_of_tokens.evaluation.evaluation import load_model_and_tokenizer, prepare_tasks, run_tasks
 
 TASKS = ["piqa", "hellaswag", "arc_easy"]
 LIMIT = 20
@@ -117,7 +117,7 @@ def test_mot_task_scores_do_not_depend_on_other_tasks(mot_run, trained_tiny_mot,
 def test_mot_padding_never_mixes(trained_tiny_mot, novels_text):
     """Right padding is masked: widening every row's padding (by lengthening one row's continuation past all
     others) leaves the other rows' log-likelihoods unchanged, though they share MoT groups with that row."""
-    from mixture_of_tokens.lm_eval_model import MoTLM
+    from mixture_of_tokens.evaluation.lm_eval_model import MoTLM
 
     model, tokenizer = load_model_and_tokenizer(trained_tiny_mot)
     lm = MoTLM(model, tokenizer=tokenizer, batch_size=8)
@@ -265,7 +265,7 @@ def test_offline_without_data_stops_in_one_line_and_mot_eval_data_is_the_offline
 
 def test_continuation_longer_than_the_context_window(trained_tiny_mot, novels_text):
     """HFLM stops with an assertion here; MoTLM scores the continuation's last max_length tokens."""
-    from mixture_of_tokens.lm_eval_model import MoTLM
+    from mixture_of_tokens.evaluation.lm_eval_model import MoTLM
 
     model, tokenizer = load_model_and_tokenizer(trained_tiny_mot)
     lm = MoTLM(model, tokenizer=tokenizer, batch_size=8)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mixture_of_tokens import MoTConfig, MoTForCausalLM
-from mixture_of_tokens.gguf_export import dense_as_experts, export_gguf
+from mixture_of_tokens.conversion.gguf_export import dense_as_experts, export_gguf
 from mixture_of_tokens.utils import UserError
 
 MODERN = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=24, expert_size=24,

@@ -23,10 +23,10 @@ from huggingface_hub import ModelCard
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
 from mixture_of_tokens import MoTConfig, MoTForCausalLM
-from mixture_of_tokens.accounting import model_size
-from mixture_of_tokens.cards import refresh_card, render_card
 from mixture_of_tokens.cli import main as mot
-from mixture_of_tokens.hub import plan_upload
+from mixture_of_tokens.folders.accounting import model_size
+from mixture_of_tokens.folders.cards import refresh_card, render_card
+from mixture_of_tokens.folders.hub import plan_upload
 
 EVAL_RESULTS = {
     "results": {
@@ -269,7 +269,7 @@ def test_parameter_count_from_config_matches_the_model(overrides):
 
 
 def test_card_states_the_block_type():
-    from mixture_of_tokens.cards import block_description
+    from mixture_of_tokens.folders.cards import block_description
 
     paper = block_description(MoTConfig.from_preset("tiny-mot"))
     assert paper.startswith("the paper's (GPT-2-style) blocks: pre-LayerNorm, learned absolute position embeddings")

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from mixture_of_tokens.eval_data import DATA_ENV
-from mixture_of_tokens.lm_eval_tasks import TASKS_DIR
+from mixture_of_tokens.evaluation.eval_data import DATA_ENV
+from mixture_of_tokens.evaluation.lm_eval_tasks import TASKS_DIR
 
 TASKS = ["piqa", "hellaswag", "arc_easy"]
 BIN = Path(sys.executable).parent
@@ -82,7 +82,7 @@ def test_shipped_tasks_read_the_documents_of_mot_eval(shared_data, tmp_path, mon
     """`--include_path` tasks and `mot eval --data_dir` build the same requests from the same documents."""
     from lm_eval.tasks import TaskManager
 
-    from mixture_of_tokens.evaluation import prepare_tasks
+    from mixture_of_tokens.evaluation.evaluation import prepare_tasks
 
     monkeypatch.setenv(DATA_ENV, str(shared_data))
     monkeypatch.setenv("MOT_CACHE", str(tmp_path))
@@ -101,7 +101,7 @@ def test_shipped_tasks_read_the_documents_of_mot_eval(shared_data, tmp_path, mon
 
 
 def test_data_folder_errors_are_one_clear_line(shared_data, tmp_path, monkeypatch):
-    from mixture_of_tokens.lm_eval_tasks import utils
+    from mixture_of_tokens.evaluation.lm_eval_tasks import utils
     from mixture_of_tokens.utils import UserError
 
     monkeypatch.delenv(DATA_ENV, raising=False)
@@ -118,7 +118,7 @@ def test_data_folder_errors_are_one_clear_line(shared_data, tmp_path, monkeypatc
 
 
 def test_batch_size_flags_are_recognised():
-    from mixture_of_tokens.lm_eval_cli import names_batch_size
+    from mixture_of_tokens.evaluation.lm_eval_cli import names_batch_size
 
     for argv in (["--batch_size", "4"], ["--batch_size=4"], ["-b", "4"], ["-b4"], ["--batch", "4"],
                  ["--config", "run.yaml"], ["-C", "run.yaml"]):
@@ -128,7 +128,7 @@ def test_batch_size_flags_are_recognised():
 
 
 def test_mot_model_refuses_loading_options_it_would_ignore():
-    from mixture_of_tokens.lm_eval_model import MoTLM
+    from mixture_of_tokens.evaluation.lm_eval_model import MoTLM
     from mixture_of_tokens.utils import UserError
 
     for bad, shown in (({"peft": "adapter"}, "does not take peft"), ({"batchsize": 8}, "does not take batchsize"),
@@ -148,7 +148,7 @@ def test_mot_lm_eval_help_is_lm_evals(env, tmp_path):
 def test_stock_lm_eval_hf_on_a_token_choice_folder(env, folders, shared_data, tmp_path):
     """The stock command, remote code and all, on the shipped offline task; Token Choice is batch-independent, so it
     scores exactly as `mot eval --data_dir` (our model, in this process) on the same documents."""
-    from mixture_of_tokens.evaluation import load_model_and_tokenizer, run_tasks
+    from mixture_of_tokens.evaluation.evaluation import load_model_and_tokenizer, run_tasks
 
     output = run([str(BIN / "lm_eval"), "--model", "hf", "--model_args",
                   f"pretrained={folders['token_choice']},trust_remote_code=True", "--include_path", str(TASKS_DIR),

@@ -76,7 +76,7 @@ def test_mot_eval_scores_a_modern_model(modern_run, shared_data, novels_text):
 
 
 def test_modern_options_are_mot_train_flags():
-    from mixture_of_tokens.train import build_config, parse_args
+    from mixture_of_tokens.training.train import build_config, parse_args
 
     model_args, _, _ = parse_args(["--output_dir", "unused", "--preset", "tiny-mot", "--position_embedding_type",
                                    "rope", "--norm_type", "rmsnorm", "--gated_mlp", "true", "--num_key_value_heads",

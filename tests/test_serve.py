@@ -96,7 +96,7 @@ def greedy(model, inputs) -> list[int]:
 
 def expected_texts(folder: Path) -> dict[str, str]:
     """What `generate()` answers, greedily, to PROMPT and, where the tokenizer has a chat template, to MESSAGES."""
-    from mixture_of_tokens.model_folder import load_model_and_tokenizer
+    from mixture_of_tokens.folders.model_folder import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(folder, device="cpu")
     texts = {"completion": tokenizer.decode(greedy(model, tokenizer(PROMPT, return_tensors="pt")),

@@ -20,8 +20,8 @@ from transformers.trainer_utils import get_last_checkpoint
 from mixture_of_tokens import MoTConfig, MoTForCausalLM
 from mixture_of_tokens.cli import main as mot
 from mixture_of_tokens.data import DataArguments, collate_blocks, load_raw_text, pack_blocks
-from mixture_of_tokens.train import MoTTrainingArguments, parse_args, run_training
-from mixture_of_tokens.trainer import MoTTrainer
+from mixture_of_tokens.training.train import MoTTrainingArguments, parse_args, run_training
+from mixture_of_tokens.training.trainer import MoTTrainer
 
 REPO = Path(__file__).resolve().parents[1]
 # A small MoT (2 dense + 2 MoT blocks, G = 4) that trains in seconds on a shared 2-core CPU.
@@ -373,7 +373,7 @@ def test_bad_inputs_give_one_clear_error_and_no_output(tmp_path, capsys, case):
 @pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
 def test_two_process_cpu_run(tmp_path, launcher, free_port):
     out = tmp_path / "ddp"
-    train = ["-m", "mixture_of_tokens.train", *small_run(out, None, "--max_steps", "3", "--use_cpu", "true",
+    train = ["-m", "mixture_of_tokens.training.train", *small_run(out, None, "--max_steps", "3", "--use_cpu", "true",
                                                          "--train_tokenizer", "300", "--eval_steps", "3",
                                                          "--save_steps", "3", "--max_eval_blocks", "16")]
     bin_dir = Path(sys.executable).parent
@@ -407,7 +407,7 @@ def test_speed_switches_parse_and_reach_the_config(tmp_path):
 
 def test_every_config_flag_is_a_config_field_typed_like_it():
     """`mot train`'s configuration flags come from MoTConfig: each is a field, parsed to the field's type."""
-    from mixture_of_tokens.train import CONFIG_FLAGS
+    from mixture_of_tokens.training.train import CONFIG_FLAGS
 
     fields = MoTConfig.__dataclass_fields__
     assert set(CONFIG_FLAGS) <= set(fields)
@@ -419,7 +419,7 @@ def test_every_config_flag_is_a_config_field_typed_like_it():
 
 def test_keyword_settings_give_the_command_lines_arguments(tmp_path):
     """`training_arguments(**settings)` (the Python API the reproduction uses) equals parsing the same flags."""
-    from mixture_of_tokens.train import training_arguments
+    from mixture_of_tokens.training.train import training_arguments
     from mixture_of_tokens.utils import UserError
 
     settings = {"output_dir": str(tmp_path / "out"), "preset": "tiny-mot", "mlp_types": "dense,mot", "max_steps": 7,

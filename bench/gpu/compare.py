@@ -53,7 +53,7 @@ sys.path.insert(0, str(REPO))  # this checkout's package, installed or not (benc
 
 from mixture_of_tokens import MoTConfig, MoTForCausalLM  # noqa: E402
 from mixture_of_tokens.data import split_novels  # noqa: E402
-from mixture_of_tokens.tokenization import train_bpe_tokenizer  # noqa: E402
+from mixture_of_tokens.training.tokenization import train_bpe_tokenizer  # noqa: E402
 from mixture_of_tokens.utils import UserError  # noqa: E402
 
 sys.path.insert(0, str(REPO / "bench"))

@@ -19,6 +19,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..utils import UserError, atomic_directory
 from .model_folder import (
     CONFIG_FILE,
     CONVERSION_FILE,
@@ -30,7 +31,6 @@ from .model_folder import (
     check_config,
     check_weights,
 )
-from .utils import UserError, atomic_directory
 
 CODE_FILES = ("configuration_mot.py", "modeling_mot.py", "performance_mot.py", "legacy_mot.py")
 TOKENIZER_DEFINITIONS = ("tokenizer.json", "vocab.json", "tokenizer.model", "vocab.txt", "spiece.model")
@@ -74,7 +74,7 @@ def _weight_files(model_dir: Path) -> list[str]:
 
 def _completed_config(model_dir: Path) -> bytes | None:
     """config.json with every `auto_map` entry we support, or None when the saved one is already complete."""
-    from .modeling.configuration_mot import AUTO_MAP, MoTConfig
+    from ..modeling.configuration_mot import AUTO_MAP, MoTConfig
 
     path = model_dir / CONFIG_FILE
     raw = check_config(model_dir)  # one line for a config that is not JSON or holds an invalid value
@@ -133,7 +133,7 @@ def plan_upload(model_dir: str | Path) -> UploadPlan:
     files.update({n: model_dir / n for n in (*tokenizer, *TOKENIZER_EXTRAS) if (model_dir / n).is_file()})
 
     # The folder's own code files match its weights; a folder saved without them gets the installed package's.
-    installed_dir = Path(__file__).resolve().parent / "modeling"
+    installed_dir = Path(__file__).resolve().parent.parent / "modeling"
     for name in CODE_FILES:
         files[name] = model_dir / name if (model_dir / name).is_file() else installed_dir / name
 

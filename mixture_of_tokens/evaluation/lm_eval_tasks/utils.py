@@ -1,7 +1,7 @@
 """Where the shipped tasks get their documents: the original release files in `$MOT_EVAL_DATA`.
 
 lm-eval loads this file by its path (`!function utils.load_piqa` in the YAML next to it), so it imports the package
-by absolute name. The documents are built by the same code as `mot eval --data_dir` (`mixture_of_tokens.eval_data`:
+by absolute name. The documents are built by the same code as `mot eval --data_dir` (`mixture_of_tokens.evaluation.eval_data`:
 convert once into the Hub schema, cache by content hash, read with the `json` builder), so both give the same scores.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from lm_eval.tasks.hellaswag.utils import process_docs as process_hellaswag  # lm-eval's own HellaSwag cleanup
 
-from mixture_of_tokens.eval_data import DATA_ENV, LOCAL_TASKS, prepare_local_file
+from mixture_of_tokens.evaluation.eval_data import DATA_ENV, LOCAL_TASKS, prepare_local_file
 from mixture_of_tokens.utils import UserError
 
 

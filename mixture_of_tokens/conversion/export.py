@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .utils import UserError
+from ..utils import UserError
 
 EXPORT_TARGETS = ("qwen2_moe", "llama")
 
@@ -122,8 +122,8 @@ def exportable_config(src: Path, target: str, refusal) -> object:
     weights, or `refusal(config)` (a reason, or None) says `target` cannot take it."""
     from transformers import AutoConfig
 
-    from . import MoTConfig
-    from .model_folder import check_config, check_weights
+    from .. import MoTConfig
+    from ..folders.model_folder import check_config, check_weights
 
     if not src.is_dir():
         raise UserError(f"source model folder {str(src)!r} does not exist")
@@ -142,9 +142,9 @@ def export_stock(src: str | Path, dst: str | Path, to: str, overwrite: bool = Fa
     """Write `dst`: the MoT-family model folder `src` as a stock `to` model folder (see the module docstring)."""
     from transformers import AutoModelForCausalLM
 
-    from . import MoTConfig
-    from .model_folder import CARD_FILE, CONVERSION_FILE, copy_tokenizer
-    from .utils import atomic_directory
+    from .. import MoTConfig
+    from ..folders.model_folder import CARD_FILE, CONVERSION_FILE, copy_tokenizer
+    from ..utils import atomic_directory
 
     if to not in EXPORT_TARGETS:
         raise UserError(f"--to {to!r} is not an export target; allowed: {', '.join(EXPORT_TARGETS)}")
@@ -175,7 +175,7 @@ def export_stock(src: str | Path, dst: str | Path, to: str, overwrite: bool = Fa
 
 def export_card(src: Path, dst: Path, config, architecture: str) -> str:
     """The exported folder's README.md: what it was converted from, with the source's recipe, and how to serve it."""
-    from .cards import training_section
+    from ..folders.cards import training_section
 
     recipe = training_section(src, config.max_position_embeddings)
     rows = "\n".join(f"| {key} | {value} |" for key, value in (recipe or {}).get("rows", []))

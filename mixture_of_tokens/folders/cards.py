@@ -10,7 +10,7 @@ that changes the model:
 - `conversion.json` (written by `mot convert` and `mot transition`): which model this one was converted from. A
   public card names it only by a Hub repo id, never by a local path ("converted from a local model").
 
-The templates live in `mixture_of_tokens/model_cards/` (one per model family plus shared `_*.md` sections).
+The templates live in `mixture_of_tokens/folders/model_cards/` (one per model family plus shared `_*.md` sections).
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ..utils import UserError, atomic_write_text
 from .accounting import model_size
 from .model_folder import CARD_FILE, CONFIG_FILE, EVAL_RESULTS_FILE, TRAINING_ARGS_FILE, check_config
 from .model_records import EvalRow, read_conversion, read_eval_results, read_trainer_state, read_training_arguments
-from .utils import UserError, atomic_write_text
 
 TAGS = ["mixture-of-tokens", "mixture-of-experts", "custom_code", "text-generation"]
 
@@ -149,7 +149,7 @@ def _precision(values: dict[str, Any]) -> str:
 
 
 def _recipe_rows(args: dict[str, Any], complete: bool, default_block_size: int) -> list[tuple[str, str]]:
-    from .data import public_source  # data.py imports torch, which `mot card --help` does without
+    from ..data import public_source  # data.py imports torch, which `mot card --help` does without
 
     values = dict(args)
     for key in DATASET_KEYS:
@@ -293,7 +293,7 @@ def template_name(config, conversion: dict[str, Any] | None = None) -> str:
 
 
 def _load_template(name: str) -> str:
-    return resources.files("mixture_of_tokens").joinpath("model_cards", name).read_text(encoding="utf-8")
+    return resources.files(__package__).joinpath("model_cards", name).read_text(encoding="utf-8")
 
 
 def render_card(model_dir: str | Path, *, repo_id: str | None = None, model_name: str | None = None,
@@ -302,7 +302,7 @@ def render_card(model_dir: str | Path, *, repo_id: str | None = None, model_name
     import jinja2
     from huggingface_hub import ModelCard, ModelCardData
 
-    from .modeling.configuration_mot import MoTConfig
+    from ..modeling.configuration_mot import MoTConfig
 
     model_dir = Path(model_dir)
     if not (model_dir / CONFIG_FILE).is_file():

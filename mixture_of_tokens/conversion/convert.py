@@ -16,9 +16,16 @@ import json
 import sys
 from pathlib import Path
 
+from ..folders.model_folder import (
+    CONFIG_FILE,
+    CONVERSION_FILE,
+    TRAINING_ARGS_FILE,
+    check_config,
+    check_weights,
+    copy_tokenizer,
+)
+from ..utils import UserError, atomic_directory
 from .export import EXPORT_TARGETS, export_stock
-from .model_folder import CONFIG_FILE, CONVERSION_FILE, TRAINING_ARGS_FILE, check_config, check_weights, copy_tokenizer
-from .utils import UserError, atomic_directory
 
 # Tensors the target architecture has no place for (MoT's learnable temperature in a Token Choice model) are
 # kept here, byte for byte, so that converting back restores them and the round trip loses nothing.
@@ -30,8 +37,8 @@ def _load_source_config(src: str | Path):
     """The MoT config of folder `src`, or a `UserError` saying why it cannot be converted."""
     from transformers import AutoConfig
 
-    from . import MoTConfig  # registers the "mot" model type
-    from .modeling.configuration_mot import ROUTED_TYPES
+    from .. import MoTConfig  # registers the "mot" model type
+    from ..modeling.configuration_mot import ROUTED_TYPES
 
     src = Path(src)
     if not src.is_dir():
@@ -160,7 +167,7 @@ def _source_training_arguments(src: Path) -> str | None:
 
 def write_card(dst: Path) -> None:
     """Render the model card once the folder has its final name (the card is titled after the folder)."""
-    from .cards import refresh_card
+    from ..folders.cards import refresh_card
 
     refresh_card(dst)  # reads conversion.json: base_model and how this model was derived
 
@@ -294,7 +301,7 @@ def transition_tune(src: str | Path, dst: str | Path, *, steps: int, top_k: int 
     """
     from transformers import AutoTokenizer
 
-    from .train import run_training, training_arguments
+    from ..training.train import run_training, training_arguments
 
     reserved = sorted(set(train_settings) & set(RESERVED_TRAIN_FLAGS))
     if reserved:
@@ -315,7 +322,10 @@ def transition_tune(src: str | Path, dst: str | Path, *, steps: int, top_k: int 
     model_args, data_args, training_args = training_arguments(
         **train_settings, output_dir=str(dst), max_steps=steps, overwrite_output_dir=overwrite)
     inherited = _inherit_source_settings(src, set(train_settings), data_args, training_args)
-    from .trainer import checkpoint_global_step, find_optimizer_checkpoint  # after parsing: Trainer is slow to import
+    from ..training.trainer import (  # after parsing: Trainer is slow to import
+        checkpoint_global_step,
+        find_optimizer_checkpoint,
+    )
 
     checkpoint = find_optimizer_checkpoint(src)
     if checkpoint is None:
@@ -362,7 +372,7 @@ def transition(argv: list[str]):
     parser.add_argument("--steps", type=int, required=True,
                         help="training steps after the switch (the paper: 10%% of the MoT run)")
     args, train_argv = parser.parse_known_args(argv)
-    from .train import given_settings
+    from ..training.train import given_settings
 
     return transition_tune(args.src, args.dst, steps=args.steps, top_k=args.top_k,
                            capacity_factor=args.capacity_factor, overwrite=args.overwrite,

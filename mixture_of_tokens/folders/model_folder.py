@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .utils import UserError
+from ..utils import UserError
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -43,7 +43,7 @@ def check_config(folder: Path) -> dict:
     """Validate a Mixture of Tokens `config.json` the way `MoTConfig` does, as one line naming the file."""
     config = read_config_dict(folder)
     if config.get("model_type") == "mot":
-        from .modeling.configuration_mot import MoTConfig
+        from ..modeling.configuration_mot import MoTConfig
 
         try:
             MoTConfig.from_dict(config)
@@ -107,7 +107,7 @@ def check_mot_routing(mot_routing: str | None) -> None:
     their `--help` does without."""
     if mot_routing is None:
         return
-    from .modeling.configuration_mot import MoTConfig
+    from ..modeling.configuration_mot import MoTConfig
 
     try:
         MoTConfig(mot_routing=mot_routing)

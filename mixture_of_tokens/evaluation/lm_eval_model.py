@@ -19,7 +19,7 @@ Dense and Token Choice models (dropless and batch-independent in eval) go throug
 scores equal the stock `hf` model's.
 
 From lm-eval's command line: `mot lm-eval --model mot --model_args pretrained=DIR [--batch_size B] --tasks ...`
-(`mixture_of_tokens.lm_eval_cli`), which registers this model and leaves the batch size, when none is given, to the
+(`mixture_of_tokens.evaluation.lm_eval_cli`), which registers this model and leaves the batch size, when none is given, to the
 model's `group_size` instead of lm-eval's default of 1.
 """
 
@@ -41,7 +41,7 @@ from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 from transformers.utils import logging
 
-from .utils import UserError
+from ..utils import UserError
 
 logger = logging.get_logger(__name__)
 # Under lm-eval's logger, so its command line shows these lines (at INFO) with its own, and `mot eval` does not.
@@ -163,7 +163,7 @@ class MoTLM(HFLM):
             # lm-eval's command line asks for cuda:0 unless told otherwise; like its `hf` model, use the CPU then.
             device = "cpu"
         if isinstance(pretrained, (str, Path)):
-            from .model_folder import load_model_and_tokenizer
+            from ..folders.model_folder import load_model_and_tokenizer
 
             pretrained, loaded_tokenizer = load_model_and_tokenizer(pretrained, mot_routing=mot_routing, device=device)
             tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer

@@ -19,8 +19,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .model_folder import CONFIG_FILE
-from .utils import UserError
+from ..folders.model_folder import CONFIG_FILE
+from ..utils import UserError
 
 TARGETS = ("dense", "mot", "token_choice")
 # Llama config fields we cannot honour, with the value that means "not used".
@@ -43,7 +43,7 @@ def mot_config_from_llama(llama: dict, to: str, routed_layers: list[int] | None,
     """The MoTConfig of the converted model (UserError naming the first Llama field we cannot honour)."""
     from transformers import AutoConfig
 
-    from . import MoTConfig
+    from .. import MoTConfig
 
     if to not in TARGETS:
         raise UserError(f"--to {to!r} is not a Llama conversion target; allowed: {', '.join(TARGETS)}")
@@ -152,10 +152,10 @@ def convert_llama(src: str | Path, dst: str | Path, to: str, routed_layers: list
     """Write the converted model folder (weights, config, code files, tokenizer, conversion.json, card)."""
     import torch
 
-    from . import MoTForCausalLM
-    from .cards import refresh_card
-    from .model_folder import CONVERSION_FILE, copy_tokenizer
-    from .utils import atomic_directory
+    from .. import MoTForCausalLM
+    from ..folders.cards import refresh_card
+    from ..folders.model_folder import CONVERSION_FILE, copy_tokenizer
+    from ..utils import atomic_directory
 
     src, dst = Path(src), Path(dst)
     if not src.is_dir():

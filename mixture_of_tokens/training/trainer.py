@@ -17,9 +17,9 @@ from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 from transformers.utils import logging
 
-from .model_folder import TRAINER_STATE_FILE
+from ..folders.model_folder import TRAINER_STATE_FILE
+from ..utils import UserError, apply_umask
 from .telemetry import RoutingTelemetryCallback
-from .utils import UserError, apply_umask
 
 logger = logging.get_logger(__name__)
 

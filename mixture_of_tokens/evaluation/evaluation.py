@@ -18,10 +18,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..folders.model_folder import EVAL_RESULTS_FILE, check_mot_routing, load_model_and_tokenizer
+from ..utils import UserError, atomic_write_text
+
 # torch, transformers and lm-eval are imported where they are used, so that `mot eval --help` answers at once.
 from . import eval_data
-from .model_folder import EVAL_RESULTS_FILE, check_mot_routing, load_model_and_tokenizer
-from .utils import UserError, atomic_write_text
 
 DEFAULT_TASKS = ("piqa", "hellaswag", "arc_easy")
 
@@ -185,7 +186,7 @@ def perplexity(model, tokenizer, text_file, *, block_size: int | None = None, ba
     import torch.nn.functional as F
     from tqdm import tqdm
 
-    from .data import DataArguments, load_raw_text, pack_blocks, require_blocks
+    from ..data import DataArguments, load_raw_text, pack_blocks, require_blocks
     from .lm_eval_model import is_batch_dependent
 
     config = model.config
@@ -266,7 +267,7 @@ def store_for_card(model_dir, record: dict) -> Path:
     merged_results = {**stored.get("results", {}), **record["results"]} if same_settings else dict(record["results"])
     merged_meta = {**old_meta, **new_meta} if same_settings else new_meta
     write_json_atomically({"results": merged_results, "metadata": merged_meta}, path)
-    from .cards import refresh_card  # the card reads eval_results.json into its table and model-index
+    from ..folders.cards import refresh_card  # the card reads eval_results.json into its table and model-index
 
     print(f"refreshed the model card {refresh_card(model_dir)}")
     return path

@@ -4,7 +4,7 @@
     mot lm-eval --help
 
 Every flag goes to lm-eval unchanged (lm-eval 0.4 finds no models in installed packages, so `lm_eval --model mot`
-cannot work; this command imports `mixture_of_tokens.lm_eval_model`, which registers `MoTLM` as `mot`, then runs
+cannot work; this command imports `mixture_of_tokens.evaluation.lm_eval_model`, which registers `MoTLM` as `mot`, then runs
 lm-eval's entry point). `--model hf` and every other lm-eval model work as with `lm_eval`. Three things differ from
 `lm_eval`, all about what gets printed or which batch size a MoT model uses:
 
@@ -12,7 +12,7 @@ lm-eval's entry point). `--model hf` and every other lm-eval model work as with 
   lm-eval's default of 1, which would put every sequence of a MoT model in a group of its own;
 * `fatal: not a git repository` (git asked for the working folder's commit outside a repository) is not printed;
 * lm-eval's notice that a task of `--include_path` overrides the stock task of the same name is not printed for the
-  task folder shipped here (`python -m mixture_of_tokens.lm_eval_tasks`), whose tasks do exactly that by design.
+  task folder shipped here (`python -m mixture_of_tokens.evaluation.lm_eval_tasks`), whose tasks do exactly that by design.
 """
 
 from __future__ import annotations

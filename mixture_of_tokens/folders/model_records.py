@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..utils import UserError
 from .model_folder import CONVERSION_FILE, EVAL_RESULTS_FILE, TRAINER_STATE_FILE, TRAINING_ARGS_FILE
-from .utils import UserError
 
 # The sections `mot train` nests its arguments under in training_args.json (later sections win on a name clash).
 ARGUMENT_SECTIONS = ("model_args", "data_args", "training_args")

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .utils import UserError, atomic_write_text
+from ..utils import UserError, atomic_write_text
 
 # Names the folder of release files for the shipped lm-eval tasks (lm_eval_tasks/), and `mot eval --data_dir`'s default.
 DATA_ENV = "MOT_EVAL_DATA"

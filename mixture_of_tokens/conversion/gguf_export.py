@@ -24,8 +24,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..utils import UserError, atomic_write
 from .export import export_refusal, exportable_config
-from .utils import UserError, atomic_write
 
 GGUF_ARCH = "qwen2moe"
 GGUF_DTYPES = ("f32", "f16")

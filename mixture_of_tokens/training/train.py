@@ -1,4 +1,4 @@
-"""`mot train` (also `python -m mixture_of_tokens.train`): pretrain a MoT, dense, Token Choice or Expert Choice
+"""`mot train` (also `python -m mixture_of_tokens.training.train`): pretrain a MoT, dense, Token Choice or Expert Choice
 model with `HfArgumentParser` + `TrainingArguments` + `Trainer`.
 
 Every `TrainingArguments` flag works (`--max_steps` or `--max-steps`); the defaults are the paper's recipe
@@ -29,12 +29,12 @@ from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy, get_last_checkpoint
 from transformers.utils import logging
 
-from .cards import refresh_card
+from ..data import DataArguments, collate_blocks, limit_blocks, load_raw_text, pack_blocks, require_blocks
+from ..folders.cards import refresh_card
+from ..folders.model_folder import TRAIN_RESULTS_FILE, TRAINER_STATE_FILE, TRAINING_ARGS_FILE
+from ..modeling.configuration_mot import EMBEDDING_INITS, NORM_TYPES, POSITION_EMBEDDING_TYPES, PRESETS, MoTConfig
+from ..utils import UserError, apply_umask
 from .cpu_memory import retain_freed_cpu_memory
-from .data import DataArguments, collate_blocks, limit_blocks, load_raw_text, pack_blocks, require_blocks
-from .model_folder import TRAIN_RESULTS_FILE, TRAINER_STATE_FILE, TRAINING_ARGS_FILE
-from .modeling.configuration_mot import EMBEDDING_INITS, NORM_TYPES, POSITION_EMBEDDING_TYPES, PRESETS, MoTConfig
-from .utils import UserError, apply_umask
 
 if TYPE_CHECKING:
     from .trainer import MoTTrainer
@@ -256,7 +256,7 @@ def load_tokenizer(model_args: ModelArguments, config: MoTConfig, raw, data_args
     """The tokenizer named by --tokenizer, the one saved with --init_from, or one trained on the training text."""
     from transformers import AutoTokenizer
 
-    from .data import iter_texts
+    from ..data import iter_texts
     from .tokenization import train_bpe_tokenizer
 
     if model_args.tokenizer and model_args.train_tokenizer:
@@ -282,7 +282,7 @@ def load_tokenizer(model_args: ModelArguments, config: MoTConfig, raw, data_args
 def build_model(model_args: ModelArguments, config: MoTConfig, tokenizer):
     from transformers import set_seed
 
-    from .modeling.modeling_mot import MoTForCausalLM
+    from ..modeling.modeling_mot import MoTForCausalLM
 
     if model_args.init_from:
         if len(tokenizer) > config.vocab_size:

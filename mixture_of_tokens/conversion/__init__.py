@@ -1,0 +1,1 @@
+"""Conversion: `mot convert` and `mot transition`, Llama import, stock-architecture and GGUF export."""

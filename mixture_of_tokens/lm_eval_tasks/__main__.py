@@ -1,5 +1,0 @@
-"""Print the task folder, for `--include_path "$(python -m mixture_of_tokens.lm_eval_tasks)"`."""
-
-from mixture_of_tokens.lm_eval_tasks import TASKS_DIR
-
-print(TASKS_DIR)
