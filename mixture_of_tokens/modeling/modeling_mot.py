@@ -440,11 +440,10 @@ class ExpertRowsOrTokens:
     names in transformers' `ALL_EXPERTS_FUNCTIONS` (whose registrations it reads, so a user's own function works)."""
 
     def get_interface(self, experts_implementation: str, default: Callable) -> Callable:
-        token_routed = ALL_EXPERTS_FUNCTIONS.get_interface(experts_implementation, default)
-
         def experts_forward(experts, hidden_states, top_k_index=None, top_k_weights=None):
-            if top_k_index is None:
+            if top_k_index is None:  # needs no implementation: a layer used on its own has none set
                 return experts.process(hidden_states)
+            token_routed = ALL_EXPERTS_FUNCTIONS.get_interface(experts_implementation, default)
             return token_routed(experts, hidden_states, top_k_index, top_k_weights)
 
         return experts_forward
