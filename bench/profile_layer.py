@@ -3,11 +3,12 @@
     python bench/profile_layer.py --types dense mot            # bf16 weights, the sizes of bench/layer.py
     python bench/profile_layer.py --types mot --precision bf16_autocast
     python bench/profile_layer.py --kernels                     # single kernels against the memory bandwidth
+    python bench/profile_layer.py --variant 32e-16 --precision fp32   # a granular variant (MoT/32E/16)
 
 First a wall-clock breakdown of MoT (timed like `bench/layer.py`, interleaved, median): the benchmark's own loss
 alone (an identity layer), MoT's mixing alone (experts replaced by an identity), the whole MoT layer and dense.
 Then torch.profiler's operator table for each of `--types`, grouped by input shape (the profiler adds overhead,
-so its totals exceed the wall clock). Same layers, inputs and loss as `bench/layer.py` and, on CPU, the same
+so its totals exceed the wall clock), with each matmul's rate in GFLOP/s beside dense's. Same layers, inputs and loss as `bench/layer.py` and, on CPU, the same
 retained-memory allocator setting; times are per step.
 
 `--kernels` instead times the layer's single kernels at the same sizes, each with the bytes it must read and
@@ -22,7 +23,7 @@ import statistics
 import time
 
 import torch
-from layer import FFN_TYPES, PRECISIONS, build_layer, interleaved_medians, time_step
+from layer import FFN_TYPES, PRECISIONS, VARIANTS, build_layer, interleaved_medians, time_step
 from torch.profiler import profile
 
 from mixture_of_tokens import MoTConfig
@@ -124,6 +125,15 @@ def print_kernels(config: MoTConfig, args) -> None:
         print(f"  {name:<40}{seconds * 1e3:8.2f}{nbytes / seconds / 1e9:8.1f}")
 
 
+def matmul_flops(name: str, shapes: list) -> int:
+    """FLOPs of one call of a matmul operator from its recorded input shapes (0 for anything else)."""
+    if name not in ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm"):
+        return 0
+    first, second = [shape for shape in shapes if len(shape) in (2, 3)][-2:]  # after add*'s input, if any
+    batch = first[0] if len(first) == 3 else 1
+    return 2 * batch * first[-2] * first[-1] * second[-1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--types", nargs="+", choices=FFN_TYPES, default=["dense", "mot"])
@@ -131,6 +141,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rows", type=int, default=15, help="operators shown per layer type")
+    parser.add_argument("--variant", choices=list(VARIANTS), default="32e",
+                        help="the MoT variant (bench/layer.py's presets); dense stays the flop-matched FFN")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--system_malloc", action="store_true", help="leave glibc malloc as it is")
     parser.add_argument("--kernels", action="store_true",
@@ -139,7 +151,7 @@ def main() -> None:
     if args.device == "cpu" and not args.system_malloc:
         retain_freed_cpu_memory()
     dtype, autocast_dtype = PRECISIONS[args.precision]
-    config = MoTConfig.from_preset("mot-medium-32e")
+    config = MoTConfig.from_preset(VARIANTS[args.variant][0])
     if args.kernels:
         print_kernels(config, args)
         return
@@ -158,11 +170,13 @@ def main() -> None:
         events = profiler.key_averages(group_by_input_shape=True)
         total = sum(event.self_cpu_time_total for event in events) / args.steps / 1e3
         print(f"\n{ffn_type} ({args.precision}, {args.device}): {total:.1f} ms of operator time per step")
-        print(f"{'operator':<34}{'ms/step':>9}{'calls':>7}  input shapes")
+        print(f"{'operator':<34}{'ms/step':>9}{'calls':>7}{'GFLOP/s':>9}  input shapes")
         for event in sorted(events, key=lambda e: -e.self_cpu_time_total)[: args.rows]:
             shapes = ", ".join(str(shape) for shape in event.input_shapes if shape)
+            flops = matmul_flops(event.key, event.input_shapes) * event.count
+            rate = f"{flops / event.self_cpu_time_total / 1e3:>9.0f}" if flops else " " * 9
             print(f"{event.key[:33]:<34}{event.self_cpu_time_total / args.steps / 1e3:>9.2f}"
-                  f"{event.count // args.steps:>7}  {shapes[:70]}")
+                  f"{event.count // args.steps:>7}{rate}  {shapes[:70]}")
 
 
 if __name__ == "__main__":
