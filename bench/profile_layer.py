@@ -141,6 +141,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rows", type=int, default=15, help="operators shown per layer type")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--variant", choices=list(VARIANTS), default="32e",
                         help="the MoT variant (bench/layer.py's presets); dense stays the flop-matched FFN")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -155,7 +157,8 @@ def main() -> None:
     if args.kernels:
         print_kernels(config, args)
         return
-    inputs = torch.randn(32, 256, config.hidden_size, device=args.device, dtype=dtype, requires_grad=True)
+    inputs = torch.randn(args.batch, args.seq, config.hidden_size, device=args.device, dtype=dtype,
+                         requires_grad=True)
 
     print_breakdown(config, inputs, autocast_dtype, args)
     for ffn_type in args.types:
