@@ -79,17 +79,22 @@ def test_checkpoints_with_the_earlier_names_load_unchanged(name, tmp_path):
                                    logits, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("mlp_bias", [False, True])
 @pytest.mark.parametrize("block", ["paper", "modern"])
-def test_token_choice_runs_every_experts_implementation(block, tmp_path):
+def test_token_choice_runs_every_experts_implementation(block, mlp_bias, tmp_path):
     """`from_pretrained(..., experts_implementation=...)` and `set_experts_implementation` select the function the
-    Token Choice layers really call: eager, batched_mm, grouped_mm or one registered in ALL_EXPERTS_FUNCTIONS."""
+    Token Choice layers really call: eager, batched_mm, grouped_mm or one registered in ALL_EXPERTS_FUNCTIONS; each of
+    the four weight layouts (gated or not, biases or not) has its own experts class with transformers' flags."""
     extra = MODERN if block == "modern" else {}
-    tiny(["dense", "token_choice", "token_choice"], **extra, mlp_bias=True, num_experts_per_tok=2).save_pretrained(tmp_path)
+    tiny(["dense", "token_choice", "token_choice"], **extra, mlp_bias=mlp_bias, num_experts_per_tok=2).save_pretrained(
+        tmp_path)
     ids, mask = left_padded()
     results = {}
     for implementation in ("eager", "batched_mm", "grouped_mm"):
         model = AutoModelForCausalLM.from_pretrained(tmp_path, experts_implementation=implementation).eval()
         assert model.config._experts_implementation == implementation
+        experts = model.model.layers[1].mlp.experts
+        assert (experts.has_gate, experts.has_bias) == (block == "modern", mlp_bias)
         with torch.no_grad():
             results[implementation] = model(ids, attention_mask=mask).logits
     torch.testing.assert_close(results["batched_mm"], results["eager"], rtol=1e-5, atol=1e-5)

@@ -449,26 +449,29 @@ class ExpertRowsOrTokens:
         return experts_forward
 
 
+EXPERT_ROWS_OR_TOKENS = ExpertRowsOrTokens()
+
+
 # One class per weight layout: `@use_experts_implementation` states a class's layout, and ours follows the config
 # (gated or not, biases or not). Weights are stored `[E, in, out]` (transformers' `is_transposed` layout, as
 # GPT-OSS's): the batched matmuls of MoT then read them as they are; through a transposed view, CPU bf16 bmm ran at
 # half the speed (forward + backward).
-@use_experts_implementation(is_transposed=True, has_gate=False, experts_interface=ExpertRowsOrTokens())
-class MoTReLUExperts(MoTExperts):
-    """Experts with `up_proj` (the paper's: ReLU, no biases)."""
+@use_experts_implementation(is_transposed=True, has_gate=False, experts_interface=EXPERT_ROWS_OR_TOKENS)
+class MoTUngatedExperts(MoTExperts):
+    """Experts with `up_proj` and no gate (the paper's: ReLU, no biases)."""
 
 
-@use_experts_implementation(is_transposed=True, has_gate=True, experts_interface=ExpertRowsOrTokens())
+@use_experts_implementation(is_transposed=True, has_gate=True, experts_interface=EXPERT_ROWS_OR_TOKENS)
 class MoTGatedExperts(MoTExperts):
     """Experts with a fused `gate_up_proj` (the modern presets: SwiGLU)."""
 
 
-@use_experts_implementation(is_transposed=True, has_gate=False, has_bias=True, experts_interface=ExpertRowsOrTokens())
-class MoTReLUExpertsWithBias(MoTExperts):
-    """`MoTReLUExperts` with biases (`mlp_bias`)."""
+@use_experts_implementation(is_transposed=True, has_gate=False, has_bias=True, experts_interface=EXPERT_ROWS_OR_TOKENS)
+class MoTUngatedExpertsWithBias(MoTExperts):
+    """`MoTUngatedExperts` with biases (`mlp_bias`)."""
 
 
-@use_experts_implementation(is_transposed=True, has_gate=True, has_bias=True, experts_interface=ExpertRowsOrTokens())
+@use_experts_implementation(is_transposed=True, has_gate=True, has_bias=True, experts_interface=EXPERT_ROWS_OR_TOKENS)
 class MoTGatedExpertsWithBias(MoTExperts):
     """`MoTGatedExperts` with biases (`mlp_bias`)."""
 
@@ -477,9 +480,9 @@ def experts_class(config: MoTConfig) -> type[MoTExperts]:
     """The experts class of the config's weight layout."""
     # CODEPATH: (gated_mlp, mlp_bias): the paper's presets (False, False), the modern ones (True, False).
     return {
-        (False, False): MoTReLUExperts,
+        (False, False): MoTUngatedExperts,
         (True, False): MoTGatedExperts,
-        (False, True): MoTReLUExpertsWithBias,
+        (False, True): MoTUngatedExpertsWithBias,
         (True, True): MoTGatedExpertsWithBias,
     }[config.gated_mlp, config.mlp_bias]
 
