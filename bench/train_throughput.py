@@ -45,22 +45,51 @@ from mixture_of_tokens.training.trainer import MoTTrainer
 PAIRS = {"tiny": ("tiny-dense", "tiny-mot"), "medium": ("transformer-medium", "mot-medium-32e")}
 
 
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 class StepClock(TrainerCallback):
-    """Wall-clock time at the start of the first optimizer step and at the end of every step."""
+    """Wall-clock time at the start of the first optimizer step and at the end of every step, and the seconds of
+    each `optimizer.step()` (Trainer calls the two hooks around it, after gradient clipping)."""
 
     def __init__(self):
         self.start: float | None = None
         self.times: list[float] = []
+        self.optimizer_start = 0.0
+        self.optimizer_seconds: list[float] = []
+        self.clip_seconds: list[float] = []
+
+    def time_clipping(self, trainer) -> None:
+        """Time Trainer's gradient clipping too (it has no callback around it)."""
+        clip = trainer._clip_grad_norm
+
+        def timed_clip(model):
+            synchronize()
+            start = time.perf_counter()
+            norm = clip(model)
+            synchronize()
+            self.clip_seconds.append(time.perf_counter() - start)
+            return norm
+
+        trainer._clip_grad_norm = timed_clip
 
     def on_step_begin(self, args, state, control, **kwargs):
         if self.start is None:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
+            synchronize()
             self.start = time.perf_counter()
 
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        synchronize()
+        self.optimizer_start = time.perf_counter()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        synchronize()
+        self.optimizer_seconds.append(time.perf_counter() - self.optimizer_start)
+
     def on_step_end(self, args, state, control, **kwargs):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        synchronize()
         self.times.append(time.perf_counter())
 
 
@@ -92,6 +121,7 @@ def measure(preset: str, recompute: bool, args) -> dict:
         )
         trainer = MoTTrainer(model=model, args=training_args, train_dataset=data, data_collator=collate_blocks,
                              callbacks=[clock], plots_at_end=False)
+        clock.time_clipping(trainer)
         trainer.train()
     timed = clock.times[args.warmup - 1 :] if args.warmup else [clock.start] + clock.times
     return {
@@ -99,7 +129,14 @@ def measure(preset: str, recompute: bool, args) -> dict:
         "mot_recompute": recompute,
         "parameters": sum(p.numel() for p in model.parameters()),
         "step_seconds": [later - earlier for earlier, later in zip(timed[:-1], timed[1:], strict=True)],
+        "optimizer_seconds": clock.optimizer_seconds[args.warmup :],
+        "clip_seconds": clock.clip_seconds[args.warmup :],
     }
+
+
+def forward_backward(row: dict) -> float:
+    """Seconds per step without gradient clipping and the optimizer step."""
+    return row["seconds_per_step"] - row["clip_seconds_per_step"] - row["optimizer_seconds_per_step"]
 
 
 def recompute_settings(preset: str, args) -> list[bool]:
@@ -113,6 +150,8 @@ def summarize(runs: list[dict], args) -> dict:
     """One row from the repeated runs of a model: the median step time over all their timed steps."""
     step_seconds = [seconds for run in runs for seconds in run["step_seconds"]]
     seconds_per_step = statistics.median(step_seconds)
+    optimizer_seconds = statistics.median(seconds for run in runs for seconds in run["optimizer_seconds"])
+    clip_seconds = statistics.median(seconds for run in runs for seconds in run["clip_seconds"])
     return {
         "preset": runs[0]["preset"],
         "mot_recompute": runs[0]["mot_recompute"],
@@ -121,6 +160,8 @@ def summarize(runs: list[dict], args) -> dict:
         "timed_steps": len(step_seconds),
         "step_seconds": step_seconds,
         "seconds_per_step": seconds_per_step,
+        "optimizer_seconds_per_step": optimizer_seconds,
+        "clip_seconds_per_step": clip_seconds,
         "tokens_per_second": args.batch * args.grad_accum * args.seq_len / seconds_per_step,
     }
 
@@ -170,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         dense_flops = step_flops(model_config(dense["preset"], False, args), args.seq_len)
         for row in results:
             row["step_over_dense"] = row["seconds_per_step"] / dense["seconds_per_step"]
+            # The rest of the step (forward and backward, data and logging), which the FLOP floor describes.
+            row["forward_backward_over_dense"] = forward_backward(row) / forward_backward(dense)
             row["step_flop_floor"] = step_flops(model_config(row["preset"], row["mot_recompute"], args),
                                                 args.seq_len) / dense_flops
             if row is not dense:
@@ -177,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += results
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
     header = (f"{'model':<30} {'params':>10} {'s/step':>9} {'tokens/s':>11} {'x dense':>8} {'floor':>7} "
-              f"{'x floor':>8}")
+              f"{'x floor':>8} {'clip s':>7} {'optim s':>8} {'fwd+bwd x dense':>16}")
     print(f"training throughput: batch {args.batch} x {args.seq_len} tokens x {args.grad_accum} micro-batches per "
           f"step, bf16 autocast {args.bf16}, {device}")
     print(header)
@@ -185,9 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         print(f"{row['name']:<30} {row['parameters'] / 1e6:>9.1f}M {row['seconds_per_step']:>9.3f} "
               f"{row['tokens_per_second']:>11.0f} {row['step_over_dense']:>8.2f} {row['step_flop_floor']:>7.3f} "
-              f"{row['step_over_dense'] / row['step_flop_floor']:>8.2f}")
+              f"{row['step_over_dense'] / row['step_flop_floor']:>8.2f} {row['clip_seconds_per_step']:>7.3f} "
+              f"{row['optimizer_seconds_per_step']:>8.3f} {row['forward_backward_over_dense']:>16.2f}")
     print("x dense: time per step over the dense model's; floor: the step's matmul FLOPs over dense's (forward+backward, "
-          "attention and head included, optimizer not)")
+          "attention and head included, optimizer not); clip s, optim s: gradient clipping and the optimizer step "
+          "(AdamW), both over all the parameters; fwd+bwd: the rest of the step over dense's")
     report = {"settings": vars(args), "device": device, "torch": torch.__version__, "machine": platform.machine(),
               "results": rows}
     path = Path(args.json)

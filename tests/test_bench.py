@@ -58,9 +58,12 @@ def test_training_throughput_times_each_preset(tmp_path):
     out = tmp_path / "throughput.json"
     run_bench("train_throughput.py", "--pairs", "tiny", "--batch", "8", "--seq_len", "16", "--steps", "1",
               "--warmup", "1", "--bf16", "false", "--json", str(out))
-    report = json.loads(out.read_text())
-    text = json.dumps(report)
-    assert "tiny-dense" in text and "tiny-mot" in text
+    rows = {row["preset"]: row for row in json.loads(out.read_text())["results"]}
+    assert set(rows) == {"tiny-dense", "tiny-mot"}
+    for row in rows.values():
+        assert 0 < row["optimizer_seconds_per_step"] < row["seconds_per_step"]
+    assert rows["tiny-dense"]["step_over_dense"] == 1.0 == rows["tiny-dense"]["forward_backward_over_dense"]
+    assert all(row["clip_seconds_per_step"] > 0 for row in rows.values())
 
 
 def test_generation_benchmark_decodes_with_each_experts_implementation(tmp_path):
