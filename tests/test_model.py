@@ -566,27 +566,39 @@ def test_the_authors_embedding_init_and_no_final_norm(tmp_path):
     torch.testing.assert_close(loaded(ids).logits, theirs(ids).logits)
 
 
+@pytest.mark.parametrize("block", BLOCKS)
 @pytest.mark.parametrize("ffn", ["mot", "token_choice", "expert_choice"])
-def test_gated_experts_compute_the_gated_dense_layer_with_their_own_weights(ffn):
-    """Every expert of every routed type is the dense layer's computation (SwiGLU with biases here) with its own
-    weights; with G = 1 and uniform weights MoT is one gated dense layer of width E * f."""
-    layer = small_model(ffn, **MODERN).model.layers[1].mlp
-    dense = small_model("dense", **MODERN, intermediate_size=64).model.layers[1].mlp
-    x = torch.randn(5, 32)
+def test_experts_compute_the_dense_layer_with_their_own_weights(ffn, block):
+    """Every expert of every routed type is the dense layer's computation with its own weights, forward and
+    backward: ReLU without biases (the paper's), SwiGLU with biases (the modern block)."""
+    layer = small_model(ffn, **BLOCKS[block]).model.layers[1].mlp
+    dense = small_model("dense", **BLOCKS[block], intermediate_size=64).model.layers[1].mlp
     experts = layer.experts
+    gated = "gate_up_proj" in dict(experts.named_parameters())
     with torch.no_grad():
-        torch.nn.init.normal_(experts.gate_up_proj_bias)  # not zero, or a missing bias would pass
+        randomize(experts)  # biases not zero, or a missing bias would pass
         for expert in range(4):
-            gate, up = experts.gate_up_proj[expert].chunk(2, dim=1)  # [d, 2f]: gate columns first
-            gate_bias, up_bias = experts.gate_up_proj_bias[expert].chunk(2)
-            dense.gate_proj.weight.copy_(gate.T)
-            dense.up_proj.weight.copy_(up.T)
+            if gated:
+                gate, up = experts.gate_up_proj[expert].chunk(2, dim=1)  # [d, 2f]: gate columns first
+                gate_bias, up_bias = experts.gate_up_proj_bias[expert].chunk(2)
+                dense.gate_proj.weight.copy_(gate.T)
+                dense.gate_proj.bias.copy_(gate_bias)
+                dense.up_proj.weight.copy_(up.T)
+                dense.up_proj.bias.copy_(up_bias)
+                dense.down_proj.bias.copy_(experts.down_proj_bias[expert])
+            else:
+                assert dense.up_proj.bias is None and experts.up_proj_bias is None
+                dense.up_proj.weight.copy_(experts.up_proj[expert].T)
             dense.down_proj.weight.copy_(experts.down_proj[expert].T)
-            dense.gate_proj.bias.copy_(gate_bias)
-            dense.up_proj.bias.copy_(up_bias)
-            dense.down_proj.bias.copy_(experts.down_proj_bias[expert])
-            expected = dense(x)
-            torch.testing.assert_close(experts.process_one(expert, x), expected)
+            x = torch.randn(5, 32)
+            with torch.enable_grad():
+                x_dense, x_expert = x.clone().requires_grad_(), x.clone().requires_grad_()
+                expected = dense(x_dense)
+                output = experts.process_one(expert, x_expert)
+                (expected * x[:, :1]).sum().backward()
+                (output * x[:, :1]).sum().backward()
+            torch.testing.assert_close(output, expected)
+            torch.testing.assert_close(x_expert.grad, x_dense.grad)
             batched = experts.process(x.expand(4, 5, 32).contiguous())[expert]
             torch.testing.assert_close(batched, expected, rtol=1e-5, atol=1e-6)
 

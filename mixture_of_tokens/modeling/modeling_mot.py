@@ -282,6 +282,16 @@ class MoTAttention(nn.Module):
 # --------------------------------------------------------------------------------------------------------------
 
 
+def feed_forward_activation(hidden: torch.Tensor, act_fn: Callable, up: torch.Tensor | None = None) -> torch.Tensor:
+    """What every feed-forward layer computes between its two projections, the dense one and each expert alike:
+    `act(x W_up)` from `hidden = x W_up`, or gated, `act(x W_gate) * (x W_up)` from `hidden = x W_gate` and `up`."""
+    if up is not None:
+        return act_fn(hidden) * up
+    # In place for ReLU: a matmul keeps its inputs, not its output, for backward, so this saves a tensor as large as
+    # the hidden activations.
+    return hidden.relu_() if isinstance(act_fn, nn.ReLU) else act_fn(hidden)
+
+
 class DenseFeedForward(nn.Module):
     """The dense baseline: `act(x W_up) W_down` (the paper: ReLU, no biases), or gated (`gated_mlp`, Llama's
     SwiGLU with silu): `(act(x W_gate) * (x W_up)) W_down`."""
@@ -297,8 +307,10 @@ class DenseFeedForward(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, **routing_kwargs) -> torch.Tensor:
         """`[B, S, d] -> [B, S, d]`; the routed layers' arguments (`token_mask`, `output_routing_stats`) do not apply."""
-        hidden = self.up_proj(hidden_states)
-        hidden = self.act_fn(hidden) if self.gate_proj is None else self.act_fn(self.gate_proj(hidden_states)) * hidden
+        if self.gate_proj is None:
+            hidden = feed_forward_activation(self.up_proj(hidden_states), self.act_fn)
+        else:
+            hidden = feed_forward_activation(self.gate_proj(hidden_states), self.act_fn, self.up_proj(hidden_states))
         return self.down_proj(hidden)
 
 
@@ -342,16 +354,14 @@ def project(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 def expert_feed_forward(inputs, up_proj, up_proj_bias, down_proj, down_proj_bias, act_fn, gated: bool):
     """What an expert computes, for all experts at once (`[E, N, d]` inputs, `[E, in, out]` weights) or for one
-    (`[N, d]`, `[in, out]`): `act(x W_up) W_down`, or gated `(act(x W_gate) * (x W_up)) W_down` with `W_up` the second
-    half of the fused `gate_up_proj`."""
+    (`[N, d]`, `[in, out]`): the dense layer's maths, with `W_gate` and `W_up` the two halves of the fused
+    `gate_up_proj` when gated."""
     hidden = project(inputs, up_proj, up_proj_bias)
     if gated:
         gate, up = hidden.chunk(2, dim=-1)
-        hidden = act_fn(gate) * up
+        hidden = feed_forward_activation(gate, act_fn, up)
     else:
-        # In place for ReLU: a matmul keeps its inputs, not its output, for backward, so this saves a tensor as large
-        # as the hidden activations.
-        hidden = hidden.relu_() if isinstance(act_fn, nn.ReLU) else act_fn(hidden)
+        hidden = feed_forward_activation(hidden, act_fn)
     return project(hidden, down_proj, down_proj_bias)
 
 
