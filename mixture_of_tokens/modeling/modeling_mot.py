@@ -379,7 +379,7 @@ class MoTExperts(nn.Module):
       run by the function `config._experts_implementation` names (eager: `forward` below; batched_mm, grouped_mm
       or any function registered in `ALL_EXPERTS_FUNCTIONS`).
 
-    The classes below are this one with transformers' flags for one weight layout each (`experts_class`).
+    The classes below are this one with transformers' flags for one weight layout each (`make_experts`).
     """
 
     def __init__(self, config: MoTConfig):
@@ -486,15 +486,16 @@ class MoTGatedExpertsWithBias(MoTExperts):
     """`MoTGatedExperts` with biases (`mlp_bias`)."""
 
 
-def experts_class(config: MoTConfig) -> type[MoTExperts]:
-    """The experts class of the config's weight layout."""
+def make_experts(config: MoTConfig) -> MoTExperts:
+    """The experts module of a routed layer, of the class for the config's weight layout."""
     # CODEPATH: (gated_mlp, mlp_bias): the paper's presets (False, False), the modern ones (True, False).
-    return {
+    experts_class = {
         (False, False): MoTUngatedExperts,
         (True, False): MoTGatedExperts,
         (False, True): MoTUngatedExpertsWithBias,
         (True, True): MoTGatedExpertsWithBias,
     }[config.gated_mlp, config.mlp_bias]
+    return experts_class(config)
 
 
 class RoutingStatistics(nn.Module):
@@ -562,7 +563,7 @@ class MixtureOfTokens(nn.Module):
         self.group_size = config.group_size
         self.routing = config.mot_routing
         self.gate = MoTRouter(config)
-        self.experts = experts_class(config)(config)
+        self.experts = make_experts(config)
         self.routing_stats = RoutingStatistics()
         # CODEPATH: "off": every preset (the paper's fixed T = 1); "shared" / "per_expert": the paper's learned-temperature
         # ablation, trained with `mot train --learnable_temperature`.
@@ -697,7 +698,7 @@ class TokenChoice(nn.Module):
         self.top_k = config.num_experts_per_tok
         self.capacity_factor = config.capacity_factor
         self.gate = TopKRouter(config)
-        self.experts = experts_class(config)(config)
+        self.experts = make_experts(config)
         self.routing_stats = RoutingStatistics()
 
     def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None,
@@ -776,7 +777,7 @@ class ExpertChoice(nn.Module):
         self.tokens_per_expert = max(1, min(config.group_size,
                                             round(config.num_experts_per_tok * config.group_size / config.num_experts)))
         self.gate = MoTRouter(config)
-        self.experts = experts_class(config)(config)
+        self.experts = make_experts(config)
         self.routing_stats = RoutingStatistics()
 
     def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None,
