@@ -8,8 +8,8 @@
 First a wall-clock breakdown of MoT (timed like `bench/layer.py`, interleaved, median): the benchmark's own loss
 alone (an identity layer), MoT's mixing alone (experts replaced by an identity), the whole MoT layer and dense.
 Then torch.profiler's operator table for each of `--types`, grouped by input shape (the profiler adds overhead,
-so its totals exceed the wall clock), with each matmul's rate in GFLOP/s beside dense's. Same layers, inputs and loss as `bench/layer.py` and, on CPU, the same
-retained-memory allocator setting; times are per step.
+so its totals exceed the wall clock), with each matmul's rate in GFLOP/s beside dense's. Same layers, inputs and
+loss as `bench/layer.py` and, on CPU, the same retained-memory allocator setting; times are per step.
 
 `--kernels` instead times the layer's single kernels at the same sizes, each with the bytes it must read and
 write: the memory bandwidth (a 128 MiB copy), every pass of MoT's mixing, and the expert matmuls with their
