@@ -4,18 +4,16 @@ Importing this package registers the `mot` model type with AutoConfig, AutoModel
 marks the classes for custom-code export, so `save_pretrained` writes an `auto_map` and the model's code files and the
 saved folder loads with `trust_remote_code=True` where this package is not installed.
 
-The names below are looked up when first used (PEP 562), as transformers' own `_LazyModule` does, so they resolve
-in every process. One process skips the registration: `mot COMMAND --help`. Registering needs the classes, and
-with them torch and transformers' modeling code (seconds); that process only builds the command's argument parser,
-whose module lies in this package, and Python runs this file before any module of the package, so the package
-cannot tell that import from `import mixture_of_tokens` by anything but the command line.
+The names below are looked up when first used (PEP 562), as transformers' own `_LazyModule` does. The registration
+is not lazy (transformers registers classes, not names; docs/design.md): it runs on import, except in a `mot` process
+that only prints help or the version, which the `mot` console script (`mixture_of_tokens_console.py`, outside this
+package so that it runs first) declares before importing the package.
 """
 
 from __future__ import annotations
 
 import importlib
 import sys
-from pathlib import Path
 
 __version__ = "0.1.0"
 
@@ -57,10 +55,11 @@ def _register_with_auto_classes() -> None:
     MoTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 
-def _only_asked_for_help() -> bool:
-    """Whether this process is `mot ... --help`, which prints an argument parser's help and uses no model."""
-    return Path(sys.argv[0]).name == "mot" and any(flag in ("-h", "--help") for flag in sys.argv[1:])
+def _process_uses_no_model() -> bool:
+    """Whether the `mot` console script has declared that this process only prints help or the version."""
+    console = sys.modules.get("mixture_of_tokens_console")
+    return console is not None and console.USES_NO_MODEL
 
 
-if not _only_asked_for_help():
+if not _process_uses_no_model():
     _register_with_auto_classes()

@@ -22,7 +22,6 @@ HEAVY = ("torch", "transformers.modeling_utils", "transformers.trainer", "datase
 ALLOWED = {
     "train": ("torch", "transformers.modeling_utils"),
     "transition": ("torch", "transformers.modeling_utils"),
-    "reproduce": (),
     "lm-eval": ("torch", "transformers.modeling_utils", "datasets", "lm_eval"),  # lm-eval's own CLI imports them
 }
 
@@ -47,6 +46,36 @@ def test_top_level_help_lists_every_command():
     assert result.returncode == 0
     for command in COMMANDS:
         assert f"  {command} " in result.stdout
+
+
+@pytest.mark.parametrize("argv", [[], ["help"], ["-h"], ["--version"]])
+def test_usage_and_version_import_no_heavy_library(argv):
+    env = {**os.environ, "PYTHONPROFILEIMPORTTIME": "1"}
+    result = subprocess.run([MOT, *argv], capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip()
+    assert sorted(set(HEAVY) & imported_modules(result.stderr)) == []
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["card", "--help"], True), (["generate", "folder", "-h"], True), (["-V"], True),
+    (["generate", "folder", "--prompt", "help"], False), (["train", "--output_dir", "out"], False),
+])
+def test_the_console_script_skips_the_registration_only_for_help_and_version(argv, expected):
+    from mixture_of_tokens_console import uses_no_model
+
+    assert uses_no_model(argv) is expected
+
+
+def test_importing_the_package_registers_whatever_the_command_line():
+    """The registration does not depend on how the process was started: a program called `mot`, asked for help,
+    that imports the package itself still gets the `mot` model type registered."""
+    program = ("import sys; sys.argv = ['/usr/bin/mot', 'card', '--help']; import mixture_of_tokens; "
+               "from transformers import CONFIG_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING; "
+               "print(CONFIG_MAPPING['mot'].__name__, MODEL_FOR_CAUSAL_LM_MAPPING[CONFIG_MAPPING['mot']].__name__)")
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["MoTConfig", "MoTForCausalLM"]
 
 
 # ------------------------------------------------------------------ bad model folders: one line, exit 2, nothing written
