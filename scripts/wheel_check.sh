@@ -24,9 +24,11 @@ say "building the wheel and installing it into $VENV"
 python3 -m venv "$VENV"
 # shellcheck disable=SC2086
 "$VENV/bin/python" -m pip install --quiet ${TORCH_SPEC:-torch==2.13.0}
-# Built from a copy: setuptools writes build/ and *.egg-info/ into the source folder.
+# Built from a copy of what the wheel ships (pyproject.toml: the package and the `mot` entry module): setuptools
+# writes build/ and *.egg-info/ into the source folder.
 mkdir -p "$WORK/src"
-cp -r "$ROOT/pyproject.toml" "$ROOT/README.md" "$ROOT/mixture_of_tokens" "$WORK/src/"
+cp -r "$ROOT/pyproject.toml" "$ROOT/README.md" "$ROOT/mixture_of_tokens" "$ROOT/mixture_of_tokens_console.py" \
+  "$WORK/src/"
 find "$WORK/src" \( -name __pycache__ -o -name '*.egg-info' \) -prune -exec rm -rf {} +
 "$VENV/bin/python" -m pip wheel --quiet --no-deps --wheel-dir "$WORK/dist" "$WORK/src"
 wheel="$(ls "$WORK"/dist/mixture_of_tokens-*.whl)"
