@@ -16,8 +16,8 @@ USES_NO_MODEL = False
 
 
 def uses_no_model(argv: list[str]) -> bool:
-    """Whether `mot ARGV` only prints help or the version: the usage (no command, `help`, `-h`), the version
-    (`-V`), or a command's help (argparse prints it wherever `-h` or `--help` stands)."""
+    """Whether `mot ARGV` only prints help or the version: the usage (`mot`, `mot help`, `mot -h`), the version
+    (`mot -V`), or a command's help (argparse prints it wherever `-h` or `--help` stands)."""
     return not argv or argv[0] in ("help", "-V", "--version") or any(arg in ("-h", "--help") for arg in argv)
 
 
