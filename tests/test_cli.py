@@ -67,17 +67,6 @@ def test_the_console_script_skips_the_registration_only_for_help_and_version(arg
     assert uses_no_model(argv) is expected
 
 
-def test_importing_the_package_registers_whatever_the_command_line():
-    """The registration does not depend on how the process was started: a program called `mot`, asked for help,
-    that imports the package itself still gets the `mot` model type registered."""
-    program = ("import sys; sys.argv = ['/usr/bin/mot', 'card', '--help']; import mixture_of_tokens; "
-               "from transformers import CONFIG_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING; "
-               "print(CONFIG_MAPPING['mot'].__name__, MODEL_FOR_CAUSAL_LM_MAPPING[CONFIG_MAPPING['mot']].__name__)")
-    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.split() == ["MoTConfig", "MoTForCausalLM"]
-
-
 # ------------------------------------------------------------------ bad model folders: one line, exit 2, nothing written
 
 

@@ -1,6 +1,7 @@
 """What `import mixture_of_tokens` gives a fresh process: the `mot` model type registered with transformers' Auto
-classes, so a saved folder loads without trust_remote_code, and every name of `__all__`, also in a process
-that skips the registration (`mot COMMAND --help`, declared by the `mot` console script; tests/test_cli.py)."""
+classes, so a saved folder loads without trust_remote_code, whatever the process's command line, and every name of
+`__all__`, also in a process that skips the registration, which only the `mot` console script declares (`mot COMMAND
+--help`; tests/test_cli.py)."""
 
 from __future__ import annotations
 
@@ -43,3 +44,16 @@ def test_every_public_name_resolves_where_the_registration_is_skipped():
               set(mixture_of_tokens.__all__) <= set(dir(mixture_of_tokens)))
     """)
     assert out == ["True", "True", "True"]
+
+
+def test_importing_the_package_registers_whatever_the_command_line():
+    """The registration does not depend on how the process was started: a program called `mot`, asked for help,
+    that imports the package itself still gets the `mot` model type registered."""
+    out = run_fresh("""
+        import sys
+        sys.argv = ["/usr/bin/mot", "card", "--help"]
+        import mixture_of_tokens
+        from transformers import CONFIG_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING
+        print(CONFIG_MAPPING["mot"].__name__, MODEL_FOR_CAUSAL_LM_MAPPING[CONFIG_MAPPING["mot"]].__name__)
+    """)
+    assert out == ["MoTConfig", "MoTForCausalLM"]
