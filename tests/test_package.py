@@ -1,13 +1,17 @@
 """What `import mixture_of_tokens` gives a fresh process: the `mot` model type registered with transformers' Auto
 classes, so a saved folder loads without trust_remote_code, whatever the process's command line, and every name of
 `__all__`, also in a process that skips the registration, which only the `mot` console script declares (`mot COMMAND
---help`; tests/test_cli.py)."""
+--help`; tests/test_cli.py). And the lower bounds on torch and transformers that the README states are pyproject's."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def run_fresh(script: str) -> list[str]:
@@ -57,3 +61,12 @@ def test_importing_the_package_registers_whatever_the_command_line():
         print(CONFIG_MAPPING["mot"].__name__, MODEL_FOR_CAUSAL_LM_MAPPING[CONFIG_MAPPING["mot"]].__name__)
     """)
     assert out == ["MoTConfig", "MoTForCausalLM"]
+
+
+def test_the_readme_states_the_lower_bounds_that_pyproject_declares_and_ci_tests():
+    pyproject = (REPO / "pyproject.toml").read_text()
+    readme = " ".join((REPO / "README.md").read_text().split())
+    for name in ("torch", "transformers"):
+        bound = re.search(rf'"{name}>=([0-9][0-9.]*)', pyproject).group(1)
+        assert f"{name} {bound} or newer" in readme, name  # Set-up
+        assert f"`{name}=={bound}`" in readme, name  # Development: what CI's second part pins
