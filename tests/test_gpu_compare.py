@@ -176,9 +176,10 @@ def test_run_sh_refuses_in_one_line_what_it_cannot_run_with(shared_data, tmp_pat
     assert "no python3.99 on PATH" in refusal("--toy", PYTHON="python3.99")
     pyproject = root / "pyproject.toml"
     text = pyproject.read_text()
-    assert re.search(r'"transformers>=[0-9]', text)
-    pyproject.write_text(re.sub(r'"transformers>=[0-9.]+', '"transformers>=99.0', text))
-    assert "older than 99.0, the lower bound in pyproject.toml" in refusal("--toy")
+    for name in ("torch", "transformers"):
+        assert re.search(rf'"{name}>=[0-9]', text)
+        pyproject.write_text(re.sub(rf'"{name}>=[0-9.]+', f'"{name}>=99.0', text))
+        assert re.search(rf"{name} \S+ is older than 99.0, the lower bound in pyproject.toml", refusal("--toy"))
     pyproject.write_text(text)
     (root / "mixture_of_tokens" / "__init__.py").write_text("raise ImportError('broken on purpose by the test')\n")
     assert "mixture_of_tokens does not import" in refusal("--toy")

@@ -9,8 +9,8 @@
 # Made for a machine with torch and transformers but no `python` on PATH, no package registry and this package not
 # installed: it runs `python3` (or $PYTHON), never installs anything, and puts the repository first on PYTHONPATH so
 # that compare.py and every process it starts import this checkout's package. Before anything else it checks that
-# the corpus is there and that torch, transformers (at least the lower bound in pyproject.toml), tokenizers and this
-# package (from this checkout) import with that interpreter; what is wrong is one line on stderr, exit 2. Then
+# the corpus is there and that torch and transformers (each at least its lower bound in pyproject.toml), tokenizers
+# and this package (from this checkout) import with that interpreter; what is wrong is one line on stderr, exit 2. Then
 # compare.py runs with a 9-minute budget; its exit status (1 when a figure is missing) is this script's.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -59,19 +59,23 @@ for name in ("torch", "transformers", "tokenizers"):
         found[name] = __import__(name).__version__
     except Exception as error:
         fail(f"{name} does not import with {sys.executable} ({type(error).__name__}: {error})")
-bound = re.search(r'"transformers\s*>=\s*([0-9][0-9.]*)', pyproject)
-if bound is None:
-    fail("pyproject.toml names no lower bound for transformers (\"transformers>=X\")")
-if release(found["transformers"]) < release(bound.group(1)):
-    fail(f"transformers {found['transformers']} is older than {bound.group(1)}, the lower bound in pyproject.toml")
+bounds = {}
+for name in ("torch", "transformers"):
+    bound = re.search(rf'"{name}\s*>=\s*([0-9][0-9.]*)', pyproject)
+    if bound is None:
+        fail(f"pyproject.toml names no lower bound for {name} (\"{name}>=X\")")
+    bounds[name] = bound.group(1)
+    if release(found[name]) < release(bounds[name]):
+        fail(f"{name} {found[name]} is older than {bounds[name]}, the lower bound in pyproject.toml")
 try:
     import mixture_of_tokens
 except Exception as error:
     fail(f"mixture_of_tokens does not import from {root} ({type(error).__name__}: {error})")
 if Path(mixture_of_tokens.__file__).resolve().parent != (root / "mixture_of_tokens").resolve():
     fail(f"mixture_of_tokens imports from {Path(mixture_of_tokens.__file__).parent}, not from {root}")
-print(f"bench/gpu/run.sh: python {sys.version.split()[0]} ({sys.executable}), torch {found['torch']}, transformers "
-      f"{found['transformers']} (>= {bound.group(1)}), tokenizers {found['tokenizers']}, mixture_of_tokens from {root}",
+print(f"bench/gpu/run.sh: python {sys.version.split()[0]} ({sys.executable}), torch {found['torch']} "
+      f"(>= {bounds['torch']}), transformers {found['transformers']} (>= {bounds['transformers']}), "
+      f"tokenizers {found['tokenizers']}, mixture_of_tokens from {root}",
       flush=True)
 PYTHON
 
