@@ -38,6 +38,9 @@ from .utils import UserError
 # `ModelManager` loaded models itself, with other signatures throughout).
 MIN_TRANSFORMERS = "5.25.0"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# The continuous batching settings that `transformers serve` takes (its --cb-* options), under
+# `ContinuousBatchingConfig`'s names.
+CB_SETTINGS = ("num_blocks", "page_size", "max_batch_tokens", "max_memory_percent")
 
 
 def serving_refusal(config) -> str | None:
@@ -174,8 +177,10 @@ def _serving_classes():
 
 
 def build_app(folder: str | Path, *, continuous_batching: bool = False, device: str | None = None,
-              seed: int | None = None, log_level: str = "info"):
-    """Start the model's process and build the app: (FastAPI app, model manager). Built as `Serve.run` builds it."""
+              seed: int | None = None, log_level: str = "info", cb_settings: dict | None = None):
+    """Start the model's process and build the app: (FastAPI app, model manager). Built as `Serve.run` builds it;
+    `cb_settings` are `ContinuousBatchingConfig` fields (`CB_SETTINGS`), transformers' defaults where absent."""
+    from transformers import ContinuousBatchingConfig
     from transformers.cli.serving.completion import CompletionHandler
     from transformers.cli.serving.server import build_server
     from transformers.cli.serving.systemone import SystemOneHandler
@@ -185,7 +190,8 @@ def build_app(folder: str | Path, *, continuous_batching: bool = False, device: 
 
     model_manager_class, chat_handler_class, response_handler_class = _serving_classes()
     set_serve_log_level(hf_logging.log_levels[log_level])
-    generation_state = GenerationState(continuous_batching=continuous_batching, seed=seed)
+    cb_config = ContinuousBatchingConfig(**cb_settings) if cb_settings else None
+    generation_state = GenerationState(continuous_batching=continuous_batching, cb_config=cb_config, seed=seed)
     manager = model_manager_class(FolderLoader(device), generation_state, force_model=str(folder))
     shared = dict(model_manager=manager, generation_state=generation_state)
     app = build_server(
@@ -225,14 +231,15 @@ def listening_socket(host: str, port: int):
 
 
 def serve(model_dir: str | Path, host: str = "localhost", port: int = 8000, *, continuous_batching: bool = False,
-          device: str | None = None, seed: int | None = None, log_level: str = "info") -> int:
+          device: str | None = None, seed: int | None = None, log_level: str = "info",
+          cb_settings: dict | None = None) -> int:
     """Serve the folder until stopped (Ctrl+C, SIGTERM). Returns the exit code: 1 if the model's process died."""
     folder = check_servable(model_dir)
     check_serving_available()
     sock = listening_socket(host, port)
     try:
         return _run(folder, sock, host, port, continuous_batching=continuous_batching, device=device, seed=seed,
-                    log_level=log_level)
+                    log_level=log_level, cb_settings=cb_settings)
     finally:
         sock.close()
 
@@ -285,11 +292,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--continuous_batching", action="store_true",
                         help="transformers' continuous batching (paged attention): requests join the running batch "
                              "as they arrive, instead of one generate() call after another")
+    cb_help = {
+        "num_blocks": "KV cache blocks for continuous batching: the cache's size, fixed (default: as much as "
+                      "--cb_max_memory_percent allows)",
+        "page_size": "tokens per page of the KV cache in continuous batching (default: transformers')",
+        "max_batch_tokens": "most tokens per forward pass in continuous batching (default: transformers')",
+        "max_memory_percent": "fraction of the device's free memory, in (0, 1], that continuous batching may take "
+                              "for its KV cache (default 0.6-0.9 by transformers; on a CPU that is of the RAM: "
+                              "give this or --cb_num_blocks on a shared machine)",
+    }
+    for name in CB_SETTINGS:
+        parser.add_argument(f"--cb_{name}", type=float if name == "max_memory_percent" else int, default=None,
+                            help=cb_help[name])
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--seed", type=int, default=None, help="torch seed set as the model's process starts")
     parser.add_argument("--log_level", choices=LOG_LEVELS, default="info", help="level of the server's messages")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if not 0 < args.port < 65536:
         raise UserError(f"--port must be between 1 and 65535, got {args.port}")
+    cb_settings = {name: getattr(args, f"cb_{name}") for name in CB_SETTINGS if getattr(args, f"cb_{name}") is not None}
+    for name, value in cb_settings.items():
+        if not args.continuous_batching:
+            raise UserError(f"--cb_{name} sets continuous batching's cache: give --continuous_batching too")
+        if name == "max_memory_percent" and not 0 < value <= 1:
+            raise UserError(f"--cb_max_memory_percent must be in (0, 1], got {value}")
+        if name != "max_memory_percent" and value < 1:
+            raise UserError(f"--cb_{name} must be a positive integer, got {value}")
     return serve(args.model, args.host, args.port, continuous_batching=args.continuous_batching, device=args.device,
-                 seed=args.seed, log_level=args.log_level)
+                 seed=args.seed, log_level=args.log_level, cb_settings=cb_settings)
