@@ -190,17 +190,22 @@ def test_padding_stays_out_of_groups_under_every_mask_form(block):
 @pytest.mark.skipif(CACHE_NAME != "cache", reason="before transformers 5.24 continuous batching hands the paged cache "
                     "to the attention functions under the name that is the KV cache's from 5.24 (`cache`)")
 def test_continuous_batching_gives_generate_tokens_for_token_choice_and_refuses_mot():
+    from transformers import ContinuousBatchingConfig
+
     prompts = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16, 17]]
     settings = GenerationConfig(max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0)
+    # A cache of 16 blocks: by default its size is 60-90% of the free memory, on a CPU of the RAM (14 GiB here).
+    cache = ContinuousBatchingConfig(num_blocks=16)
     for mlp_types in (["dense", "dense"], ["dense", "token_choice"]):
         model = tiny(mlp_types, **MODERN)
         expected = [model.generate(torch.tensor([p]), generation_config=settings)[0, len(p):].tolist()
                     for p in prompts]
-        outputs = model.generate_batch(inputs=prompts, generation_config=settings)
+        outputs = model.generate_batch(inputs=prompts, generation_config=settings, continuous_batching_config=cache)
         got = [outputs[key].generated_tokens for key in sorted(outputs, key=lambda k: int(k.rsplit("_", 1)[-1]))]
         assert got == expected, mlp_types
     with pytest.raises(ValueError, match="continuous batching cannot run mot layers"):
-        tiny(["dense", "mot"], **MODERN).generate_batch(inputs=prompts, generation_config=settings)
+        tiny(["dense", "mot"], **MODERN).generate_batch(inputs=prompts, generation_config=settings,
+                                                        continuous_batching_config=cache)
 
 
 @pytest.mark.slow
