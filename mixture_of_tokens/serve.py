@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     cb_settings = {name: getattr(args, f"cb_{name}") for name in CB_SETTINGS if getattr(args, f"cb_{name}") is not None}
     for name, value in cb_settings.items():
         if not args.continuous_batching:
-            raise UserError(f"--cb_{name} sets continuous batching's cache: give --continuous_batching too")
+            raise UserError(f"--cb_{name} is a continuous batching setting: give --continuous_batching too")
         if name == "max_memory_percent" and not 0 < value <= 1:
             raise UserError(f"--cb_max_memory_percent must be in (0, 1], got {value}")
         if name != "max_memory_percent" and value < 1:

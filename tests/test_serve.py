@@ -208,7 +208,7 @@ def test_bad_folders_are_one_line(tmp_path, capsys):
 
 def test_bad_continuous_batching_settings_are_one_line(tmp_path, capsys):
     cases = {
-        ("--cb_num_blocks", "16"): "--cb_num_blocks sets continuous batching's cache: give --continuous_batching too",
+        ("--cb_num_blocks", "16"): "--cb_num_blocks is a continuous batching setting: give --continuous_batching too",
         ("--continuous_batching", "--cb_num_blocks", "0"): "--cb_num_blocks must be a positive integer, got 0",
         ("--continuous_batching", "--cb_max_memory_percent", "1.5"): "--cb_max_memory_percent must be in (0, 1], got 1.5",
     }
