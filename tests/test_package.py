@@ -1,7 +1,8 @@
 """What `import mixture_of_tokens` gives a fresh process: the `mot` model type registered with transformers' Auto
 classes, so a saved folder loads without trust_remote_code, whatever the process's command line, and every name of
 `__all__`, also in a process that skips the registration, which only the `mot` console script declares (`mot COMMAND
---help`; tests/test_cli.py). And the lower bounds on torch and transformers that the README states are pyproject's."""
+--help`; tests/test_cli.py). And the lower bounds that the README states (torch, transformers, lm-eval) are
+pyproject's."""
 
 from __future__ import annotations
 
@@ -70,3 +71,5 @@ def test_the_readme_states_the_lower_bounds_that_pyproject_declares_and_ci_tests
         bound = re.search(rf'"{name}>=([0-9][0-9.]*)', pyproject).group(1)
         assert f"{name} {bound} or newer" in readme, name  # Set-up
         assert f"`{name}=={bound}`" in readme, name  # Development: what CI's second part pins
+    lm_eval_bound = re.search(r'"lm-eval>=([0-9][0-9.]*)', pyproject).group(1)
+    assert f"`lm-eval=={lm_eval_bound}`" in readme  # pinned there too
