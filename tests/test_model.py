@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import mixture_of_tokens  # noqa: F401  (registers the Auto classes)
 from mixture_of_tokens import MoTConfig, MoTForCausalLM
-from mixture_of_tokens.modeling import performance_mot
+from mixture_of_tokens.modeling import modeling_mot, performance_mot
 from mixture_of_tokens.modeling.modeling_mot import ExpertChoice, MixtureOfTokens, TokenChoice
 from mixture_of_tokens.modeling.reference import mixture_of_tokens_reference
 
@@ -74,12 +74,26 @@ def test_mot_layer_matches_the_naive_reference_of_the_method(block):
         torch.testing.assert_close(output, mixture_of_tokens_reference(layer, x, token_mask), rtol=1e-5, atol=1e-5)
 
 
+# The two layouts MoT's merged and processed tokens can take between the merge, the experts and the emit
+# (`MixtureOfTokens.merge_process_emit`): transposed views, or explicit expert-major copies (CPU bf16's choice).
+LAYOUTS = {"views": False, "expert_major": True}
+
+
+def assert_close_in_bf16(actual: torch.Tensor, expected: torch.Tensor, name: str = "") -> None:
+    """Two bf16 computations of one result agree up to rounding: their difference is under 1% of its norm (bf16
+    keeps 8 bits, so single elements of different summation orders differ by several units in the last place)."""
+    difference = (actual.float() - expected.float()).norm()
+    assert difference <= 1e-2 * expected.float().norm(), (name, difference.item(), expected.float().norm().item())
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("recompute", [False, True], ids=["saved", "recomputed"])
 @pytest.mark.parametrize("block", BLOCKS)
-def test_granular_mot_layer_matches_the_reference_in_outputs_and_gradients(block, recompute):
+def test_granular_mot_layer_matches_the_reference_in_outputs_and_gradients(block, recompute, layout, monkeypatch):
     """The paper's /16 shape scaled down (E = 16 G experts of size d_ff / 16), with padding: outputs and the
     gradients of the input and of every weight equal the naive reference's, whether the merged and processed
-    tokens are saved for backward or recomputed (`mot_recompute`)."""
+    tokens are saved for backward or recomputed (`mot_recompute`), in either layout."""
+    monkeypatch.setattr(modeling_mot, "batched_matmul_copies_views", lambda tensor: LAYOUTS[layout])
     config = small_config(group_size=2, num_experts=32, expert_size=4, mot_recompute=recompute, **BLOCKS[block])
     # float64, so the comparison measures the method and not the rounding of two summation orders
     layer = randomize(MixtureOfTokens(config), std=0.4).double().train()
@@ -95,6 +109,52 @@ def test_granular_mot_layer_matches_the_reference_in_outputs_and_gradients(block
     for name, grad, expected_grad in zip(["input", *dict(layer.named_parameters())], grads, expected_grads,
                                          strict=True):
         torch.testing.assert_close(grad, expected_grad, rtol=1e-9, atol=1e-9, msg=name)
+
+
+def test_bf16_mot_layer_on_cpu_takes_the_expert_major_layout_and_agrees_with_the_views(monkeypatch):
+    """On CPU in bf16 the batched matmuls copy strided operands, so the layer makes the expert-major layout itself;
+    its outputs and gradients are those of the transposed views', and the mixing weights get no gradient where
+    none is asked for (uniform routing)."""
+    assert modeling_mot.batched_matmul_copies_views(torch.empty(1, dtype=torch.bfloat16))
+    assert not modeling_mot.batched_matmul_copies_views(torch.empty(1))
+    config = small_config(group_size=2, num_experts=32, expert_size=4)
+    layer = randomize(MixtureOfTokens(config), std=0.4).to(torch.bfloat16).train()
+    x = torch.randn(4, 3, 32, dtype=torch.bfloat16, requires_grad=True)
+    results = {}
+    for layout, copies in LAYOUTS.items():
+        monkeypatch.setattr(modeling_mot, "batched_matmul_copies_views", lambda tensor, copies=copies: copies)
+        output = layer(x)
+        results[layout] = output, torch.autograd.grad(output.float().square().sum(), [x, *layer.parameters()])
+    (views, view_grads), (expert_major, expert_major_grads) = results["views"], results["expert_major"]
+    assert_close_in_bf16(expert_major, views)
+    for grad, expected in zip(expert_major_grads, view_grads, strict=True):
+        assert_close_in_bf16(grad, expected)
+    monkeypatch.undo()
+    uniform = randomize(MixtureOfTokens(small_config(mot_routing="uniform")), std=0.4).to(torch.bfloat16).train()
+    inputs = torch.randn(4, 3, 32, dtype=torch.bfloat16, requires_grad=True)
+    uniform(inputs).float().sum().backward()
+    assert inputs.grad is not None and uniform.experts.up_proj.grad is not None
+
+
+@pytest.mark.slow
+def test_bf16_mot_layer_compiles_with_fullgraph_in_either_layout(monkeypatch):
+    """`torch.compile(fullgraph=True)` of a bf16 MoT layer gives eager's outputs and gradients, with the
+    expert-major copies (CPU bf16's layout) and with the views."""
+    config = small_config(group_size=2, num_experts=32, expert_size=4)
+    layer = randomize(MixtureOfTokens(config), std=0.4).to(torch.bfloat16).train()
+    x = torch.randn(4, 3, 32, dtype=torch.bfloat16)
+    for copies in LAYOUTS.values():
+        monkeypatch.setattr(modeling_mot, "batched_matmul_copies_views", lambda tensor, copies=copies: copies)
+        runs = []
+        for run in (layer, torch.compile(layer, fullgraph=True)):
+            inputs = x.clone().requires_grad_()
+            output = run(inputs)
+            runs.append((output, torch.autograd.grad(output.float().square().sum(), [inputs, *layer.parameters()])))
+        torch._dynamo.reset()
+        (eager, eager_grads), (compiled, compiled_grads) = runs
+        assert_close_in_bf16(compiled, eager)
+        for grad, expected in zip(compiled_grads, eager_grads, strict=True):
+            assert_close_in_bf16(grad, expected)
 
 
 def test_group_size_one_is_a_dense_ffn_of_width_experts_times_expert_size():

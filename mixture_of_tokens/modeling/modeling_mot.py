@@ -61,7 +61,15 @@ from .legacy_mot import read_legacy_checkpoint
 
 # The performance paths (the chunked training loss, layout changes with contiguous gradients) live apart in
 # performance_mot.py, which travels to the Hub with this file; they compute exactly what their plain versions do.
-from .performance_mot import ContiguousTranspose, chunked_lm_loss, compute_dtype, drop_group_padding
+from .performance_mot import (
+    ContiguousTranspose,
+    EmitExpertMajor,
+    MergeExpertMajor,
+    batched_matmul_copies_views,
+    chunked_lm_loss,
+    compute_dtype,
+    drop_group_padding,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -638,10 +646,14 @@ class MixtureOfTokens(nn.Module):
     def merge_process_emit(self, mixing: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Steps 3-5 for weights `[p, G, E]` and tokens `[p, G, d]` -> `[p, G, d]`.
 
-        The merged and processed tokens (E/G times the input each) change between position-major and expert-major
-        layout as transposed views, never copies: the batched matmuls read each matrix of such a view as it lies
-        (rows of d contiguous values), which costs less than copying the whole tensor, in forward and backward.
+        The merge and emit are batched over positions, the experts over experts: the merged and processed tokens
+        (E/G times the input each) change between position-major and expert-major layout. Where the batched matmuls
+        read strided operands in place, that change is a transposed view; where they would copy them (CPU bf16), it
+        is made explicitly, once per tensor and into the layout each product reads.
         """
+        if batched_matmul_copies_views(tokens):
+            merged = MergeExpertMajor.apply(mixing, tokens)  # [E, p, d]
+            return EmitExpertMajor.apply(mixing, self.experts(merged))  # [p, G, d]
         # Step 3, merge: one mixed token per expert, m_e = sum_g w[g, e] x[g].
         merged = torch.bmm(mixing.transpose(1, 2), tokens)  # [p, E, G] @ [p, G, d] -> [p, E, d]
         # Step 4, process: expert e on its mixed token of every (group, position).
