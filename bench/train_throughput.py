@@ -98,7 +98,9 @@ def is_dense(preset: str) -> bool:
 
 
 def model_config(preset: str, recompute: bool, args) -> MoTConfig:
-    return MoTConfig.from_preset(preset, max_position_embeddings=max(args.seq_len, 64), mot_recompute=recompute)
+    vocabulary = {"vocab_size": args.vocab_size} if args.vocab_size else {}
+    return MoTConfig.from_preset(preset, max_position_embeddings=max(args.seq_len, 64), mot_recompute=recompute,
+                                 **vocabulary)
 
 
 def measure(preset: str, recompute: bool, args) -> dict:
@@ -107,6 +109,8 @@ def measure(preset: str, recompute: bool, args) -> dict:
         raise SystemExit(f"--batch {args.batch} must be a multiple of {preset}'s group_size {config.group_size}")
     torch.manual_seed(0)
     model = MoTForCausalLM(config)
+    if args.bf16_weights:
+        model = model.to(torch.bfloat16)
     steps = args.warmup + args.steps
     sequences_per_step = args.batch * args.grad_accum
     tokens = torch.randint(0, config.vocab_size, (steps * sequences_per_step, args.seq_len), generator=torch.Generator().manual_seed(0))
@@ -128,6 +132,7 @@ def measure(preset: str, recompute: bool, args) -> dict:
         "preset": preset,
         "mot_recompute": recompute,
         "parameters": sum(p.numel() for p in model.parameters()),
+        "weights_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "step_seconds": [later - earlier for earlier, later in zip(timed[:-1], timed[1:], strict=True)],
         "optimizer_seconds": clock.optimizer_seconds[args.warmup :],
         "clip_seconds": clock.clip_seconds[args.warmup :],
@@ -157,6 +162,7 @@ def summarize(runs: list[dict], args) -> dict:
         "mot_recompute": runs[0]["mot_recompute"],
         "name": runs[0]["preset"] + (" recompute" if runs[0]["mot_recompute"] else ""),
         "parameters": runs[0]["parameters"],
+        "weights_dtype": runs[0]["weights_dtype"],
         "timed_steps": len(step_seconds),
         "step_seconds": step_seconds,
         "seconds_per_step": seconds_per_step,
@@ -183,6 +189,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="train each model of a pair this many times, alternating (median over all of them)")
     parser.add_argument("--bf16", type=lambda v: v.lower() in ("1", "true", "yes"), default=True,
                         help="bf16 autocast (default true, as in the paper)")
+    parser.add_argument("--bf16_weights", action="store_true",
+                        help="keep the weights (and optimizer state) in bf16, as `mot train --bf16_weights true`; "
+                             "use with --bf16 false")
+    parser.add_argument("--vocab_size", type=int, default=None,
+                        help="the vocabulary of every model (default: each preset's, GPT-2's 50257 for the paper's)")
     parser.add_argument("--json", default="bench/results/train_throughput.json")
     parser.add_argument("--grad_accum", type=int, default=1,
                         help="micro-batches per optimizer step (the paper steps on 256 x 256 tokens)")
@@ -192,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.steps < 1:
         parser.error(f"--repeats and --steps must be at least 1, got {args.repeats} and {args.steps}")
+    if args.vocab_size is not None and args.vocab_size < 2:
+        parser.error(f"--vocab_size must be at least 2, got {args.vocab_size}")
+    if args.bf16_weights and args.bf16:
+        parser.error("--bf16_weights trains bf16 weights without autocast: pass --bf16 false with it")
     groups = [args.presets] if args.presets else [list(PAIRS[pair]) for pair in args.pairs]
     for group in groups:
         if not any(is_dense(preset) for preset in group):
@@ -222,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"{'model':<30} {'params':>10} {'s/step':>9} {'tokens/s':>11} {'x dense':>8} {'floor':>7} "
               f"{'x floor':>8} {'clip s':>7} {'optim s':>8} {'fwd+bwd x dense':>16}")
     print(f"training throughput: batch {args.batch} x {args.seq_len} tokens x {args.grad_accum} micro-batches per "
-          f"step, bf16 autocast {args.bf16}, {device}")
+          f"step, bf16 autocast {args.bf16}, bf16 weights {args.bf16_weights}, vocabulary "
+          f"{args.vocab_size or 'of each preset'}, {device}")
     print(header)
     print("-" * len(header))
     for row in rows:

@@ -44,6 +44,22 @@ def test_training_throughput_times_each_preset(tmp_path):
         assert 0 < row["optimizer_seconds_per_step"] < row["seconds_per_step"]
     assert rows["tiny-dense"]["step_over_dense"] == 1.0 == rows["tiny-dense"]["forward_backward_over_dense"]
     assert all(row["clip_seconds_per_step"] > 0 for row in rows.values())
+    assert {row["weights_dtype"] for row in rows.values()} == {"float32"}
+
+
+def test_training_throughput_takes_bf16_weights_and_another_vocabulary(tmp_path):
+    """`--bf16_weights` trains bf16 weights (as `mot train --bf16_weights true`) and `--vocab_size` replaces the
+    presets' vocabulary, as the issue's step figures need (bf16 weights, 8192 tokens)."""
+    from mixture_of_tokens import MoTConfig, MoTForCausalLM
+
+    out = tmp_path / "throughput.json"
+    run_bench("train_throughput.py", "--presets", "tiny-dense", "--batch", "8", "--seq_len", "16", "--steps", "1",
+              "--warmup", "1", "--bf16", "false", "--bf16_weights", "--vocab_size", "300", "--json", str(out))
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["weights_dtype"] == "bfloat16"
+    config = MoTConfig.from_preset("tiny-dense", vocab_size=300, max_position_embeddings=64)  # as the script builds it
+    expected = MoTForCausalLM(config).num_parameters()
+    assert row["parameters"] == expected
 
 
 def test_generation_benchmark_decodes_with_each_experts_implementation(tmp_path):
