@@ -9,7 +9,9 @@ Dense: d=512, d_ff=2048. MoT (`--variants`, default all three; flop-matched, E*f
 `mot_recompute=True` (the merged and processed tokens recomputed in backward instead of saved). Token Choice and
 Expert Choice (`--routed`, on by default) use 32E's E and f with one expert per token. Input: 32 x 256 tokens. The
 rows are timed in interleaved rounds and the median of each is reported, so a background load slows all of them
-alike and the ratios stay meaningful on a shared machine.
+alike and the ratios stay meaningful on a shared machine. `--compare_layouts` adds each variant with its merged and
+processed tokens forced into either layout (`MixtureOfTokens.expert_major_layout`: transposed views, or expert-major
+copies, which CPU bf16 takes), so a new device shows which it reads faster.
 
 Each row also has:
 - its FLOP floor over dense (bench/flops.py: matmul FLOPs, forward+backward; `1 + 1.5 E / d_ff` flop-matched,
@@ -41,6 +43,7 @@ from flops import flop_floor  # bench/flops.py (this script's folder is on sys.p
 from mixture_of_tokens import MoTConfig
 from mixture_of_tokens.modeling import modeling_mot
 from mixture_of_tokens.modeling.modeling_mot import FEED_FORWARD_CLASSES, MoTPreTrainedModel
+from mixture_of_tokens.modeling.performance_mot import batched_matmul_copies_views
 from mixture_of_tokens.modeling.reference import mixture_of_tokens_reference
 from mixture_of_tokens.training.cpu_memory import retain_freed_cpu_memory
 
@@ -52,6 +55,8 @@ VARIANTS = {
     "32e-16": ("mot-medium-32e-16", "MoT/32E/16"),
 }
 BASE_PRESET = "mot-medium-32e"
+# MixtureOfTokens.expert_major_layout of a row: "auto" is what the layer picks for the device and dtype.
+LAYOUTS = {"auto": None, "views": False, "expert_major": True}
 
 
 def build_layer(ffn_type: str, config: MoTConfig, device: str) -> torch.nn.Module:
@@ -75,6 +80,7 @@ class Row:
     config: MoTConfig
     floor: float | None  # FLOP floor over dense (None: not counted for this type)
     recompute_floor: float | None = None  # with mot_recompute's second forward, for recompute rows
+    layout: str = "auto"  # MoT's merged and processed tokens: a key of LAYOUTS
 
 
 def variant_key(variant: str) -> str:
@@ -82,7 +88,7 @@ def variant_key(variant: str) -> str:
     return "mot" if variant == "32e" else f"mot_{variant.replace('-', '_')}"
 
 
-def table_rows(variants: list[str], routed: bool) -> list[Row]:
+def table_rows(variants: list[str], routed: bool, compare_layouts: bool = False) -> list[Row]:
     base = MoTConfig.from_preset(BASE_PRESET)
     rows = [Row("dense", "dense", "dense", BASE_PRESET, base, 1.0)]
     for variant in variants:
@@ -90,6 +96,9 @@ def table_rows(variants: list[str], routed: bool) -> list[Row]:
         config = MoTConfig.from_preset(preset)
         floor = flop_floor(config, base.intermediate_size)
         rows.append(Row(variant_key(variant), label, "mot", preset, config, floor))
+        if compare_layouts:
+            rows += [Row(f"{variant_key(variant)}_{layout}", f"{label} {layout.replace('_', '-')}", "mot", preset,
+                         config, floor, layout=layout) for layout in ("views", "expert_major")]
         rows.append(Row(f"{variant_key(variant)}_recompute", f"{label} recompute", "mot", preset,
                         MoTConfig.from_preset(preset, mot_recompute=True), floor,
                         flop_floor(config, base.intermediate_size, recompute=True)))
@@ -233,6 +242,8 @@ def row_layer(row: Row, weights: dict, device: str, dtype: torch.dtype) -> torch
         weights[row.ffn_type, row.preset] = build_layer(row.ffn_type, MoTConfig.from_preset(row.preset), "cpu")
     layer = FEED_FORWARD_CLASSES[row.ffn_type](row.config)
     layer.load_state_dict(weights[row.ffn_type, row.preset].state_dict())
+    if row.ffn_type == "mot":
+        layer.expert_major_layout = LAYOUTS[row.layout]
     return layer.to(device=device, dtype=dtype).train()
 
 
@@ -309,10 +320,13 @@ def main() -> None:
     parser.add_argument("--reference_positions", type=int, default=4,
                         help="positions of the input the naive reference runs on, for each variant (0: skip it)")
     parser.add_argument("--precisions", nargs="+", choices=list(PRECISIONS), default=list(PRECISIONS))
+    parser.add_argument("--compare_layouts", action="store_true",
+                        help="each MoT variant also with its merged and processed tokens forced into either layout "
+                             "(transposed views, expert-major copies); the plain row takes the device's choice")
     args = parser.parse_args()
     torch.manual_seed(0)
     retained = args.device == "cpu" and not args.system_malloc and retain_freed_cpu_memory()
-    rows = table_rows(args.variants, args.routed)
+    rows = table_rows(args.variants, args.routed, args.compare_layouts)
     base = rows[0].config
 
     results: dict = {
@@ -325,8 +339,12 @@ def main() -> None:
         "retain_freed_cpu_memory": retained,
         "rows": {row.key: {"label": row.label, "type": row.ffn_type, "group_size": row.config.group_size,
                            "num_experts": row.config.num_experts, "expert_size": row.config.expert_size,
-                           "mot_recompute": row.config.mot_recompute, "flop_floor": row.floor,
+                           "mot_recompute": row.config.mot_recompute, "layout": row.layout, "flop_floor": row.floor,
                            "flop_floor_with_recompute": row.recompute_floor} for row in rows},
+        # The layout the MoT layer picks in each precision on this device (the "auto" rows').
+        "auto_layout": {label: "expert_major" if batched_matmul_copies_views(
+            torch.empty(0, device=args.device, dtype=PRECISIONS[label][1] or PRECISIONS[label][0])) else "views"
+            for label in args.precisions},
         "seconds": {},
         "saved_bytes": {},
         "peak_bytes": {},
@@ -371,6 +389,7 @@ def main() -> None:
             floor = row.recompute_floor or row.floor
             if floor:
                 results[f"{row.key}_over_floor_{label}"] = seconds[row.key] / seconds["dense"] / floor
+    print("layout MoT picks here: " + ", ".join(f"{label} {layout}" for label, layout in results["auto_layout"].items()))
     for label in args.precisions:
         print(f"{label}, x dense over the row's floor (+recomp for recompute rows): "
               + ", ".join(f"{row.label} {results[f'{row.key}_over_floor_{label}']:.2f}" for row in rows[1:] if row.floor))

@@ -123,13 +123,18 @@ def test_run_sh_on_a_gpu_like_machine_at_toy_size(shared_data, tmp_path):
     assert set(layer["seconds"]) == {"bf16", "bf16_autocast"}
     granular = {"mot", "mot_32e_8", "mot_32e_16"}
     for precision, seconds in layer["seconds"].items():
-        assert set(seconds) >= {"dense"} | granular | {f"{key}_recompute" for key in granular}
+        assert set(seconds) >= {"dense"} | granular | {f"{key}_{kind}" for key in granular
+                                                        for kind in ("recompute", "views", "expert_major")}
         assert all(value > 0 for value in seconds.values())
         saved = layer["saved_bytes"][precision]
         for key in granular:  # recomputation saves less than keeping the merged and processed tokens
             assert saved[f"{key}_recompute"] < saved[key]
     assert [round(layer["rows"][key]["flop_floor"], 3) for key in ("mot", "mot_32e_8", "mot_32e_16")] == \
         [1.023, 1.188, 1.375]
+    # Both layouts of the merged and processed tokens are timed, so the GPU says which it reads faster.
+    assert layer["auto_layout"] == {"bf16": "expert_major", "bf16_autocast": "expert_major"}  # on this CPU
+    assert {layer["rows"][f"mot_32e_16_{layout}"]["layout"] for layout in ("views", "expert_major")} == \
+        {"views", "expert_major"}
     # The training step of dense and every granular variant, with and without recomputation, beside dense.
     steps = results["step_timing"]
     assert list(steps["rows"]) == ["transformer-medium"] + [f"mot-medium-32e{suffix}{recompute}"
@@ -145,6 +150,7 @@ def test_run_sh_on_a_gpu_like_machine_at_toy_size(shared_data, tmp_path):
         assert f"| {run['preset']} | " in text
     assert "x dense" in text and "Missing figures" not in text and "so far" not in text
     assert "| mot-medium-32e-16 recompute | " in text and "| MoT/32E/16 recompute | " in text
+    assert "| MoT/32E/16 views | " in text and "| MoT/32E/16 expert-major | " in text
     assert not [path.name for path in out.iterdir() if path.name.endswith(".tmp")]  # written atomically
 
 

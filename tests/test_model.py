@@ -75,7 +75,7 @@ def test_mot_layer_matches_the_naive_reference_of_the_method(block):
 
 
 # The two layouts MoT's merged and processed tokens can take between the merge, the experts and the emit
-# (`MixtureOfTokens.merge_process_emit`): transposed views, or explicit expert-major copies (CPU bf16's choice).
+# (`MixtureOfTokens.expert_major_layout`): transposed views, or explicit expert-major copies (CPU bf16's choice).
 LAYOUTS = {"views": False, "expert_major": True}
 
 
@@ -89,14 +89,14 @@ def assert_close_in_bf16(actual: torch.Tensor, expected: torch.Tensor, name: str
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("recompute", [False, True], ids=["saved", "recomputed"])
 @pytest.mark.parametrize("block", BLOCKS)
-def test_granular_mot_layer_matches_the_reference_in_outputs_and_gradients(block, recompute, layout, monkeypatch):
+def test_granular_mot_layer_matches_the_reference_in_outputs_and_gradients(block, recompute, layout):
     """The paper's /16 shape scaled down (E = 16 G experts of size d_ff / 16), with padding: outputs and the
     gradients of the input and of every weight equal the naive reference's, whether the merged and processed
     tokens are saved for backward or recomputed (`mot_recompute`), in either layout."""
-    monkeypatch.setattr(modeling_mot, "batched_matmul_copies_views", lambda tensor: LAYOUTS[layout])
     config = small_config(group_size=2, num_experts=32, expert_size=4, mot_recompute=recompute, **BLOCKS[block])
     # float64, so the comparison measures the method and not the rounding of two summation orders
     layer = randomize(MixtureOfTokens(config), std=0.4).double().train()
+    layer.expert_major_layout = LAYOUTS[layout]
     x = torch.randn(4, 3, 32, dtype=torch.float64, requires_grad=True)
     mask = torch.ones(4, 3, dtype=torch.bool)
     mask[3, 1] = False
@@ -111,7 +111,7 @@ def test_granular_mot_layer_matches_the_reference_in_outputs_and_gradients(block
         torch.testing.assert_close(grad, expected_grad, rtol=1e-9, atol=1e-9, msg=name)
 
 
-def test_bf16_mot_layer_on_cpu_takes_the_expert_major_layout_and_agrees_with_the_views(monkeypatch):
+def test_bf16_mot_layer_on_cpu_takes_the_expert_major_layout_and_agrees_with_the_views():
     """On CPU in bf16 the batched matmuls copy strided operands, so the layer makes the expert-major layout itself;
     its outputs and gradients are those of the transposed views', and the mixing weights get no gradient where
     none is asked for (uniform routing)."""
@@ -121,15 +121,15 @@ def test_bf16_mot_layer_on_cpu_takes_the_expert_major_layout_and_agrees_with_the
     layer = randomize(MixtureOfTokens(config), std=0.4).to(torch.bfloat16).train()
     x = torch.randn(4, 3, 32, dtype=torch.bfloat16, requires_grad=True)
     results = {}
-    for layout, copies in LAYOUTS.items():
-        monkeypatch.setattr(modeling_mot, "batched_matmul_copies_views", lambda tensor, copies=copies: copies)
+    for layout in (None, *LAYOUTS.values()):
+        layer.expert_major_layout = layout
         output = layer(x)
         results[layout] = output, torch.autograd.grad(output.float().square().sum(), [x, *layer.parameters()])
-    (views, view_grads), (expert_major, expert_major_grads) = results["views"], results["expert_major"]
+    assert torch.equal(results[None][0], results[True][0])  # the default is the expert-major layout
+    (views, view_grads), (expert_major, expert_major_grads) = results[False], results[True]
     assert_close_in_bf16(expert_major, views)
     for grad, expected in zip(expert_major_grads, view_grads, strict=True):
         assert_close_in_bf16(grad, expected)
-    monkeypatch.undo()
     uniform = randomize(MixtureOfTokens(small_config(mot_routing="uniform")), std=0.4).to(torch.bfloat16).train()
     inputs = torch.randn(4, 3, 32, dtype=torch.bfloat16, requires_grad=True)
     uniform(inputs).float().sum().backward()
@@ -137,14 +137,14 @@ def test_bf16_mot_layer_on_cpu_takes_the_expert_major_layout_and_agrees_with_the
 
 
 @pytest.mark.slow
-def test_bf16_mot_layer_compiles_with_fullgraph_in_either_layout(monkeypatch):
+def test_bf16_mot_layer_compiles_with_fullgraph_in_either_layout():
     """`torch.compile(fullgraph=True)` of a bf16 MoT layer gives eager's outputs and gradients, with the
     expert-major copies (CPU bf16's layout) and with the views."""
     config = small_config(group_size=2, num_experts=32, expert_size=4)
     layer = randomize(MixtureOfTokens(config), std=0.4).to(torch.bfloat16).train()
     x = torch.randn(4, 3, 32, dtype=torch.bfloat16)
-    for copies in LAYOUTS.values():
-        monkeypatch.setattr(modeling_mot, "batched_matmul_copies_views", lambda tensor, copies=copies: copies)
+    for expert_major in LAYOUTS.values():
+        layer.expert_major_layout = expert_major
         runs = []
         for run in (layer, torch.compile(layer, fullgraph=True)):
             inputs = x.clone().requires_grad_()

@@ -11,9 +11,10 @@ and every evaluation, so a run cut short still returns what it measured):
 1. a byte-level BPE tokenizer (8,192 tokens) trained once on the first novels; the training text is the novels but
    the last three, whose start is the validation text;
 2. `bench/layer.py` on the device: the feed-forward layers' forward+backward time at Medium sizes (bf16 weights
-   and bf16 autocast), each MoT variant (32E, 32E/8, 32E/16, each also with `mot_recompute`) over dense beside its
-   FLOP floor, with the bytes saved for backward and the peak memory (`torch.cuda.max_memory_allocated`) over
-   dense's;
+   and bf16 autocast), each MoT variant (32E, 32E/8, 32E/16, each also with `mot_recompute`, and each also with its
+   merged and processed tokens forced into either layout, views or expert-major copies, to show which the GPU reads
+   faster) over dense beside its FLOP floor, with the bytes saved for backward and the peak memory
+   (`torch.cuda.max_memory_allocated`) over dense's;
 3. a training step of each of dense, 32E, 32E/8 and 32E/16 (and the three with `mot_recompute`), each model alone
    on the device, on the same batches as below: median step time over the steps after the first two, over
    dense's, beside the step's FLOP floor (bench/flops.py), and peak memory over dense's;
@@ -356,7 +357,8 @@ def layer_benchmark(args, out: Path) -> tuple[dict | None, str | None, str]:
     or (None, why it failed in one line, stderr tail)."""
     target = out / "layer.json"
     target.unlink(missing_ok=True)
-    arguments = ["--device", args.device, "--out", str(target), "--precisions", "bf16", "bf16_autocast"]
+    arguments = ["--device", args.device, "--out", str(target), "--precisions", "bf16", "bf16_autocast",
+                 "--compare_layouts"]
     if args.toy:
         arguments += ["--rounds", "1", "--warmup", "0", "--batch", "32", "--seq", "4"]
     try:

@@ -564,6 +564,11 @@ class MixtureOfTokens(nn.Module):
     receives `sum_e w[g, e] expert_e(...)`.
     """
 
+    # The layout of the merged and processed tokens between merge, experts and emit (`merge_process_emit`): None
+    # takes the one the batched matmuls read best for the tokens' device and dtype; True (expert-major copies) or
+    # False (transposed views) forces one, for benchmarks and tests. Either computes the same.
+    expert_major_layout: bool | None = None
+
     def __init__(self, config: MoTConfig):
         super().__init__()
         self.config = config
@@ -651,7 +656,10 @@ class MixtureOfTokens(nn.Module):
         read strided operands in place, that change is a transposed view; where they would copy them (CPU bf16), it
         is made explicitly, once per tensor and into the layout each product reads.
         """
-        if batched_matmul_copies_views(tokens):
+        expert_major = self.expert_major_layout
+        if expert_major is None:
+            expert_major = batched_matmul_copies_views(tokens)
+        if expert_major:
             merged = MergeExpertMajor.apply(mixing, tokens)  # [E, p, d]
             return EmitExpertMajor.apply(mixing, self.experts(merged))  # [p, G, d]
         # Step 3, merge: one mixed token per expert, m_e = sum_g w[g, e] x[g].
