@@ -359,7 +359,7 @@ def main() -> None:
         for part, values in measured.items():
             results[part][label] = values
     cuda = args.device == "cuda"
-    header = f"{'row':<22}{'E':>5}{'f':>6}{'floor':>7}{'+recomp':>8}"
+    header = f"{'row':<25}{'E':>5}{'f':>6}{'floor':>7}{'+recomp':>8}"
     for label in args.precisions:
         header += f"{label + ' ms':>19}{'x dense':>8}{'saved x':>8}" + (f"{'peak x':>7}" if cuda else "")
     print(header)
@@ -369,7 +369,7 @@ def main() -> None:
         recompute_floor = "" if row.recompute_floor is None else f"{row.recompute_floor:.3f}"
         experts = "" if row.ffn_type == "dense" else str(row.config.num_experts)
         width = row.config.intermediate_size if row.ffn_type == "dense" else row.config.expert_size
-        line = f"{row.label:<22}{experts:>5}{width:>6}{floor:>7}{recompute_floor:>8}"
+        line = f"{row.label:<25}{experts:>5}{width:>6}{floor:>7}{recompute_floor:>8}"
         for label in args.precisions:
             seconds, saved, peak = (results[part][label] for part in ("seconds", "saved_bytes", "peak_bytes"))
             line += (f"{seconds[row.key] * 1e3:>19.1f}{seconds[row.key] / seconds['dense']:>8.2f}"

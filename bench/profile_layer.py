@@ -2,7 +2,7 @@
 
     python bench/profile_layer.py --types dense mot            # bf16 weights, the sizes of bench/layer.py
     python bench/profile_layer.py --types mot --precision bf16_autocast
-    python bench/profile_layer.py --kernels                     # single kernels against the memory bandwidth
+    python bench/profile_layer.py --kernels --variant 32e-16    # each product alone, with its GFLOP/s
     python bench/profile_layer.py --variant 32e-16 --precision fp32   # a granular variant (MoT/32E/16)
 
 First a wall-clock breakdown of MoT (timed like `bench/layer.py`, interleaved, median): the benchmark's own loss
@@ -11,9 +11,10 @@ Then torch.profiler's operator table for each of `--types`, grouped by input sha
 so its totals exceed the wall clock), with each matmul's rate in GFLOP/s beside dense's. Same layers, inputs and
 loss as `bench/layer.py` and, on CPU, the same retained-memory allocator setting; times are per step.
 
-`--kernels` instead times the layer's single kernels at the same sizes, each with the bytes it must read and
-write: the memory bandwidth (a 128 MiB copy), every pass of MoT's mixing, and the expert matmuls with their
-weight operand contiguous along the contracted dimension or not (oneDNN's bf16 kernels are faster when it is).
+`--kernels` instead times every product of the dense FFN's and of MoT's forward and backward alone, at the same
+sizes and in the precision's matmul dtype, with its GFLOP/s: the experts', the mixing's (controller, merge, emit) and
+the layout passes MoT makes where the batched matmuls copy strided operands (CPU bf16). The sums of each part over
+the dense FFN's six products say what the layer costs before anything between the kernels.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from layer import FFN_TYPES, PRECISIONS, VARIANTS, build_layer, interleaved_medi
 from torch.profiler import profile
 
 from mixture_of_tokens import MoTConfig
+from mixture_of_tokens.modeling.performance_mot import batched_matmul_copies_views
 from mixture_of_tokens.training.cpu_memory import retain_freed_cpu_memory
 
 
@@ -64,65 +66,110 @@ def print_breakdown(config: MoTConfig, inputs, autocast_dtype, args) -> None:
           f"dense FFN ~{median['dense'] - loss:.1f}, benchmark loss ~{loss:.1f}")
 
 
-def print_kernels(config: MoTConfig, args) -> None:
-    """Time each kernel of the layer alone (interleaved rounds, median) and the bandwidth it reaches."""
-    dtype = torch.bfloat16
-    group_size, num_experts, hidden, expert_size = (config.group_size, config.num_experts, config.hidden_size,
-                                                    config.expert_size)
-    tokens = 32 * 256
+def layer_kernels(config: MoTConfig, tokens: int, dtype: torch.dtype, device: str, expert_major: bool) -> dict:
+    """Every product of the dense FFN's and of MoT's forward and backward, alone, at the benchmark's sizes, with
+    MoT's layout passes: name -> (part, kernel, FLOPs or, for a pass, the bytes it reads and writes)."""
+    group_size, experts, hidden = config.group_size, config.num_experts, config.hidden_size
+    expert_size, dense_size = config.expert_size, config.intermediate_size
     positions = tokens // group_size
+
+    def randn(*shape):
+        return torch.randn(*shape, dtype=dtype, device=device)
+
+    x, hidden_act, dense_up, dense_down = randn(tokens, hidden), randn(tokens, dense_size), randn(
+        hidden, dense_size), randn(dense_size, hidden)
+    mixing, group_tokens = randn(positions, group_size, experts), randn(positions, group_size, hidden)  # [p, G, *]
+    router = randn(hidden, experts)
+    logits_grad = randn(tokens, experts)
+    merged, expert_hidden = randn(experts, positions, hidden), randn(experts, positions, expert_size)  # [E, p, *]
+    up, down = randn(experts, hidden, expert_size), randn(experts, expert_size, hidden)
+    position_major = randn(positions, experts, hidden)  # [p, E, d]
+    expert_major_out = torch.empty(experts, positions, hidden, dtype=dtype, device=device)
+    dense_flops, expert_flops = 2 * tokens * hidden * dense_size, 2 * experts * positions * hidden * expert_size
+    mix_flops, router_flops = 2 * positions * group_size * experts * hidden, 2 * tokens * hidden * experts
+    pass_bytes = 2 * position_major.numel() * position_major.element_size()
+    kernels = {
+        "up x @ W1": ("dense", lambda: x @ dense_up, dense_flops),
+        "down h @ W2": ("dense", lambda: hidden_act @ dense_down, dense_flops),
+        "grad h = g @ W2^T": ("dense", lambda: x @ dense_down.T, dense_flops),
+        "grad x = g_h @ W1^T": ("dense", lambda: hidden_act @ dense_up.T, dense_flops),
+        "grad W1 = x^T @ g_h": ("dense", lambda: x.T @ hidden_act, dense_flops),
+        "grad W2 = h^T @ g": ("dense", lambda: hidden_act.T @ x, dense_flops),
+        "experts up [E,p,d] @ [E,d,f]": ("experts", lambda: torch.bmm(merged, up), expert_flops),
+        "experts down [E,p,f] @ [E,f,d]": ("experts", lambda: torch.bmm(expert_hidden, down), expert_flops),
+        "experts grad h": ("experts", lambda: torch.bmm(merged, down.transpose(1, 2)), expert_flops),
+        "experts grad input": ("experts", lambda: torch.bmm(expert_hidden, up.transpose(1, 2)), expert_flops),
+        "experts grad W1": ("experts", lambda: torch.bmm(merged.transpose(1, 2), expert_hidden), expert_flops),
+        "experts grad W2": ("experts", lambda: torch.bmm(expert_hidden.transpose(1, 2), merged), expert_flops),
+        "router x @ W_c": ("mixing", lambda: x @ router, router_flops),
+        "router grad x": ("mixing", lambda: logits_grad @ router.T, router_flops),
+        "router grad W_c": ("mixing", lambda: x.T @ logits_grad, router_flops),
+        "merge [p,E,G] @ [p,G,d]": ("mixing", lambda: torch.bmm(mixing.transpose(1, 2), group_tokens), mix_flops),
+        "emit [p,G,E] @ [p,E,d]": ("mixing", lambda: torch.bmm(mixing, position_major), mix_flops),
+        "emit grad weights": ("mixing", lambda: torch.bmm(group_tokens, position_major.transpose(1, 2)), mix_flops),
+        "emit grad processed": ("mixing", lambda: torch.bmm(mixing.transpose(1, 2), group_tokens), mix_flops),
+        "merge grad weights": ("mixing", lambda: torch.bmm(group_tokens, position_major.transpose(1, 2)), mix_flops),
+        "merge grad tokens": ("mixing", lambda: torch.bmm(mixing, position_major), mix_flops),
+    }
+    if expert_major:  # MergeExpertMajor / EmitExpertMajor: two strided writes, two copies
+        into_expert_major = expert_major_out.transpose(0, 1)
+        kernels.update({
+            "merge written into [E,p,d] (extra)": ("layout", lambda: torch.bmm(
+                mixing.transpose(1, 2), group_tokens, out=into_expert_major), -1),
+            "copy [E,p,d] -> [p,E,d] (emit)": ("layout", lambda: merged.transpose(0, 1).contiguous(), pass_bytes),
+            "copy [E,p,d] -> [p,E,d] (merge grad)": ("layout", lambda: merged.transpose(0, 1).contiguous(),
+                                                     pass_bytes),
+            "emit grad written into [E,p,d] (extra)": ("layout", lambda: torch.bmm(
+                mixing.transpose(1, 2), group_tokens, out=into_expert_major), -1),
+        })
+    return kernels
+
+
+def print_kernels(config: MoTConfig, args) -> None:
+    """Time each product of the dense FFN's and MoT's forward and backward alone (interleaved rounds, median),
+    with its rate, and the sums of each part against the dense FFN's."""
+    dtype = PRECISIONS[args.precision][1] or PRECISIONS[args.precision][0]  # the dtype the matmuls run in
+    tokens = args.batch * args.seq
+    probe = torch.empty(0, dtype=dtype, device=args.device)
+    expert_major = batched_matmul_copies_views(probe)
+    kernels = layer_kernels(config, tokens, dtype, args.device, expert_major)
+    kernels["copy 128 MiB (the memory bandwidth)"] = ("", (lambda big: lambda: big.clone())(
+        torch.empty(2**27 // probe.element_size(), dtype=dtype, device=args.device)), 2**28)
 
     def synchronize():  # CUDA kernels run asynchronously: wait for them before reading the clock
         if args.device == "cuda":
             torch.cuda.synchronize()
 
-    def randn(*shape):
-        return torch.randn(*shape, dtype=dtype, device=args.device)
-
-    def transposed(*shape):  # a [..., a, b] view whose storage is [..., b, a]
-        return randn(*shape[:-2], shape[-1], shape[-2]).transpose(-1, -2)
-
-    big = randn(64 * 2**20)
-    token_major = randn(1, group_size, 256, hidden)  # [n, G, S, d]
-    position_major = randn(positions, num_experts, hidden)  # [p, E, d]
-    weights = randn(positions, group_size, num_experts)  # [p, G, E]
-    group_tokens = randn(positions, group_size, hidden)  # [p, G, d]
-    flat_tokens, router = randn(tokens, hidden), randn(hidden, num_experts)
-    expert_inputs = randn(num_experts, positions, hidden)  # [E, p, d]
-    expert_w1, expert_w1_t = randn(num_experts, hidden, expert_size), transposed(num_experts, hidden, expert_size)
-    dense_w, dense_w_t = randn(hidden, expert_size), transposed(hidden, expert_size)
-    activation = 2 * tokens * hidden  # bytes of one [tokens, d] bf16 activation
-    expert_weight = 2 * num_experts * hidden * expert_size
-    # name -> (kernel, bytes it must read and write at least)
-    kernels = {
-        "copy 128 MiB (memory bandwidth)": (lambda: big.clone(), 2 * big.numel() * 2),
-        "layout copy [n,G,S,d] -> [n,S,G,d]": (lambda: token_major.transpose(1, 2).contiguous(), 2 * activation),
-        "layout copy [p,E,d] -> [E,p,d]": (lambda: position_major.transpose(0, 1).contiguous(), 2 * activation),
-        "merge bmm [p,E,G] @ [p,G,d]": (lambda: torch.bmm(weights.transpose(1, 2), group_tokens), 2 * activation),
-        "emit bmm [p,G,E] @ [p,E,d]": (lambda: torch.bmm(weights, position_major), 2 * activation),
-        "router mm [N,d] @ [d,E]": (lambda: flat_tokens @ router, activation),
-        "expert bmm, weight [E,d,f] as stored": (lambda: torch.bmm(expert_inputs, expert_w1),
-                                                 activation + expert_weight + 4 * activation),
-        "expert bmm, weight d-contiguous": (lambda: torch.bmm(expert_inputs, expert_w1_t),
-                                            activation + expert_weight + 4 * activation),
-        "dense mm [N,d] @ [d,f]": (lambda: flat_tokens @ dense_w, 5 * activation),
-        "dense mm, weight d-contiguous": (lambda: flat_tokens @ dense_w_t, 5 * activation),
-    }
     times: dict[str, list[float]] = {name: [] for name in kernels}
-    for round_index in range(args.warmup + 4 * args.steps):
-        for name, (kernel, _) in kernels.items():
+    for round_index in range(args.warmup + args.steps):
+        for name, (_, kernel, _) in kernels.items():
             synchronize()
             start = time.perf_counter()
             kernel()
             synchronize()
             if round_index >= args.warmup:
                 times[name].append(time.perf_counter() - start)
-    print(f"single kernels (bf16, {args.device}, median of {4 * args.steps}); GB/s = the bytes each must read "
-          "and write / its time:")
-    print(f"  {'kernel':<40}{'ms':>8}{'GB/s':>8}")
-    for name, (_, nbytes) in kernels.items():
-        seconds = statistics.median(times[name])
-        print(f"  {name:<40}{seconds * 1e3:8.2f}{nbytes / seconds / 1e9:8.1f}")
+    median = {name: statistics.median(values) for name, values in times.items()}
+    # A strided write's extra: the product into the strided view less the same product into fresh memory.
+    plain = {"merge written into [E,p,d] (extra)": "merge [p,E,G] @ [p,G,d]",
+             "emit grad written into [E,p,d] (extra)": "emit grad processed"}
+    for name, product in plain.items():
+        if name in median:
+            median[name] = max(0.0, median[name] - median[product])
+    print(f"single kernels of the dense FFN and {config.num_experts} experts of {config.expert_size} "
+          f"({args.precision}: {str(dtype).removeprefix('torch.')} matmuls, {tokens} tokens, {args.device}, median "
+          f"of {args.steps}; MoT's layout: {'expert-major copies' if expert_major else 'transposed views'}):")
+    print(f"  {'kernel':<42}{'part':>9}{'ms':>9}{'GFLOP/s':>9}{'GB/s':>7}")
+    for name, (part, _, amount) in kernels.items():
+        seconds = median[name]
+        rate = f"{amount / seconds / 1e9:>9.0f}{'':>7}" if part in ("dense", "experts", "mixing") else (
+            f"{'':>9}{amount / seconds / 1e9:>7.1f}" if amount > 0 and seconds > 0 else f"{'':>16}")
+        print(f"  {name:<42}{part:>9}{seconds * 1e3:>9.2f}{rate}")
+    sums = {part: sum(median[name] for name, (kind, _, _) in kernels.items() if kind == part)
+            for part in ("dense", "experts", "mixing", "layout")}
+    mot = sums["experts"] + sums["mixing"] + sums["layout"]
+    print("  sums over the dense FFN's six products: " + ", ".join(
+        f"{part} {value / sums['dense']:.2f}" for part, value in sums.items()) + f"; MoT {mot / sums['dense']:.2f}")
 
 
 def matmul_flops(name: str, shapes: list) -> int:
@@ -148,7 +195,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--system_malloc", action="store_true", help="leave glibc malloc as it is")
     parser.add_argument("--kernels", action="store_true",
-                        help="time the layer's single kernels against the memory bandwidth instead (bf16)")
+                        help="time every product of the layer's forward and backward alone instead")
     args = parser.parse_args()
     if args.device == "cpu" and not args.system_malloc:
         retain_freed_cpu_memory()

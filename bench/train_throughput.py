@@ -98,7 +98,12 @@ def is_dense(preset: str) -> bool:
 
 
 def model_config(preset: str, recompute: bool, args) -> MoTConfig:
-    vocabulary = {"vocab_size": args.vocab_size} if args.vocab_size else {}
+    vocabulary = {}
+    if args.vocab_size:
+        # GPT-2's end-of-text id (50256), the paper's presets' special token, moves to the last id of a smaller one.
+        vocabulary = {name: min(value, args.vocab_size - 1) for name in ("bos_token_id", "eos_token_id", "pad_token_id")
+                      if (value := getattr(MoTConfig.from_preset(preset), name)) is not None}
+        vocabulary["vocab_size"] = args.vocab_size
     return MoTConfig.from_preset(preset, max_position_embeddings=max(args.seq_len, 64), mot_recompute=recompute,
                                  **vocabulary)
 
