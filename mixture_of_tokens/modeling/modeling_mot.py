@@ -659,8 +659,8 @@ class MixtureOfTokens(nn.Module):
         expert_major = self.expert_major_layout
         if expert_major is None:
             expert_major = batched_matmul_copies_views(tokens)
-        if expert_major:
-            merged = MergeExpertMajor.apply(mixing, tokens)  # [E, p, d]
+        if expert_major:  # the same three steps as below, with the layout changes made inside merge and emit
+            merged = MergeExpertMajor.apply(mixing, tokens)  # [E, p, d], contiguous
             return EmitExpertMajor.apply(mixing, self.experts(merged))  # [p, G, d]
         # Step 3, merge: one mixed token per expert, m_e = sum_g w[g, e] x[g].
         merged = torch.bmm(mixing.transpose(1, 2), tokens)  # [p, E, G] @ [p, G, d] -> [p, E, d]
