@@ -47,10 +47,11 @@ def batched_matmul_copies_views(tensor: torch.Tensor) -> bool:
     """Whether torch's batched matmul copies an operand like `tensor` that is neither contiguous nor a transposed
     contiguous tensor (say `[E, p, d]` read from `[p, E, d]` storage) before it multiplies.
 
-    On CPU, bf16 and fp16 run through oneDNN, which takes only those two layouts and copies anything else, element by
-    element where the operand's last dimension is strided (a `[p, d, E]` operand read from `[E, p, d]` storage: about
-    190 ms for 128 MiB on an AVX512-BF16 EPYC, where the whole MoT/32E/16 layer takes 500 ms). fp32 (MKL) and CUDA
-    (cuBLAS) read such views as they lie.
+    On CPU, bf16 and fp16 run through oneDNN wherever the CPU has the instructions for it (AVX-512 for bf16; a slow
+    generic kernel elsewhere, for which the layout matters little). oneDNN takes only those two layouts and copies
+    anything else first, element by element where the operand's last dimension is strided (a `[p, d, E]` operand
+    read from `[E, p, d]` storage: about 190 ms for 128 MiB on an AVX512-BF16 EPYC, where the whole MoT/32E/16 layer
+    takes 500 ms). fp32 (MKL) and CUDA (cuBLAS) read such views as they lie.
     """
     return tensor.device.type == "cpu" and tensor.dtype in (torch.bfloat16, torch.float16)
 
