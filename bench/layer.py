@@ -233,6 +233,12 @@ PRECISIONS = {
 }
 
 
+def matmul_dtype(precision: str) -> torch.dtype:
+    """The dtype a precision's matmuls run in: autocast's where it casts, else the weights'."""
+    weights_dtype, autocast_dtype = PRECISIONS[precision]
+    return autocast_dtype or weights_dtype
+
+
 def row_layer(row: Row, weights: dict, device: str, dtype: torch.dtype) -> torch.nn.Module:
     """The layer of `row` in `dtype` on `device`. Weights are initialised once per type and preset, in fp32 on the
     CPU, and kept in `weights` (initialisation, not timing, dominates a short run): a variant and its recompute row,
@@ -343,7 +349,7 @@ def main() -> None:
                            "flop_floor_with_recompute": row.recompute_floor} for row in rows},
         # The layout the MoT layer picks in each precision on this device (the "auto" rows').
         "auto_layout": {label: "expert_major" if batched_matmul_copies_views(
-            torch.empty(0, device=args.device, dtype=PRECISIONS[label][1] or PRECISIONS[label][0])) else "views"
+            torch.empty(0, device=args.device, dtype=matmul_dtype(label))) else "views"
             for label in args.precisions},
         "seconds": {},
         "saved_bytes": {},

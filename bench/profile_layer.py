@@ -24,7 +24,7 @@ import statistics
 import time
 
 import torch
-from layer import FFN_TYPES, PRECISIONS, VARIANTS, build_layer, interleaved_medians, time_step
+from layer import FFN_TYPES, PRECISIONS, VARIANTS, build_layer, interleaved_medians, matmul_dtype, time_step
 from torch.profiler import profile
 
 from mixture_of_tokens import MoTConfig
@@ -128,7 +128,7 @@ def layer_kernels(config: MoTConfig, tokens: int, dtype: torch.dtype, device: st
 def print_kernels(config: MoTConfig, args) -> None:
     """Time each product of the dense FFN's and MoT's forward and backward alone (interleaved rounds, median),
     with its rate, and the sums of each part against the dense FFN's."""
-    dtype = PRECISIONS[args.precision][1] or PRECISIONS[args.precision][0]  # the dtype the matmuls run in
+    dtype = matmul_dtype(args.precision)
     tokens = args.batch * args.seq
     probe = torch.empty(0, dtype=dtype, device=args.device)
     expert_major = batched_matmul_copies_views(probe)

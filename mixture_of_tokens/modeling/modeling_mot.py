@@ -59,8 +59,9 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from .configuration_mot import MoTConfig
 from .legacy_mot import read_legacy_checkpoint
 
-# The performance paths (the chunked training loss, layout changes with contiguous gradients) live apart in
-# performance_mot.py, which travels to the Hub with this file; they compute exactly what their plain versions do.
+# The performance paths (the chunked training loss, layout changes with contiguous gradients, MoT's merge and emit
+# with expert-major copies where batched matmuls copy strided operands) live apart in performance_mot.py, which
+# travels to the Hub with this file; they compute exactly what their plain versions do.
 from .performance_mot import (
     ContiguousTranspose,
     EmitExpertMajor,
