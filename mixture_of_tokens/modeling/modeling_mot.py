@@ -60,12 +60,14 @@ from .configuration_mot import MoTConfig
 from .legacy_mot import read_legacy_checkpoint
 
 # The performance paths (the chunked training loss, layout changes with contiguous gradients, MoT's merge and emit
-# with expert-major copies where batched matmuls copy strided operands) live apart in performance_mot.py, which
-# travels to the Hub with this file; they compute exactly what their plain versions do.
+# with expert-major copies where batched matmuls copy strided operands, or through kernels handed in) live apart in
+# performance_mot.py, which travels to the Hub with this file; they compute exactly what their plain versions do.
 from .performance_mot import (
     ContiguousTranspose,
     EmitExpertMajor,
+    EmitWithKernels,
     MergeExpertMajor,
+    MergeWithKernels,
     batched_matmul_copies_views,
     chunked_lm_loss,
     compute_dtype,
@@ -569,6 +571,10 @@ class MixtureOfTokens(nn.Module):
     # takes the one the batched matmuls read best for the tokens' device and dtype; True (expert-major copies) or
     # False (transposed views) forces one, for benchmarks and tests. Either computes the same.
     expert_major_layout: bool | None = None
+    # Compiled merge and emit kernels: a function of the weights and tokens that returns kernels for them or None
+    # (`MergeWithKernels`). The `mixture_of_tokens` package installs its CPU kernels here (cpu_mixing.py); this file
+    # loaded on its own, as Hub code, has none and runs the batched matmuls, which compute the same.
+    mixing_kernels: Callable[[torch.Tensor, torch.Tensor], object | None] | None = None
 
     def __init__(self, config: MoTConfig):
         super().__init__()
@@ -659,6 +665,10 @@ class MixtureOfTokens(nn.Module):
         """
         expert_major = self.expert_major_layout
         if expert_major is None:
+            kernels = self.compiled_mixing_kernels(mixing, tokens)
+            if kernels is not None:  # the same three steps, with merge and emit reading the experts' layout in place
+                merged = MergeWithKernels.apply(mixing, tokens, kernels)  # [E, p, d]
+                return EmitWithKernels.apply(mixing, self.experts(merged), kernels)  # [p, G, d]
             expert_major = batched_matmul_copies_views(tokens)
         if expert_major:  # the same three steps as below, with the layout changes made inside merge and emit
             merged = MergeExpertMajor.apply(mixing, tokens)  # [E, p, d], contiguous
@@ -669,6 +679,13 @@ class MixtureOfTokens(nn.Module):
         processed = self.experts(merged.transpose(0, 1))  # [E, p, d]
         # Step 5, emit with the same weights: y[g] = sum_e w[g, e] h_e.
         return torch.bmm(mixing, processed.transpose(0, 1))  # [p, G, E] @ [p, E, d] -> [p, G, d]
+
+    def compiled_mixing_kernels(self, mixing: torch.Tensor, tokens: torch.Tensor) -> object | None:
+        """`mixing_kernels` for these weights and tokens, if any; none while Dynamo traces (the kernels are opaque
+        to it)."""
+        if self.mixing_kernels is None or torch.compiler.is_compiling():
+            return None
+        return self.mixing_kernels(mixing, tokens)
 
     @torch.no_grad()
     def mixing_stats(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:

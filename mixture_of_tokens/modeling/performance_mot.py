@@ -4,9 +4,11 @@ kernels in `fla/ops`). Each computes exactly what its plain version does, faster
 - `ContiguousTranspose`: a layout change whose gradient is made contiguous once;
 - `MergeExpertMajor`, `EmitExpertMajor`: MoT's merge and emit with the experts' tokens in their own layout, for the
   batched matmuls that copy strided operands (`batched_matmul_copies_views`);
+- `MergeWithKernels`, `EmitWithKernels`: the same through compiled kernels that read and write that layout directly,
+  where someone supplies them (`MixtureOfTokens.mixing_kernels`);
 - `drop_group_padding`: no slice (and no zero-filled gradient) when a batch needs no group padding.
 
-Plain torch, nothing compiled. This file travels to the Hub with `modeling_mot.py`, which imports it relatively
+Plain torch, nothing compiled (the kernels are handed in, never imported). This file travels to the Hub with `modeling_mot.py`, which imports it relatively
 (transformers copies such imports of custom code), so it imports only installed packages.
 """
 
@@ -16,6 +18,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 
 def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -120,6 +123,48 @@ class EmitExpertMajor(torch.autograd.Function):
             # [p, E, G] @ [p, G, d] -> [p, E, d], written into the [E, p, d] gradient
             bmm_into(mixing.transpose(1, 2), grad_output, grad_processed.transpose(0, 1))
         return grad_mixing, grad_processed
+
+
+class MergeWithKernels(torch.autograd.Function):
+    """`MergeExpertMajor` through compiled kernels: weights `[p, G, E]`, tokens `[p, G, d]` -> merged tokens
+    `[E, p, d]`. `kernels` has `merge(weights, tokens)`, `emit(weights, rows)`, `dots(weights, tokens, rows)` (the
+    weights' gradient: each token of a position dotted with each expert's row of it) and `emit_and_dots(weights,
+    rows, tokens)` (both in one pass over the rows), on contiguous tensors."""
+
+    @staticmethod
+    def forward(ctx, mixing, tokens, kernels):
+        mixing, tokens = mixing.contiguous(), tokens.contiguous()
+        ctx.save_for_backward(mixing, tokens)
+        ctx.kernels = kernels
+        return kernels.merge(mixing, tokens)
+
+    @staticmethod
+    @once_differentiable  # the kernels have no derivatives of their own: a double backward gets a clear error
+    def backward(ctx, grad_merged):
+        mixing, tokens = ctx.saved_tensors
+        grad_tokens, grad_mixing = ctx.kernels.emit_and_dots(mixing, grad_merged.contiguous(), tokens)
+        return grad_mixing, grad_tokens, None
+
+
+class EmitWithKernels(torch.autograd.Function):
+    """`EmitExpertMajor` through compiled kernels (`MergeWithKernels`): weights `[p, G, E]`, processed tokens
+    `[E, p, d]` -> `[p, G, d]`."""
+
+    @staticmethod
+    def forward(ctx, mixing, processed, kernels):
+        mixing, processed = mixing.contiguous(), processed.contiguous()
+        ctx.save_for_backward(mixing, processed)
+        ctx.kernels = kernels
+        return kernels.emit(mixing, processed)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        mixing, processed = ctx.saved_tensors
+        grad_output = grad_output.contiguous()
+        grad_mixing = ctx.kernels.dots(mixing, grad_output, processed) if ctx.needs_input_grad[0] else None
+        grad_processed = ctx.kernels.merge(mixing, grad_output) if ctx.needs_input_grad[1] else None
+        return grad_mixing, grad_processed, None
 
 
 def drop_group_padding(hidden_states: torch.Tensor, batch_size: int) -> torch.Tensor:

@@ -1,0 +1,321 @@
+// MoT's merge and emit, and their gradients, for CPUs with AVX512-BF16 (loaded by mixture_of_tokens/cpu_mixing.py).
+//
+// For each position p (one group's G tokens at one sequence position), with w[g, e] the mixing weights:
+//   merge: rows[e, p]   = sum_g w[g, e] tokens[p, g]      weights [p, G, E], tokens [p, G, d] -> rows [E, p, d]
+//   emit:  tokens[p, g] = sum_e w[g, e] rows[e, p]        weights, rows [E, p, d] -> tokens [p, G, d]
+//   dots:  out[p, g, e] = tokens[p, g] . rows[e, p]       (the weights' gradient of either)
+// The rows are in the experts' layout, [E, p, d]: these kernels read and write it directly, where batched matmuls
+// over positions would need a layout copy of the E/G-times-larger rows on every side. Each position is one task;
+// its products run on vdpbf16ps, which multiplies pairs of bf16 and adds both products to one fp32 lane, so one
+// operand of each product is packed into pairs along the summed dimension, and the other is broadcast pair by pair.
+// All sums are in fp32 and rounded to bf16 once, as oneDNN's batched matmuls do.
+
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if !defined(__AVX512BF16__) || !defined(__AVX512BW__)
+#error "the MoT mixing kernels need AVX512-BF16 (cpu_mixing.py builds them only on such CPUs)"
+#endif
+#include <immintrin.h>
+
+namespace {
+
+using u16 = uint16_t;
+using u32 = uint32_t;
+
+// Register tiles: outputs per tile (rows x 16-lane vectors), chosen by timing MoT/32E/16 on a 2-core AVX512-BF16 EPYC.
+constexpr int kMergeRows = 6, kMergeVectors = 4;  // experts x 64 features
+constexpr int kEmitRows = 8, kEmitVectors = 2;    // tokens x 32 features
+constexpr int kDotRows = 8;                       // experts x all G tokens
+constexpr int kTailRows = 2;                      // for the last rows when a count is not a multiple of a tile's
+constexpr int64_t kPrefetchPairs = 2;             // row pairs ahead that emit's packing asks the memory for
+
+inline __m512bh broadcast_pair(const u16* pair) {
+  int32_t bits;
+  std::memcpy(&bits, pair, 4);
+  return (__m512bh)_mm512_set1_epi32(bits);
+}
+
+// dst[2k] = a[k], dst[2k + 1] = b[k] for k < n: two rows as pairs, the layout vdpbf16ps reads.
+class Interleave {
+ public:
+  Interleave() {
+    alignas(64) u16 low[32], high[32];
+    for (int j = 0; j < 16; ++j) {
+      low[2 * j] = j, low[2 * j + 1] = 32 + j;
+      high[2 * j] = 16 + j, high[2 * j + 1] = 48 + j;
+    }
+    low_ = _mm512_load_si512(low);
+    high_ = _mm512_load_si512(high);
+  }
+  void operator()(const u16* a, const u16* b, u16* dst, int64_t n) const {
+    int64_t k = 0;
+    for (; k + 32 <= n; k += 32) {
+      const __m512i va = _mm512_loadu_si512(a + k), vb = _mm512_loadu_si512(b + k);
+      _mm512_storeu_si512(dst + 2 * k, _mm512_permutex2var_epi16(va, low_, vb));
+      _mm512_storeu_si512(dst + 2 * k + 32, _mm512_permutex2var_epi16(va, high_, vb));
+    }
+    for (; k < n; ++k) dst[2 * k] = a[k], dst[2 * k + 1] = b[k];  // the weights of an E that is not a multiple of 32
+  }
+
+ private:
+  __m512i low_, high_;
+};
+
+// Two fp32 vectors as 32 bf16. A streaming store skips reading the line into the cache first: for the rows, written
+// once here and read only by the next operation.
+inline void store_bf16(u16* dst, __m512 low, __m512 high, bool streaming) {
+  const __m512i line = (__m512i)_mm512_cvtne2ps_pbh(high, low);
+  if (streaming && reinterpret_cast<uintptr_t>(dst) % 64 == 0) {
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), line);
+  } else {
+    _mm512_storeu_si512(dst, line);
+  }
+}
+
+inline u16 to_bf16(float value) {
+  u32 bits;
+  std::memcpy(&bits, &value, 4);
+  if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;  // NaN stays NaN
+  return u16((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);  // round to nearest even
+}
+
+// out[i][16j + l] = sum_h weight_pairs[h][i] . token_pairs[h][16j + l], for MR rows of rows (out row stride
+// out_stride) and NR vectors of features; weight_pairs [G/2][E] (E = weight_stride), token_pairs [G/2][2d].
+template <int MR, int NR>
+void merge_tile(const u32* weight_pairs, int64_t weight_stride, const u16* token_pairs, int64_t pair_stride,
+                int64_t num_pairs, u16* out, int64_t out_stride) {
+  __m512 acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t h = 0; h < num_pairs; ++h) {
+    __m512bh tokens[NR];
+    for (int j = 0; j < NR; ++j) tokens[j] = (__m512bh)_mm512_loadu_si512(token_pairs + h * pair_stride + 32 * j);
+    for (int i = 0; i < MR; ++i) {
+      const __m512bh weight = (__m512bh)_mm512_set1_epi32(int(weight_pairs[h * weight_stride + i]));
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], weight, tokens[j]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; j += 2) store_bf16(out + i * out_stride + 16 * j, acc[i][j], acc[i][j + 1], true);
+}
+
+// out[i][16j + l] = sum_h weights[i][2h, 2h+1] . row_pairs[h][16j + l], for MR tokens (weights row stride E,
+// out row stride d) and NR vectors of features; row_pairs [E/2][2d].
+template <int MR, int NR>
+void emit_tile(const u16* weights, int64_t num_experts, const u16* row_pairs, int64_t pair_stride, u16* out,
+               int64_t out_stride) {
+  __m512 acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t h = 0; h < num_experts / 2; ++h) {
+    __m512bh rows[NR];
+    for (int j = 0; j < NR; ++j) rows[j] = (__m512bh)_mm512_loadu_si512(row_pairs + h * pair_stride + 32 * j);
+    for (int i = 0; i < MR; ++i) {
+      const __m512bh weight = broadcast_pair(weights + i * num_experts + 2 * h);
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], weight, rows[j]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; j += 2) store_bf16(out + i * out_stride + 16 * j, acc[i][j], acc[i][j + 1], false);
+}
+
+// sums[i][g] = sum_k rows[i][k] tokens[g][k] for MR rows (row stride row_stride) and all G = 16 * NG tokens, the
+// tokens packed as token_pairs [d/2][G] (features 2h, 2h+1 of token g in one u32). Computed transposed, with the
+// rows broadcast pair by pair, so that the large operand is read as it lies.
+template <int MR, int NG>
+void dot_tile(const u16* rows, int64_t row_stride, const u32* token_pairs, int64_t hidden_size, float* sums) {
+  __m512 acc[MR][NG];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NG; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < hidden_size; k += 2) {
+    __m512bh tokens[NG];
+    for (int j = 0; j < NG; ++j) tokens[j] = (__m512bh)_mm512_loadu_si512(token_pairs + (k / 2) * 16 * NG + 16 * j);
+    for (int i = 0; i < MR; ++i) {
+      const __m512bh row = broadcast_pair(rows + i * row_stride + k);
+      for (int j = 0; j < NG; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], row, tokens[j]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NG; ++j) _mm512_storeu_ps(sums + (i * NG + j) * 16, acc[i][j]);
+}
+
+struct Sizes {
+  int64_t positions, group_size, num_experts, hidden_size;
+  int64_t row_stride() const { return positions * hidden_size; }  // between experts' rows of one position
+};
+
+// Per-thread buffers for one position's packed operands.
+struct Workspace {
+  Interleave interleave;
+  std::vector<u32> weight_pairs;  // merge: [G/2][E]
+  std::vector<u16> pairs;         // merge: token pairs [G/2][2d]; emit: row pairs [E/2][2d]
+  std::vector<u32> token_pairs;   // dots: [d/2][G]
+  std::vector<float> sums;        // dots: [E][G]
+};
+
+void merge_position(const Sizes& s, const u16* weights, const u16* tokens, u16* rows, Workspace& ws) {
+  const int64_t G = s.group_size, E = s.num_experts, d = s.hidden_size;
+  ws.weight_pairs.resize(G / 2 * E);
+  ws.pairs.resize(G / 2 * 2 * d);
+  for (int64_t h = 0; h < G / 2; ++h) {
+    ws.interleave(weights + 2 * h * E, weights + (2 * h + 1) * E, reinterpret_cast<u16*>(ws.weight_pairs.data() + h * E),
+                  E);
+    ws.interleave(tokens + 2 * h * d, tokens + (2 * h + 1) * d, ws.pairs.data() + h * 2 * d, d);
+  }
+  for (int64_t j0 = 0; j0 < d; j0 += 16 * kMergeVectors) {
+    int64_t e = 0;
+    for (; e + kMergeRows <= E; e += kMergeRows)
+      merge_tile<kMergeRows, kMergeVectors>(ws.weight_pairs.data() + e, E, ws.pairs.data() + 2 * j0, 2 * d, G / 2,
+                                            rows + e * s.row_stride() + j0, s.row_stride());
+    for (; e < E; e += kTailRows)
+      merge_tile<kTailRows, kMergeVectors>(ws.weight_pairs.data() + e, E, ws.pairs.data() + 2 * j0, 2 * d, G / 2,
+                                           rows + e * s.row_stride() + j0, s.row_stride());
+  }
+}
+
+void emit_position(const Sizes& s, const u16* weights, const u16* rows, u16* tokens, Workspace& ws) {
+  const int64_t G = s.group_size, E = s.num_experts, d = s.hidden_size, stride = s.row_stride();
+  ws.pairs.resize(E / 2 * 2 * d);
+  // The rows lie E/G times the input apart: ask for the next pairs while packing these (the hardware prefetchers do
+  // not follow 1 KiB rows 32 KiB-256 KiB apart).
+  for (int64_t h = 0; h < E / 2; ++h) {
+    if (h + kPrefetchPairs < E / 2) {
+      for (int64_t k = 0; k < d; k += 32) {
+        __builtin_prefetch(rows + 2 * (h + kPrefetchPairs) * stride + k);
+        __builtin_prefetch(rows + (2 * (h + kPrefetchPairs) + 1) * stride + k);
+      }
+    }
+    ws.interleave(rows + 2 * h * stride, rows + (2 * h + 1) * stride, ws.pairs.data() + h * 2 * d, d);
+  }
+  for (int64_t j0 = 0; j0 < d; j0 += 16 * kEmitVectors) {
+    int64_t g = 0;
+    for (; g + kEmitRows <= G; g += kEmitRows)
+      emit_tile<kEmitRows, kEmitVectors>(weights + g * E, E, ws.pairs.data() + 2 * j0, 2 * d, tokens + g * d + j0, d);
+    for (; g < G; g += kTailRows)
+      emit_tile<kTailRows, kEmitVectors>(weights + g * E, E, ws.pairs.data() + 2 * j0, 2 * d, tokens + g * d + j0, d);
+  }
+}
+
+template <int NG>
+void dot_rows(const Sizes& s, const u16* rows, Workspace& ws) {
+  const int64_t E = s.num_experts, G = s.group_size;
+  int64_t e = 0;
+  for (; e + kDotRows <= E; e += kDotRows)
+    dot_tile<kDotRows, NG>(rows + e * s.row_stride(), s.row_stride(), ws.token_pairs.data(), s.hidden_size,
+                           ws.sums.data() + e * G);
+  for (; e < E; e += kTailRows)
+    dot_tile<kTailRows, NG>(rows + e * s.row_stride(), s.row_stride(), ws.token_pairs.data(), s.hidden_size,
+                            ws.sums.data() + e * G);
+}
+
+void dots_position(const Sizes& s, const u16* tokens, const u16* rows, u16* out, Workspace& ws) {
+  const int64_t G = s.group_size, E = s.num_experts, d = s.hidden_size;
+  ws.token_pairs.resize(d / 2 * G);
+  ws.sums.resize(E * G);
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t h = 0; h < d / 2; ++h) std::memcpy(&ws.token_pairs[h * G + g], tokens + g * d + 2 * h, 4);
+  switch (G / 16) {
+    case 1: dot_rows<1>(s, rows, ws); break;
+    case 2: dot_rows<2>(s, rows, ws); break;
+    case 3: dot_rows<3>(s, rows, ws); break;
+    default: dot_rows<4>(s, rows, ws); break;
+  }
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t e = 0; e < E; ++e) out[g * E + e] = to_bf16(ws.sums[e * G + g]);
+}
+
+const u16* data(const at::Tensor& tensor) { return reinterpret_cast<const u16*>(tensor.data_ptr<at::BFloat16>()); }
+u16* mutable_data(at::Tensor& tensor) { return reinterpret_cast<u16*>(tensor.data_ptr<at::BFloat16>()); }
+
+void check(const at::Tensor& tensor, const char* name, int64_t a, int64_t b, int64_t c) {
+  TORCH_CHECK(tensor.device().is_cpu() && tensor.scalar_type() == at::kBFloat16 && tensor.is_contiguous(),
+              "the MoT mixing kernels take contiguous bfloat16 CPU tensors; ", name, " is not");
+  TORCH_CHECK(tensor.dim() == 3 && tensor.size(0) == a && tensor.size(1) == b && tensor.size(2) == c, name,
+              " has shape ", tensor.sizes(), ", expected [", a, ", ", b, ", ", c, "]");
+}
+
+// The sizes of weights [p, G, E] and rows [E, p, d], checked against what the tiles need.
+Sizes sizes_of(const at::Tensor& weights, int64_t num_experts, int64_t hidden_size) {
+  TORCH_CHECK(weights.dim() == 3, "the mixing weights must be [positions, group_size, num_experts]");
+  const Sizes s{weights.size(0), weights.size(1), num_experts, hidden_size};
+  check(weights, "the mixing weights", s.positions, s.group_size, s.num_experts);
+  TORCH_CHECK(s.group_size % 16 == 0 && s.group_size <= 64 && s.num_experts % 2 == 0 && s.hidden_size % 64 == 0,
+              "the MoT mixing kernels need group_size in {16, 32, 48, 64}, an even num_experts and hidden_size a "
+              "multiple of 64; got ", s.group_size, ", ", s.num_experts, ", ", s.hidden_size);
+  return s;
+}
+
+template <typename Fn>
+void for_each_position(int64_t positions, const Fn& fn) {
+  at::parallel_for(0, positions, 1, [&](int64_t begin, int64_t end) {
+    Workspace ws;
+    for (int64_t p = begin; p < end; ++p) fn(p, ws);
+    _mm_sfence();  // the streaming stores are visible to other threads once this chunk returns
+  });
+}
+
+}  // namespace
+
+at::Tensor merge(const at::Tensor& weights, const at::Tensor& tokens) {
+  const Sizes s = sizes_of(weights, weights.size(2), tokens.size(2));
+  check(tokens, "tokens", s.positions, s.group_size, s.hidden_size);
+  at::Tensor rows = at::empty({s.num_experts, s.positions, s.hidden_size}, tokens.options());
+  const u16 *w = data(weights), *x = data(tokens);
+  u16* r = mutable_data(rows);
+  const int64_t G = s.group_size, E = s.num_experts, d = s.hidden_size;
+  for_each_position(s.positions, [&](int64_t p, Workspace& ws) { merge_position(s, w + p * G * E, x + p * G * d, r + p * d, ws); });
+  return rows;
+}
+
+at::Tensor emit(const at::Tensor& weights, const at::Tensor& rows) {
+  const Sizes s = sizes_of(weights, rows.size(0), rows.size(2));
+  check(rows, "rows", s.num_experts, s.positions, s.hidden_size);
+  at::Tensor tokens = at::empty({s.positions, s.group_size, s.hidden_size}, rows.options());
+  const u16 *w = data(weights), *r = data(rows);
+  u16* x = mutable_data(tokens);
+  const int64_t G = s.group_size, E = s.num_experts, d = s.hidden_size;
+  for_each_position(s.positions, [&](int64_t p, Workspace& ws) { emit_position(s, w + p * G * E, r + p * d, x + p * G * d, ws); });
+  return tokens;
+}
+
+// The weights' gradient of the emit: dots of the output's gradient (tokens) with the rows.
+at::Tensor dots(const at::Tensor& weights, const at::Tensor& tokens, const at::Tensor& rows) {
+  const Sizes s = sizes_of(weights, rows.size(0), rows.size(2));
+  check(tokens, "tokens", s.positions, s.group_size, s.hidden_size);
+  check(rows, "rows", s.num_experts, s.positions, s.hidden_size);
+  at::Tensor out = at::empty_like(weights);
+  const u16 *x = data(tokens), *r = data(rows);
+  u16* o = mutable_data(out);
+  const int64_t G = s.group_size, E = s.num_experts, d = s.hidden_size;
+  for_each_position(s.positions, [&](int64_t p, Workspace& ws) { dots_position(s, x + p * G * d, r + p * d, o + p * G * E, ws); });
+  return out;
+}
+
+// The merge's backward, position by position so that the rows' gradient is read from cache the second time: its
+// emit (the tokens' gradient) and its dots with the tokens (the weights' gradient).
+std::vector<at::Tensor> emit_and_dots(const at::Tensor& weights, const at::Tensor& rows, const at::Tensor& tokens) {
+  const Sizes s = sizes_of(weights, rows.size(0), rows.size(2));
+  check(rows, "rows", s.num_experts, s.positions, s.hidden_size);
+  check(tokens, "tokens", s.positions, s.group_size, s.hidden_size);
+  at::Tensor emitted = at::empty_like(tokens), out = at::empty_like(weights);
+  const u16 *w = data(weights), *r = data(rows), *x = data(tokens);
+  u16 *t = mutable_data(emitted), *o = mutable_data(out);
+  const int64_t G = s.group_size, E = s.num_experts, d = s.hidden_size;
+  for_each_position(s.positions, [&](int64_t p, Workspace& ws) {
+    emit_position(s, w + p * G * E, r + p * d, t + p * G * d, ws);
+    dots_position(s, x + p * G * d, r + p * d, o + p * G * E, ws);
+  });
+  return {emitted, out};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.def("merge", &merge, "weights [p, G, E], tokens [p, G, d] -> rows [E, p, d]");
+  module.def("emit", &emit, "weights [p, G, E], rows [E, p, d] -> tokens [p, G, d]");
+  module.def("dots", &dots, "weights [p, G, E] (for the shape), tokens [p, G, d], rows [E, p, d] -> [p, G, E]");
+  module.def("emit_and_dots", &emit_and_dots, "weights, rows' gradient, tokens -> (emit, dots)");
+}
