@@ -10,8 +10,9 @@ Dense: d=512, d_ff=2048. MoT (`--variants`, default all three; flop-matched, E*f
 Expert Choice (`--routed`, on by default) use 32E's E and f with one expert per token. Input: 32 x 256 tokens. The
 rows are timed in interleaved rounds and the median of each is reported, so a background load slows all of them
 alike and the ratios stay meaningful on a shared machine. `--compare_layouts` adds each variant with its merged and
-processed tokens forced into either layout (`MixtureOfTokens.expert_major_layout`: transposed views, or expert-major
-copies, which CPU bf16 takes), so a new device shows which it reads faster.
+processed tokens forced into either layout of the batched matmuls (`MixtureOfTokens.expert_major_layout`: transposed
+views, or expert-major copies), so a new device shows which it reads faster; the plain rows take the layer's own
+choice, which in CPU bf16 on an AVX512-BF16 CPU is the package's compiled merge and emit (cpu_mixing.py).
 
 Each row also has:
 - its FLOP floor over dense (bench/flops.py: matmul FLOPs, forward+backward; `1 + 1.5 E / d_ff` flop-matched,
@@ -40,7 +41,7 @@ from pathlib import Path
 import torch
 from flops import flop_floor  # bench/flops.py (this script's folder is on sys.path)
 
-from mixture_of_tokens import MoTConfig
+from mixture_of_tokens import MoTConfig, cpu_mixing
 from mixture_of_tokens.modeling import modeling_mot
 from mixture_of_tokens.modeling.modeling_mot import FEED_FORWARD_CLASSES, MoTPreTrainedModel
 from mixture_of_tokens.modeling.performance_mot import batched_matmul_copies_views
@@ -55,7 +56,8 @@ VARIANTS = {
     "32e-16": ("mot-medium-32e-16", "MoT/32E/16"),
 }
 BASE_PRESET = "mot-medium-32e"
-# MixtureOfTokens.expert_major_layout of a row: "auto" is what the layer picks for the device and dtype.
+# MixtureOfTokens.expert_major_layout of a row: "auto" is what the layer picks for the device and dtype (the compiled
+# kernels where they apply); the other two force the batched matmuls in that layout.
 LAYOUTS = {"auto": None, "views": False, "expert_major": True}
 
 
@@ -304,6 +306,14 @@ def cpu_description() -> dict:
             "cpu_native_bf16": None if flags is None else bool(bf16_flags), "cpu_bf16_flags": bf16_flags}
 
 
+def auto_mixing(device: str, dtype: torch.dtype) -> str:
+    """What the MoT layer's merge and emit run on at the benchmark's sizes: "kernels" (cpu_mixing.py, CPU bf16 on a
+    CPU that runs them), else the layout its batched matmuls take ("expert_major" or "views")."""
+    if device == "cpu" and dtype == torch.bfloat16 and cpu_mixing.load_kernels() is not None:
+        return "kernels"
+    return "expert_major" if batched_matmul_copies_views(torch.empty(0, device=device, dtype=dtype)) else "views"
+
+
 def ratio(value, dense) -> float | None:
     return None if value is None or not dense else value / dense
 
@@ -327,8 +337,9 @@ def main() -> None:
                         help="positions of the input the naive reference runs on, for each variant (0: skip it)")
     parser.add_argument("--precisions", nargs="+", choices=list(PRECISIONS), default=list(PRECISIONS))
     parser.add_argument("--compare_layouts", action="store_true",
-                        help="each MoT variant also with its merged and processed tokens forced into either layout "
-                             "(transposed views, expert-major copies); the plain row takes the device's choice")
+                        help="each MoT variant also through batched matmuls with its merged and processed tokens "
+                             "forced into either layout (transposed views, expert-major copies); the plain row takes "
+                             "the layer's choice (the compiled kernels in CPU bf16 where they run)")
     args = parser.parse_args()
     torch.manual_seed(0)
     retained = args.device == "cpu" and not args.system_malloc and retain_freed_cpu_memory()
@@ -347,10 +358,8 @@ def main() -> None:
                            "num_experts": row.config.num_experts, "expert_size": row.config.expert_size,
                            "mot_recompute": row.config.mot_recompute, "layout": row.layout, "flop_floor": row.floor,
                            "flop_floor_with_recompute": row.recompute_floor} for row in rows},
-        # The layout the MoT layer picks in each precision on this device (the "auto" rows').
-        "auto_layout": {label: "expert_major" if batched_matmul_copies_views(
-            torch.empty(0, device=args.device, dtype=matmul_dtype(label))) else "views"
-            for label in args.precisions},
+        # What the MoT layer's merge and emit run on in each precision on this device (the "auto" rows').
+        "auto_layout": {label: auto_mixing(args.device, matmul_dtype(label)) for label in args.precisions},
         "seconds": {},
         "saved_bytes": {},
         "peak_bytes": {},
@@ -395,7 +404,7 @@ def main() -> None:
             floor = row.recompute_floor or row.floor
             if floor:
                 results[f"{row.key}_over_floor_{label}"] = seconds[row.key] / seconds["dense"] / floor
-    print("layout MoT picks here: " + ", ".join(f"{label} {layout}" for label, layout in results["auto_layout"].items()))
+    print("MoT's merge and emit here: " + ", ".join(f"{label} {layout}" for label, layout in results["auto_layout"].items()))
     for label in args.precisions:
         print(f"{label}, x dense over the row's floor (+recomp for recompute rows): "
               + ", ".join(f"{row.label} {results[f'{row.key}_over_floor_{label}']:.2f}" for row in rows[1:] if row.floor))

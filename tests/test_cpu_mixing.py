@@ -195,3 +195,20 @@ def test_a_failed_build_warns_once_and_the_layer_runs_the_batched_matmuls(tmp_pa
     assert "kernels: False" in result.stdout
     assert result.stderr.count("Could not build MoT's CPU mixing kernels") == 1, result.stderr
     assert "MOT_CPU_KERNELS=0 skips this attempt" in result.stderr
+
+
+@pytest.mark.slow
+def test_compiled_layer_runs_the_batched_matmuls_with_fullgraph_and_agrees_with_the_kernels(kernels):
+    """Dynamo cannot trace the kernels: under `torch.compile(fullgraph=True)` the layer takes its batched matmuls,
+    with the eager kernels' outputs and gradients."""
+    layer = random_layer(kernel_config(num_experts=32))
+    x = torch.randn(32, 2, 64, generator=torch.Generator().manual_seed(2)).bfloat16()
+    runs = []
+    for run in (layer, torch.compile(layer, fullgraph=True)):
+        inputs = x.clone().requires_grad_()
+        output = run(inputs)
+        runs.append((output, *torch.autograd.grad(output.float().square().sum(), [inputs, *layer.parameters()])))
+    torch._dynamo.reset()
+    assert "EmitWithKernelsBackward" in graph_nodes(runs[0][0])
+    for eager, compiled in zip(*runs, strict=True):
+        assert (compiled.float() - eager.float()).norm() <= 1e-2 * eager.float().norm()
