@@ -13,8 +13,10 @@ loss as `bench/layer.py` and, on CPU, the same retained-memory allocator setting
 
 `--kernels` instead times every product of the dense FFN's and of MoT's forward and backward alone, at the same
 sizes and in the precision's matmul dtype, with its GFLOP/s: the experts', the mixing's (controller, merge, emit) and
-the layout passes MoT makes where the batched matmuls copy strided operands (CPU bf16). The sums of each part over
-the dense FFN's six products say what the layer costs before anything between the kernels.
+the layout passes MoT makes where the batched matmuls copy strided operands (CPU bf16), or, where the layer runs
+them (CPU bf16 on an AVX512-BF16 CPU), the package's compiled merge and emit (cpu_mixing.py), which need no layout
+passes; `--batched_matmuls` times the batched matmuls there too. The sums of each part over the dense FFN's six
+products say what the layer costs before anything between the kernels.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 from layer import FFN_TYPES, PRECISIONS, VARIANTS, build_layer, interleaved_medians, matmul_dtype, time_step
 from torch.profiler import profile
 
-from mixture_of_tokens import MoTConfig
+from mixture_of_tokens import MoTConfig, cpu_mixing
 from mixture_of_tokens.modeling.performance_mot import batched_matmul_copies_views
 from mixture_of_tokens.training.cpu_memory import retain_freed_cpu_memory
 
@@ -66,9 +68,11 @@ def print_breakdown(config: MoTConfig, inputs, autocast_dtype, args) -> None:
           f"dense FFN ~{median['dense'] - loss:.1f}, benchmark loss ~{loss:.1f}")
 
 
-def layer_kernels(config: MoTConfig, tokens: int, dtype: torch.dtype, device: str, expert_major: bool) -> dict:
+def layer_kernels(config: MoTConfig, tokens: int, dtype: torch.dtype, device: str, expert_major: bool,
+                  compiled=None) -> dict:
     """Every product of the dense FFN's and of MoT's forward and backward, alone, at the benchmark's sizes, with
-    MoT's layout passes: name -> (part, kernel, FLOPs or, for a pass, the bytes it reads and writes)."""
+    MoT's layout passes, or with its merge and emit through `compiled` (cpu_mixing's kernels) where given: name ->
+    (part, kernel, FLOPs or, for a pass, the bytes it reads and writes)."""
     group_size, experts, hidden = config.group_size, config.num_experts, config.hidden_size
     expert_size, dense_size = config.expert_size, config.intermediate_size
     positions = tokens // group_size
@@ -111,7 +115,21 @@ def layer_kernels(config: MoTConfig, tokens: int, dtype: torch.dtype, device: st
         "merge grad weights": ("mixing", lambda: torch.bmm(group_tokens, position_major.transpose(1, 2)), mix_flops),
         "merge grad tokens": ("mixing", lambda: torch.bmm(mixing, position_major), mix_flops),
     }
-    if expert_major:  # MergeExpertMajor / EmitExpertMajor: two strided writes, two copies
+    if compiled is not None:  # MergeWithKernels / EmitWithKernels: the calls the layer makes, no layout passes
+        for name in ("merge [p,E,G] @ [p,G,d]", "emit [p,G,E] @ [p,E,d]", "emit grad weights", "emit grad processed",
+                     "merge grad weights", "merge grad tokens"):
+            del kernels[name]
+        kernels.update({
+            "compiled merge -> [E,p,d]": ("mixing", lambda: compiled.merge(mixing, group_tokens), mix_flops),
+            "compiled emit <- [E,p,d]": ("mixing", lambda: compiled.emit(mixing, merged), mix_flops),
+            "compiled emit grad weights (dots)": ("mixing", lambda: compiled.dots(mixing, group_tokens, merged),
+                                                  mix_flops),
+            "compiled emit grad processed (merge)": ("mixing", lambda: compiled.merge(mixing, group_tokens),
+                                                     mix_flops),
+            "compiled merge grad (emit and dots)": ("mixing", lambda: compiled.emit_and_dots(
+                mixing, merged, group_tokens), 2 * mix_flops),
+        })
+    elif expert_major:  # MergeExpertMajor / EmitExpertMajor: two strided writes, two copies
         into_expert_major = expert_major_out.transpose(0, 1)
         kernels.update({
             "merge written into [E,p,d] (extra)": ("layout", lambda: torch.bmm(
@@ -132,7 +150,10 @@ def print_kernels(config: MoTConfig, args) -> None:
     tokens = args.batch * args.seq
     probe = torch.empty(0, dtype=dtype, device=args.device)
     expert_major = batched_matmul_copies_views(probe)
-    kernels = layer_kernels(config, tokens, dtype, args.device, expert_major)
+    compiled = None
+    if args.device == "cpu" and dtype == torch.bfloat16 and not args.batched_matmuls:
+        compiled = cpu_mixing.load_kernels()  # what the layer runs here (None where it cannot)
+    kernels = layer_kernels(config, tokens, dtype, args.device, expert_major, compiled)
     kernels["copy 128 MiB (the memory bandwidth)"] = ("", (lambda big: lambda: big.clone())(
         torch.empty(2**27 // probe.element_size(), dtype=dtype, device=args.device)), 2**28)
 
@@ -158,7 +179,8 @@ def print_kernels(config: MoTConfig, args) -> None:
             median[name] = max(0.0, median[name] - median[product])
     print(f"single kernels of the dense FFN and {config.num_experts} experts of {config.expert_size} "
           f"({args.precision}: {str(dtype).removeprefix('torch.')} matmuls, {tokens} tokens, {args.device}, median "
-          f"of {args.steps}; MoT's layout: {'expert-major copies' if expert_major else 'transposed views'}):")
+          f"of {args.steps}; MoT's merge and emit: " + ("compiled kernels" if compiled is not None else
+          "batched matmuls, " + ("expert-major copies" if expert_major else "transposed views")) + "):")
     print(f"  {'kernel':<42}{'part':>9}{'ms':>9}{'GFLOP/s':>9}{'GB/s':>7}")
     for name, (part, _, amount) in kernels.items():
         seconds = median[name]
@@ -196,6 +218,9 @@ def main() -> None:
     parser.add_argument("--system_malloc", action="store_true", help="leave glibc malloc as it is")
     parser.add_argument("--kernels", action="store_true",
                         help="time every product of the layer's forward and backward alone instead")
+    parser.add_argument("--batched_matmuls", action="store_true",
+                        help="with --kernels: time MoT's merge and emit as batched matmuls even where the layer runs "
+                             "the compiled kernels (the comparison)")
     args = parser.parse_args()
     if args.device == "cpu" and not args.system_malloc:
         retain_freed_cpu_memory()

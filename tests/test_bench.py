@@ -35,17 +35,26 @@ def test_profile_splits_the_wall_clock_and_rates_each_matmul():
 
 
 def test_kernels_are_each_timed_and_summed_by_part_with_the_layout_passes_where_the_layer_makes_them():
-    def kernels(precision: str) -> str:
-        return run_bench("profile_layer.py", "--kernels", "--variant", "32e-16", "--precision", precision,
-                         "--steps", "1", "--warmup", "0", "--batch", "32", "--seq", "2")
+    from mixture_of_tokens import cpu_mixing
 
-    bf16, fp32 = kernels("bf16"), kernels("fp32")
+    def kernels(precision: str, *extra: str) -> str:
+        return run_bench("profile_layer.py", "--kernels", "--variant", "32e-16", "--precision", precision,
+                         "--steps", "1", "--warmup", "0", "--batch", "32", "--seq", "2", *extra)
+
+    bf16, fp32 = kernels("bf16", "--batched_matmuls"), kernels("fp32")
     assert "expert-major copies" in bf16 and "transposed views" in fp32  # CPU bf16 copies, fp32 reads views
     assert "copy [E,p,d] -> [p,E,d] (emit)" in bf16 and "copy [E,p,d] -> [p,E,d]" not in fp32
     sums = dict(item.rsplit(" ", 1) for item in bf16.split("six products: ")[1].replace(";", ",").split(", "))
     assert float(sums["dense"]) == 1.0 and float(sums["MoT"]) > 0 and float(sums["layout"]) >= 0
     rows = [line.split() for line in bf16.splitlines() if line.strip().startswith("experts ")]
     assert len(rows) == 6 and all(float(row[-1]) > 0 for row in rows)  # each with its GFLOP/s
+    if cpu_mixing.cpu_runs_kernels():  # what the layer runs here: the compiled merge and emit, no layout passes
+        compiled = kernels("bf16")
+        assert "MoT's merge and emit: compiled kernels" in compiled and "copy [E,p,d]" not in compiled
+        rows = [line.split() for line in compiled.splitlines() if line.strip().startswith("compiled ")]
+        assert len(rows) == 5 and all(float(row[-1]) > 0 for row in rows)
+        sums = dict(item.rsplit(" ", 1) for item in compiled.split("six products: ")[1].replace(";", ",").split(", "))
+        assert float(sums["layout"]) == 0 and float(sums["mixing"]) > 0
 
 
 def test_training_throughput_times_each_preset(tmp_path):
