@@ -8,8 +8,8 @@ kernels in `fla/ops`). Each computes exactly what its plain version does, faster
   where someone supplies them (`MixtureOfTokens.mixing_kernels`);
 - `drop_group_padding`: no slice (and no zero-filled gradient) when a batch needs no group padding.
 
-Plain torch, nothing compiled (the kernels are handed in, never imported). This file travels to the Hub with `modeling_mot.py`, which imports it relatively
-(transformers copies such imports of custom code), so it imports only installed packages.
+Plain torch: compiled kernels are handed in, never imported. This file travels to the Hub with `modeling_mot.py`,
+which imports it relatively (transformers copies such imports of custom code), so it imports only installed packages.
 """
 
 from __future__ import annotations
