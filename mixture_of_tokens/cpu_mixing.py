@@ -3,12 +3,12 @@
 In bf16 on such a CPU the batched matmuls of the merge and emit run their small products (a 32-long sum, or 32
 rows) through oneDNN at 60-75% of its speed on the dense FFN's, and need the merged and processed tokens, E/G times
 the input each, copied between the positions' layout and the experts'. The kernels read and write the experts'
-layout directly: MoT/32E/16's layer forward + backward falls from 1.75x to 1.57x the dense FFN's time, /8's from
-1.40x to 1.29x (docs/performance.md). The results are the batched matmuls' (fp32 sums, rounded to bf16 once).
+layout directly, which takes about a tenth off the granular variants' layer forward + backward (docs/performance.md,
+"Compiled merge and emit"). The results are the batched matmuls' (fp32 sums, rounded to bf16 once).
 
 Importing the package installs `kernels_for` as `MixtureOfTokens.mixing_kernels`, which asks for them on each MoT
 layer call; the modeling files, which travel to the Hub alone, never import this module. The kernels are built with
-`torch.utils.cpp_extension` (a C++ compiler and ninja, ~40 s the first time, cached under `TORCH_EXTENSIONS_DIR` after
+`torch.utils.cpp_extension` (a C++ compiler and ninja, ~30 s the first time, cached under `TORCH_EXTENSIONS_DIR` after
 that); without a compiler, or with `MOT_CPU_KERNELS=0`, the layer runs its batched matmuls and computes the same.
 """
 
@@ -77,14 +77,23 @@ def _put_ninja_on_path() -> None:
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
+def _is_built(name: str) -> bool:
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return any(Path(_get_build_directory(name, verbose=False)).glob(f"{name}*.so"))
+    except Exception:  # a private helper of torch's: if it moves, just say that we build
+        return False
+
+
 def build(name: str | None = None, verbose: bool = False) -> ModuleType:
     """Compile (or load the cached build of) the kernels for this CPU; raises when that fails."""
-    from torch.utils.cpp_extension import _get_build_directory, load
+    from torch.utils.cpp_extension import load
 
     name = name or extension_name()
     _put_ninja_on_path()
-    if not any(Path(_get_build_directory(name, verbose=False)).glob(f"{name}*.so")):
-        logger.warning("Building MoT's CPU mixing kernels (once per machine and torch version, ~40 s)...")
+    if not _is_built(name):  # a pause of half a minute in the middle of a first forward deserves a word
+        logger.warning("Building MoT's CPU mixing kernels (once per machine and torch version, ~30 s)...")
     return load(
         name=name,
         sources=[str(SOURCE)],
