@@ -306,12 +306,15 @@ def cpu_description() -> dict:
             "cpu_native_bf16": None if flags is None else bool(bf16_flags), "cpu_bf16_flags": bf16_flags}
 
 
-def auto_mixing(device: str, dtype: torch.dtype) -> str:
-    """What the MoT layer's merge and emit run on at the benchmark's sizes: "kernels" (cpu_mixing.py, CPU bf16 on a
-    CPU that runs them), else the layout its batched matmuls take ("expert_major" or "views")."""
-    if device == "cpu" and dtype == torch.bfloat16 and cpu_mixing.load_kernels() is not None:
+def auto_mixing(config: MoTConfig, device: str, dtype: torch.dtype) -> str:
+    """What the MoT layer's merge and emit run on at `config`'s sizes: "kernels" where the package's compiled ones
+    apply (cpu_mixing.py decides, as for the layer), else the layout its batched matmuls take ("expert_major" or
+    "views")."""
+    mixing = torch.empty(0, config.group_size, config.num_experts, device=device, dtype=dtype)  # [p, G, E]
+    tokens = torch.empty(0, config.group_size, config.hidden_size, device=device, dtype=dtype)  # [p, G, d]
+    if cpu_mixing.kernels_for(mixing, tokens) is not None:
         return "kernels"
-    return "expert_major" if batched_matmul_copies_views(torch.empty(0, device=device, dtype=dtype)) else "views"
+    return "expert_major" if batched_matmul_copies_views(tokens) else "views"
 
 
 def ratio(value, dense) -> float | None:
@@ -359,7 +362,7 @@ def main() -> None:
                            "mot_recompute": row.config.mot_recompute, "layout": row.layout, "flop_floor": row.floor,
                            "flop_floor_with_recompute": row.recompute_floor} for row in rows},
         # What the MoT layer's merge and emit run on in each precision on this device (the "auto" rows').
-        "auto_layout": {label: auto_mixing(args.device, matmul_dtype(label)) for label in args.precisions},
+        "auto_layout": {label: auto_mixing(base, args.device, matmul_dtype(label)) for label in args.precisions},
         "seconds": {},
         "saved_bytes": {},
         "peak_bytes": {},

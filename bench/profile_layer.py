@@ -150,9 +150,10 @@ def print_kernels(config: MoTConfig, args) -> None:
     tokens = args.batch * args.seq
     probe = torch.empty(0, dtype=dtype, device=args.device)
     expert_major = batched_matmul_copies_views(probe)
-    compiled = None
-    if args.device == "cpu" and dtype == torch.bfloat16 and not args.batched_matmuls:
-        compiled = cpu_mixing.load_kernels()  # what the layer runs here (None where it cannot)
+    # The compiled merge and emit where the layer runs them here (cpu_mixing.py decides, as for the layer)
+    mixing = torch.empty(0, config.group_size, config.num_experts, dtype=dtype, device=args.device)  # [p, G, E]
+    group_tokens = torch.empty(0, config.group_size, config.hidden_size, dtype=dtype, device=args.device)  # [p, G, d]
+    compiled = None if args.batched_matmuls else cpu_mixing.kernels_for(mixing, group_tokens)
     kernels = layer_kernels(config, tokens, dtype, args.device, expert_major, compiled)
     kernels["copy 128 MiB (the memory bandwidth)"] = ("", (lambda big: lambda: big.clone())(
         torch.empty(2**27 // probe.element_size(), dtype=dtype, device=args.device)), 2**28)
