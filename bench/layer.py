@@ -12,7 +12,8 @@ rows are timed in interleaved rounds and the median of each is reported, so a ba
 alike and the ratios stay meaningful on a shared machine. `--compare_layouts` adds each variant with its merged and
 processed tokens forced into either layout of the batched matmuls (`MixtureOfTokens.expert_major_layout`: transposed
 views, or expert-major copies), so a new device shows which it reads faster; the plain rows take the layer's own
-choice, which in CPU bf16 on an AVX512-BF16 CPU is the package's compiled merge and emit (cpu_mixing.py).
+choice, which in CPU bf16 on an AVX512-BF16 CPU is the package's compiled merge and emit and expert products
+(cpu_kernels.py); the forced rows run bmm for the experts' products too, so they are the layer without kernels.
 
 Each row also has:
 - its FLOP floor over dense (bench/flops.py: matmul FLOPs, forward+backward; `1 + 1.5 E / d_ff` flop-matched,
@@ -41,7 +42,7 @@ from pathlib import Path
 import torch
 from flops import flop_floor  # bench/flops.py (this script's folder is on sys.path)
 
-from mixture_of_tokens import MoTConfig, cpu_mixing
+from mixture_of_tokens import MoTConfig, cpu_kernels
 from mixture_of_tokens.modeling import modeling_mot
 from mixture_of_tokens.modeling.modeling_mot import FEED_FORWARD_CLASSES, MoTPreTrainedModel
 from mixture_of_tokens.modeling.performance_mot import batched_matmul_copies_views
@@ -57,7 +58,7 @@ VARIANTS = {
 }
 BASE_PRESET = "mot-medium-32e"
 # MixtureOfTokens.expert_major_layout of a row: "auto" is what the layer picks for the device and dtype (the compiled
-# kernels where they apply); the other two force the batched matmuls in that layout.
+# kernels where they apply); the other two force the batched matmuls in that layout (and bmm for the experts).
 LAYOUTS = {"auto": None, "views": False, "expert_major": True}
 
 
@@ -252,6 +253,8 @@ def row_layer(row: Row, weights: dict, device: str, dtype: torch.dtype) -> torch
     layer.load_state_dict(weights[row.ffn_type, row.preset].state_dict())
     if row.ffn_type == "mot":
         layer.expert_major_layout = LAYOUTS[row.layout]
+        if LAYOUTS[row.layout] is not None:  # the batched matmuls throughout: the experts' products too
+            layer.experts.product_kernels = None
     return layer.to(device=device, dtype=dtype).train()
 
 
@@ -308,11 +311,11 @@ def cpu_description() -> dict:
 
 def auto_mixing(config: MoTConfig, device: str, dtype: torch.dtype) -> str:
     """What the MoT layer's merge and emit run on at `config`'s sizes: "kernels" where the package's compiled ones
-    apply (cpu_mixing.py decides, as for the layer), else the layout its batched matmuls take ("expert_major" or
+    apply (cpu_kernels.py decides, as for the layer), else the layout its batched matmuls take ("expert_major" or
     "views")."""
     mixing = torch.empty(0, config.group_size, config.num_experts, device=device, dtype=dtype)  # [p, G, E]
     tokens = torch.empty(0, config.group_size, config.hidden_size, device=device, dtype=dtype)  # [p, G, d]
-    if cpu_mixing.kernels_for(mixing, tokens) is not None:
+    if cpu_kernels.kernels_for(mixing, tokens) is not None:
         return "kernels"
     return "expert_major" if batched_matmul_copies_views(tokens) else "views"
 

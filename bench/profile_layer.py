@@ -14,8 +14,8 @@ loss as `bench/layer.py` and, on CPU, the same retained-memory allocator setting
 `--kernels` instead times every product of the dense FFN's and of MoT's forward and backward alone, at the same
 sizes and in the precision's matmul dtype, with its GFLOP/s: the experts', the mixing's (controller, merge, emit) and
 the layout passes MoT makes where the batched matmuls copy strided operands (CPU bf16), or, where the layer runs
-them (CPU bf16 on an AVX512-BF16 CPU), the package's compiled merge and emit (cpu_mixing.py), which need no layout
-passes; `--batched_matmuls` times the batched matmuls there too. The sums of each part over the dense FFN's six
+them (CPU bf16 on an AVX512-BF16 CPU), the package's compiled merge and emit (cpu_kernels.py), which need no layout
+passes, and its compiled expert products; `--batched_matmuls` times the batched matmuls there too. The sums of each part over the dense FFN's six
 products say what the layer costs before anything between the kernels.
 """
 
@@ -29,7 +29,7 @@ import torch
 from layer import FFN_TYPES, PRECISIONS, VARIANTS, build_layer, interleaved_medians, matmul_dtype, time_step
 from torch.profiler import profile
 
-from mixture_of_tokens import MoTConfig, cpu_mixing
+from mixture_of_tokens import MoTConfig, cpu_kernels
 from mixture_of_tokens.modeling.performance_mot import batched_matmul_copies_views
 from mixture_of_tokens.training.cpu_memory import retain_freed_cpu_memory
 
@@ -71,7 +71,7 @@ def print_breakdown(config: MoTConfig, inputs, autocast_dtype, args) -> None:
 def layer_kernels(config: MoTConfig, tokens: int, dtype: torch.dtype, device: str, expert_major: bool,
                   compiled=None) -> dict:
     """Every product of the dense FFN's and of MoT's forward and backward, alone, at the benchmark's sizes, with
-    MoT's layout passes, or with its merge and emit through `compiled` (cpu_mixing's kernels) where given: name ->
+    MoT's layout passes, or with its merge and emit through `compiled` (cpu_kernels's kernels) where given: name ->
     (part, kernel, FLOPs or, for a pass, the bytes it reads and writes)."""
     group_size, experts, hidden = config.group_size, config.num_experts, config.hidden_size
     expert_size, dense_size = config.expert_size, config.intermediate_size
@@ -129,6 +129,16 @@ def layer_kernels(config: MoTConfig, tokens: int, dtype: torch.dtype, device: st
             "compiled merge grad (emit and dots)": ("mixing", lambda: compiled.emit_and_dots(
                 mixing, merged, group_tokens), 2 * mix_flops),
         })
+        if cpu_kernels.products_fit(merged, up):  # ExpertProductsWithKernels: the same six products
+            products = compiled.expert_products
+            kernels.update({
+                "experts up [E,p,d] @ [E,d,f]": ("experts", lambda: products(merged, up), expert_flops),
+                "experts down [E,p,f] @ [E,f,d]": ("experts", lambda: products(expert_hidden, down), expert_flops),
+                "experts grad h": ("experts", lambda: products(merged, down.transpose(1, 2)), expert_flops),
+                "experts grad input": ("experts", lambda: products(expert_hidden, up.transpose(1, 2)), expert_flops),
+                "experts grad W1": ("experts", lambda: products(merged.transpose(1, 2), expert_hidden), expert_flops),
+                "experts grad W2": ("experts", lambda: products(expert_hidden.transpose(1, 2), merged), expert_flops),
+            })
     elif expert_major:  # MergeExpertMajor / EmitExpertMajor: two strided writes, two copies
         into_expert_major = expert_major_out.transpose(0, 1)
         kernels.update({
@@ -150,10 +160,10 @@ def print_kernels(config: MoTConfig, args) -> None:
     tokens = args.batch * args.seq
     probe = torch.empty(0, dtype=dtype, device=args.device)
     expert_major = batched_matmul_copies_views(probe)
-    # The compiled merge and emit where the layer runs them here (cpu_mixing.py decides, as for the layer)
+    # The compiled merge and emit where the layer runs them here (cpu_kernels.py decides, as for the layer)
     mixing = torch.empty(0, config.group_size, config.num_experts, dtype=dtype, device=args.device)  # [p, G, E]
     group_tokens = torch.empty(0, config.group_size, config.hidden_size, dtype=dtype, device=args.device)  # [p, G, d]
-    compiled = None if args.batched_matmuls else cpu_mixing.kernels_for(mixing, group_tokens)
+    compiled = None if args.batched_matmuls else cpu_kernels.kernels_for(mixing, group_tokens)
     kernels = layer_kernels(config, tokens, dtype, args.device, expert_major, compiled)
     kernels["copy 128 MiB (the memory bandwidth)"] = ("", (lambda big: lambda: big.clone())(
         torch.empty(2**27 // probe.element_size(), dtype=dtype, device=args.device)), 2**28)
@@ -180,7 +190,7 @@ def print_kernels(config: MoTConfig, args) -> None:
             median[name] = max(0.0, median[name] - median[product])
     print(f"single kernels of the dense FFN and {config.num_experts} experts of {config.expert_size} "
           f"({args.precision}: {str(dtype).removeprefix('torch.')} matmuls, {tokens} tokens, {args.device}, median "
-          f"of {args.steps}; MoT's merge and emit: " + ("compiled kernels" if compiled is not None else
+          f"of {args.steps}; MoT's merge, emit and expert products: " + ("compiled kernels" if compiled is not None else
           "batched matmuls, " + ("expert-major copies" if expert_major else "transposed views")) + "):")
     print(f"  {'kernel':<42}{'part':>9}{'ms':>9}{'GFLOP/s':>9}{'GB/s':>7}")
     for name, (part, _, amount) in kernels.items():
@@ -220,7 +230,7 @@ def main() -> None:
     parser.add_argument("--kernels", action="store_true",
                         help="time every product of the layer's forward and backward alone instead")
     parser.add_argument("--batched_matmuls", action="store_true",
-                        help="with --kernels: time MoT's merge and emit as batched matmuls even where the layer runs "
+                        help="with --kernels: time MoT's merge, emit and expert products as batched matmuls even where the layer runs "
                              "the compiled kernels (the comparison)")
     args = parser.parse_args()
     if args.device == "cpu" and not args.system_malloc:

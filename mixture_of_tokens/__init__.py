@@ -63,6 +63,6 @@ def _process_uses_no_model() -> bool:
 
 if not _process_uses_no_model():
     _register_with_auto_classes()
-    from .cpu_mixing import install as _install_cpu_mixing_kernels
+    from .cpu_kernels import install as _install_cpu_kernels
 
-    _install_cpu_mixing_kernels()
+    _install_cpu_kernels()

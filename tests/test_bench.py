@@ -35,7 +35,7 @@ def test_profile_splits_the_wall_clock_and_rates_each_matmul():
 
 
 def test_kernels_are_each_timed_and_summed_by_part_with_the_layout_passes_where_the_layer_makes_them():
-    from mixture_of_tokens import cpu_mixing
+    from mixture_of_tokens import cpu_kernels
 
     def kernels(precision: str, *extra: str) -> str:
         return run_bench("profile_layer.py", "--kernels", "--variant", "32e-16", "--precision", precision,
@@ -48,9 +48,11 @@ def test_kernels_are_each_timed_and_summed_by_part_with_the_layout_passes_where_
     assert float(sums["dense"]) == 1.0 and float(sums["MoT"]) > 0 and float(sums["layout"]) >= 0
     rows = [line.split() for line in bf16.splitlines() if line.strip().startswith("experts ")]
     assert len(rows) == 6 and all(float(row[-1]) > 0 for row in rows)  # each with its GFLOP/s
-    if cpu_mixing.cpu_runs_kernels():  # what the layer runs here: the compiled merge and emit, no layout passes
+    if cpu_kernels.cpu_runs_kernels():  # what the layer runs here: compiled merge, emit and products, no layout passes
         compiled = kernels("bf16")
-        assert "MoT's merge and emit: compiled kernels" in compiled and "copy [E,p,d]" not in compiled
+        assert "MoT's merge, emit and expert products: compiled kernels" in compiled and "copy [E,p,d]" not in compiled
+        rows = [line.split() for line in compiled.splitlines() if line.strip().startswith("experts ")]
+        assert len(rows) == 6 and all(float(row[-1]) > 0 for row in rows)
         rows = [line.split() for line in compiled.splitlines() if line.strip().startswith("compiled ")]
         assert len(rows) == 5 and all(float(row[-1]) > 0 for row in rows)
         sums = dict(item.rsplit(" ", 1) for item in compiled.split("six products: ")[1].replace(";", ",").split(", "))

@@ -78,7 +78,7 @@ def gpu_like_env(tmp_path: Path) -> dict[str, str]:
     env.update(PATH=os.pathsep.join(path), PIP_NO_INDEX="1", PIP_INDEX_URL="http://127.0.0.1:9/nowhere",
                PIP_FIND_LINKS="", PIP_DISABLE_PIP_VERSION_CHECK="1", HF_HUB_OFFLINE="1",
                # The GPU machine runs MoT on CUDA, never the CPU mixing kernels; here, on a CPU that runs them, this
-               # PATH may have no C++ compiler to build them with (tests/test_cpu_mixing.py tests them).
+               # PATH may have no C++ compiler to build them with (tests/test_cpu_kernels.py tests them).
                MOT_CPU_KERNELS="0")
     assert shutil.which("python", path=env["PATH"]) is None
     assert shutil.which("python3", path=env["PATH"]) == str(env_dir / "bin" / "python3")

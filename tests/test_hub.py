@@ -152,8 +152,9 @@ def test_remote_code_in_fresh_process_without_the_package(hub, pushed, reference
         model = AutoModelForCausalLM.from_pretrained({pushed!r}, trust_remote_code=True)
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
         assert "mixture_of_tokens" not in sys.modules
-        # The Hub's code has no compiled mixing kernels: those are the package's (cpu_mixing.py)
-        assert sys.modules[type(model).__module__].MixtureOfTokens.mixing_kernels is None
+        # The Hub's code has no compiled kernels: those are the package's (cpu_kernels.py)
+        hub_modeling = sys.modules[type(model).__module__]
+        assert hub_modeling.MixtureOfTokens.mixing_kernels is None and hub_modeling.MoTExperts.product_kernels is None
         tokenizer = AutoTokenizer.from_pretrained({pushed!r})
         assert tokenizer.decode(tokenizer("the quick fox").input_ids) == "the quick fox"
         torch.save(fixed_logits(model, model.config.vocab_size), "logits.pt")

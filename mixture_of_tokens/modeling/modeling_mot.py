@@ -60,7 +60,8 @@ from .configuration_mot import MoTConfig
 from .legacy_mot import read_legacy_checkpoint
 
 # The performance paths (the chunked training loss, layout changes with contiguous gradients, MoT's merge and emit
-# with expert-major copies where batched matmuls copy strided operands, or through kernels handed in) live apart in
+# with expert-major copies where batched matmuls copy strided operands, or through kernels handed in, and the
+# experts' products through kernels handed in) live apart in
 # performance_mot.py, which travels to the Hub with this file; they compute exactly what their plain versions do.
 from .performance_mot import (
     ContiguousTranspose,
@@ -72,6 +73,7 @@ from .performance_mot import (
     chunked_lm_loss,
     compute_dtype,
     drop_group_padding,
+    expert_product,
 )
 
 logger = logging.get_logger(__name__)
@@ -355,25 +357,31 @@ class TopKRouter(nn.Module):
         return router_logits, top_k_weights, top_k_index
 
 
-def project(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def project(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, product_kernels=None) -> torch.Tensor:
     """`[E, N, in] @ [E, in, out] (+ [E, out])` -> `[E, N, out]`, or one expert's `[N, in] @ [in, out] (+ [out])`.
-    bmm reads each matrix of a transposed view as it lies; matmul would copy such a view first."""
+    bmm reads each matrix of a transposed view as it lies; matmul would copy such a view first. `product_kernels`:
+    `MoTExperts.product_kernels`, asked first for the products without a bias."""
     if inputs.dim() == 3:
+        if bias is None and product_kernels is not None:
+            output = expert_product(inputs, weight, product_kernels)
+            if output is not None:
+                return output
         return torch.bmm(inputs, weight) if bias is None else torch.baddbmm(bias.unsqueeze(1), inputs, weight)
     return inputs @ weight if bias is None else torch.addmm(bias, inputs, weight)
 
 
-def expert_feed_forward(inputs, up_proj, up_proj_bias, down_proj, down_proj_bias, act_fn, gated: bool):
+def expert_feed_forward(inputs, up_proj, up_proj_bias, down_proj, down_proj_bias, act_fn, gated: bool,
+                        product_kernels=None):
     """What an expert computes, for all experts at once (`[E, N, d]` inputs, `[E, in, out]` weights) or for one
     (`[N, d]`, `[in, out]`): the dense layer's maths, with `W_gate` and `W_up` the two halves of the fused
     `gate_up_proj` when gated."""
-    hidden = project(inputs, up_proj, up_proj_bias)
+    hidden = project(inputs, up_proj, up_proj_bias, product_kernels)
     if gated:
         gate, up = hidden.chunk(2, dim=-1)
         hidden = feed_forward_activation(gate, act_fn, up)
     else:
         hidden = feed_forward_activation(hidden, act_fn)
-    return project(hidden, down_proj, down_proj_bias)
+    return project(hidden, down_proj, down_proj_bias, product_kernels)
 
 
 class MoTExperts(nn.Module):
@@ -392,6 +400,11 @@ class MoTExperts(nn.Module):
 
     The classes below are this one with transformers' flags for one weight layout each (`make_experts`).
     """
+
+    # Compiled batched products: a function of an `[E, N, in]` input and an `[E, in, out]` weight that returns
+    # kernels for them or None (`ExpertProductsWithKernels`). The `mixture_of_tokens` package installs its CPU
+    # kernels here (cpu_kernels.py); this file loaded on its own, as Hub code, has none and runs bmm.
+    product_kernels: Callable[[torch.Tensor, torch.Tensor], object | None] | None = None
 
     def __init__(self, config: MoTConfig):
         super().__init__()
@@ -412,8 +425,10 @@ class MoTExperts(nn.Module):
 
     def process(self, expert_inputs: torch.Tensor) -> torch.Tensor:
         """`[E, N, d]` -> `[E, N, d]`: expert `e` processes row block `e`."""
+        # No compiled kernels while Dynamo traces: they are opaque to it.
+        product_kernels = None if torch.compiler.is_compiling() else self.product_kernels
         return expert_feed_forward(expert_inputs, *self.up_projection(), self.down_proj, self.down_proj_bias,
-                                   self.act_fn, self.has_gate)
+                                   self.act_fn, self.has_gate, product_kernels)
 
     def process_one(self, expert: int, inputs: torch.Tensor) -> torch.Tensor:
         """`[N, d]` -> `[N, d]` through expert `expert` alone."""
@@ -572,7 +587,7 @@ class MixtureOfTokens(nn.Module):
     # False (transposed views) forces one, for benchmarks and tests. Either computes the same.
     expert_major_layout: bool | None = None
     # Compiled merge and emit kernels: a function of the weights and tokens that returns kernels for them or None
-    # (`MergeWithKernels`). The `mixture_of_tokens` package installs its CPU kernels here (cpu_mixing.py); this file
+    # (`MergeWithKernels`). The `mixture_of_tokens` package installs its CPU kernels here (cpu_kernels.py); this file
     # loaded on its own, as Hub code, has none and runs the batched matmuls, which compute the same.
     mixing_kernels: Callable[[torch.Tensor, torch.Tensor], object | None] | None = None
 

@@ -6,6 +6,8 @@ kernels in `fla/ops`). Each computes exactly what its plain version does, faster
   batched matmuls that copy strided operands (`batched_matmul_copies_views`);
 - `MergeWithKernels`, `EmitWithKernels`: the same through compiled kernels that read and write that layout directly,
   where someone supplies them (`MixtureOfTokens.mixing_kernels`);
+- `ExpertProductsWithKernels`, `expert_product`: the experts' batched products through compiled kernels, where someone
+  supplies them (`MoTExperts.product_kernels`);
 - `drop_group_padding`: no slice (and no zero-filled gradient) when a batch needs no group padding.
 
 Plain torch: compiled kernels are handed in, never imported. This file travels to the Hub with `modeling_mot.py`,
@@ -165,6 +167,38 @@ class EmitWithKernels(torch.autograd.Function):
         grad_mixing = ctx.kernels.dots(mixing, grad_output, processed) if ctx.needs_input_grad[0] else None
         grad_processed = ctx.kernels.merge(mixing, grad_output) if ctx.needs_input_grad[1] else None
         return grad_mixing, grad_processed, None
+
+
+class ExpertProductsWithKernels(torch.autograd.Function):
+    """`torch.bmm(inputs, weight)` for the experts' stacked weights, `[E, N, in] @ [E, in, out]`, through compiled
+    kernels: `kernels.expert_products(a, b)` takes each operand row-major per expert or as a transposed view (as bmm
+    does), so that the gradients' products read the saved tensors as they lie."""
+
+    @staticmethod
+    def forward(ctx, inputs, weight, kernels):
+        ctx.save_for_backward(inputs, weight)
+        ctx.kernels = kernels
+        return kernels.expert_products(inputs, weight)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        inputs, weight = ctx.saved_tensors
+        grad_output = grad_output.contiguous()
+        products = ctx.kernels.expert_products
+        grad_inputs = products(grad_output, weight.transpose(1, 2)) if ctx.needs_input_grad[0] else None
+        grad_weight = products(inputs.transpose(1, 2), grad_output) if ctx.needs_input_grad[1] else None
+        return grad_inputs, grad_weight, None
+
+
+def expert_product(inputs: torch.Tensor, weight: torch.Tensor, product_kernels) -> torch.Tensor | None:
+    """`inputs @ weight` (`[E, N, in] @ [E, in, out]`) through the kernels `product_kernels(inputs, weight)` returns,
+    or None where it returns none. Under autocast the weight is cast first, as autocast's bmm would."""
+    device = inputs.device.type
+    if weight.dtype != inputs.dtype and torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == inputs.dtype:
+        weight = weight.to(inputs.dtype)
+    kernels = product_kernels(inputs, weight)
+    return None if kernels is None else ExpertProductsWithKernels.apply(inputs, weight, kernels)
 
 
 def drop_group_padding(hidden_states: torch.Tensor, batch_size: int) -> torch.Tensor:

@@ -1,4 +1,5 @@
-// MoT's merge and emit, and their gradients, for CPUs with AVX512-BF16 (loaded by mixture_of_tokens/cpu_mixing.py).
+// MoT's merge and emit, the experts' batched products, and their gradients, for CPUs with AVX512-BF16 (loaded by
+// mixture_of_tokens/cpu_kernels.py).
 //
 // For each position p (one group's G tokens at one sequence position), with w[g, e] the mixing weights:
 //   merge: rows[e, p]   = sum_g w[g, e] tokens[p, g]      weights [p, G, E], tokens [p, G, d] -> rows [E, p, d]
@@ -8,17 +9,25 @@
 // over positions would need a layout copy of the E/G-times-larger rows on every side. Each position is one task;
 // its products run on vdpbf16ps, which multiplies pairs of bf16 and adds both products to one fp32 lane, so one
 // operand of each product is packed into pairs along the summed dimension, and the other is broadcast pair by pair.
+//
+// The experts' products, out[e] = a[e] @ b[e] for each expert e (`[E, M, K] @ [E, K, N]`, either operand a plain or
+// transposed view), are small (the granular variants' experts have 128-256 rows of 128-512 features) and read each
+// expert's weights once: oneDNN's batched matmuls run them at 85-90% of its speed on the dense FFN's. Here each
+// expert is one task on the same register tiles, and while it computes, the next expert's operands are asked for
+// from memory.
+//
 // All sums are in fp32 and rounded to bf16 once, as oneDNN's batched matmuls do.
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
 #if !defined(__AVX512BF16__) || !defined(__AVX512BW__)
-#error "the MoT mixing kernels need AVX512-BF16 (cpu_mixing.py builds them only on such CPUs)"
+#error "the MoT mixing kernels need AVX512-BF16 (cpu_kernels.py builds them only on such CPUs)"
 #endif
 #include <immintrin.h>
 
@@ -31,6 +40,7 @@ using u32 = uint32_t;
 constexpr int kMergeRows = 6, kMergeVectors = 4;  // experts x 64 features
 constexpr int kEmitRows = 8, kEmitVectors = 2;    // tokens x 32 features
 constexpr int kDotRows = 8;                       // experts x all G tokens
+constexpr int kProductRows = 6, kProductVectors = 4;  // rows x 64 columns of an expert's product
 constexpr int kTailRows = 2;                      // for the last rows when a count is not a multiple of a tile's
 constexpr int64_t kPrefetchPairs = 2;             // row pairs ahead that emit's packing asks the memory for
 
@@ -84,44 +94,26 @@ inline u16 to_bf16(float value) {
   return u16((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);  // round to nearest even
 }
 
-// out[i][16j + l] = sum_h weight_pairs[h][i] . token_pairs[h][16j + l], for MR rows of rows (out row stride
-// out_stride) and NR vectors of features; weight_pairs [G/2][E] (E = weight_stride), token_pairs [G/2][2d].
-template <int MR, int NR>
-void merge_tile(const u32* weight_pairs, int64_t weight_stride, const u16* token_pairs, int64_t pair_stride,
-                int64_t num_pairs, u16* out, int64_t out_stride) {
+// The register tile of every product here: out[i][16j + l] = sum_h a_pair(i, h) . b_pairs[h][16j + l] for MR rows of
+// out (row stride out_stride) and NR vectors of its columns, b_pairs [K/2][N] (pair row stride pair_stride). Row i's
+// pairs are read from a row-major a (row stride a_stride) or, APacked, from pairs [K/2][M] (a_stride pairs per row of
+// pairs). Streaming: the output is written past the cache (merge's rows, read only by the next operation).
+template <int MR, int NR, bool APacked, bool Streaming>
+void tile(const u16* a, int64_t a_stride, const u16* b_pairs, int64_t pair_stride, int64_t num_pairs, u16* out,
+          int64_t out_stride) {
   __m512 acc[MR][NR];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
   for (int64_t h = 0; h < num_pairs; ++h) {
-    __m512bh tokens[NR];
-    for (int j = 0; j < NR; ++j) tokens[j] = (__m512bh)_mm512_loadu_si512(token_pairs + h * pair_stride + 32 * j);
+    __m512bh b[NR];
+    for (int j = 0; j < NR; ++j) b[j] = (__m512bh)_mm512_loadu_si512(b_pairs + h * pair_stride + 32 * j);
     for (int i = 0; i < MR; ++i) {
-      const __m512bh weight = (__m512bh)_mm512_set1_epi32(int(weight_pairs[h * weight_stride + i]));
-      for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], weight, tokens[j]);
+      const __m512bh pair = APacked ? broadcast_pair(a + 2 * (h * a_stride + i)) : broadcast_pair(a + i * a_stride + 2 * h);
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], pair, b[j]);
     }
   }
   for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; j += 2) store_bf16(out + i * out_stride + 16 * j, acc[i][j], acc[i][j + 1], true);
-}
-
-// out[i][16j + l] = sum_h weights[i][2h, 2h+1] . row_pairs[h][16j + l], for MR tokens (weights row stride E,
-// out row stride d) and NR vectors of features; row_pairs [E/2][2d].
-template <int MR, int NR>
-void emit_tile(const u16* weights, int64_t num_experts, const u16* row_pairs, int64_t pair_stride, u16* out,
-               int64_t out_stride) {
-  __m512 acc[MR][NR];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
-  for (int64_t h = 0; h < num_experts / 2; ++h) {
-    __m512bh rows[NR];
-    for (int j = 0; j < NR; ++j) rows[j] = (__m512bh)_mm512_loadu_si512(row_pairs + h * pair_stride + 32 * j);
-    for (int i = 0; i < MR; ++i) {
-      const __m512bh weight = broadcast_pair(weights + i * num_experts + 2 * h);
-      for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], weight, rows[j]);
-    }
-  }
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; j += 2) store_bf16(out + i * out_stride + 16 * j, acc[i][j], acc[i][j + 1], false);
+    for (int j = 0; j < NR; j += 2) store_bf16(out + i * out_stride + 16 * j, acc[i][j], acc[i][j + 1], Streaming);
 }
 
 // sums[i][g] = sum_k rows[i][k] tokens[g][k] for MR rows (row stride row_stride) and all G = 16 * NG tokens, the
@@ -144,6 +136,120 @@ void dot_tile(const u16* rows, int64_t row_stride, const u32* token_pairs, int64
     for (int j = 0; j < NG; ++j) _mm512_storeu_ps(sums + (i * NG + j) * 16, acc[i][j]);
 }
 
+// dst[c][r] = src[r][c] for a 16 x 16 block of 32-bit values (row strides in elements).
+inline void transpose_16x16(const u32* src, int64_t src_stride, u32* dst, int64_t dst_stride) {
+  __m512i r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(src + i * src_stride);
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  // r[4b + q], 128-bit lane L: column 4L + q of rows 4b .. 4b + 3. Gather the lanes of one column across the blocks.
+  for (int q = 0; q < 4; ++q) {
+    const __m512i even01 = _mm512_shuffle_i32x4(r[q], r[4 + q], 0x88), odd01 = _mm512_shuffle_i32x4(r[q], r[4 + q], 0xDD);
+    const __m512i even23 = _mm512_shuffle_i32x4(r[8 + q], r[12 + q], 0x88);
+    const __m512i odd23 = _mm512_shuffle_i32x4(r[8 + q], r[12 + q], 0xDD);
+    t[q] = _mm512_shuffle_i32x4(even01, even23, 0x88);
+    t[8 + q] = _mm512_shuffle_i32x4(even01, even23, 0xDD);
+    t[4 + q] = _mm512_shuffle_i32x4(odd01, odd23, 0x88);
+    t[12 + q] = _mm512_shuffle_i32x4(odd01, odd23, 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) _mm512_storeu_si512(dst + i * dst_stride, t[i]);
+}
+
+// Asks the memory for a block of bytes a piece at a time, spread over the tiles of one expert's product.
+class Prefetch {
+ public:
+  void start(const void* first, int64_t first_bytes, const void* second, int64_t second_bytes, int64_t pieces) {
+    next_[0] = static_cast<const char*>(first), next_[1] = static_cast<const char*>(second);
+    end_[0] = first_bytes, end_[1] = second_bytes, done_[0] = done_[1] = 0;
+    piece_ = ((std::max(first_bytes, second_bytes) / pieces) / 64 + 1) * 64;
+  }
+  void stop() { end_[0] = end_[1] = 0; }
+  void piece() {
+    for (int s = 0; s < 2; ++s)
+      for (const int64_t end = std::min(end_[s], done_[s] + piece_); done_[s] < end; done_[s] += 64)
+        _mm_prefetch(next_[s] + done_[s], _MM_HINT_T1);
+  }
+
+ private:
+  const char* next_[2] = {nullptr, nullptr};
+  int64_t end_[2] = {0, 0}, done_[2] = {0, 0}, piece_ = 0;
+};
+
+// One operand of a product, [E, rows, columns] with any expert stride: row-major (columns adjacent) or a transposed
+// view (rows adjacent).
+struct Operand {
+  const u16* data;
+  int64_t expert_stride, row_stride, column_stride;
+  bool transposed() const { return row_stride == 1 && column_stride != 1; }
+  const u16* expert(int64_t e) const { return data + e * expert_stride; }
+};
+
+struct ProductWorkspace {
+  Interleave interleave;
+  std::vector<u16> a_pairs, b_pairs;
+  Prefetch prefetch;
+};
+
+// Rows [m0, m1) of one expert's product, MR at a time, column block by column block.
+template <int MR, bool APacked>
+void product_rows(const u16* a, int64_t a_stride, int64_t a_row_step, const u16* b_pairs, int64_t N, int64_t K,
+                  u16* out, int64_t m0, int64_t m1, Prefetch& prefetch) {
+  for (int64_t j0 = 0; j0 < N; j0 += 16 * kProductVectors)
+    for (int64_t m = m0; m + MR <= m1; m += MR) {
+      tile<MR, kProductVectors, APacked, false>(a + m * a_row_step, a_stride, b_pairs + 2 * j0, 2 * N, K / 2,
+                                                out + m * N + j0, N);
+      prefetch.piece();
+    }
+}
+
+template <bool APacked>
+void product_all_rows(const u16* a, int64_t a_stride, int64_t a_row_step, const u16* b_pairs, int64_t N, int64_t K,
+                      u16* out, int64_t M, Prefetch& prefetch) {
+  const int64_t full = M - M % kProductRows;
+  product_rows<kProductRows, APacked>(a, a_stride, a_row_step, b_pairs, N, K, out, 0, full, prefetch);
+  switch (M - full) {  // the last rows, in one tile
+    case 1: product_rows<1, APacked>(a, a_stride, a_row_step, b_pairs, N, K, out, full, M, prefetch); break;
+    case 2: product_rows<2, APacked>(a, a_stride, a_row_step, b_pairs, N, K, out, full, M, prefetch); break;
+    case 3: product_rows<3, APacked>(a, a_stride, a_row_step, b_pairs, N, K, out, full, M, prefetch); break;
+    case 4: product_rows<4, APacked>(a, a_stride, a_row_step, b_pairs, N, K, out, full, M, prefetch); break;
+    case 5: product_rows<5, APacked>(a, a_stride, a_row_step, b_pairs, N, K, out, full, M, prefetch); break;
+    default: break;
+  }
+}
+
+// out[e] = a[e] @ b[e] for one expert: b (and a transposed a) packed into pairs along K, then the tiles.
+void expert_product(const Operand& a, const Operand& b, int64_t e, int64_t M, int64_t K, int64_t N, u16* out,
+                    ProductWorkspace& ws) {
+  const u16 *ae = a.expert(e), *be = b.expert(e);
+  ws.b_pairs.resize(K * N);
+  if (!b.transposed()) {
+    for (int64_t h = 0; h < K / 2; ++h)
+      ws.interleave(be + 2 * h * b.row_stride, be + (2 * h + 1) * b.row_stride, ws.b_pairs.data() + h * 2 * N, N);
+  } else {  // b[k][n] at be[n * column_stride + k]: the pairs along K are 32-bit values there; transpose those
+    const u32* columns = reinterpret_cast<const u32*>(be);
+    u32* pairs = reinterpret_cast<u32*>(ws.b_pairs.data());
+    for (int64_t n = 0; n < N; n += 16)
+      for (int64_t h = 0; h < K / 2; h += 16)
+        transpose_16x16(columns + n * (b.column_stride / 2) + h, b.column_stride / 2, pairs + h * N + n, N);
+  }
+  if (a.transposed()) {  // a[m][k] at ae[k * column_stride + m]: interleave rows k, k + 1 of that into pairs [K/2][M]
+    ws.a_pairs.resize(K * M);
+    for (int64_t h = 0; h < K / 2; ++h)
+      ws.interleave(ae + 2 * h * a.column_stride, ae + (2 * h + 1) * a.column_stride, ws.a_pairs.data() + h * 2 * M, M);
+    product_all_rows<true>(ws.a_pairs.data(), M, 2, ws.b_pairs.data(), N, K, out, M, ws.prefetch);
+  } else {
+    product_all_rows<false>(ae, a.row_stride, a.row_stride, ws.b_pairs.data(), N, K, out, M, ws.prefetch);
+  }
+}
+
 struct Sizes {
   int64_t positions, group_size, num_experts, hidden_size;
   int64_t row_stride() const { return positions * hidden_size; }  // between experts' rows of one position
@@ -152,7 +258,7 @@ struct Sizes {
 // Per-thread buffers for one position's packed operands.
 struct Workspace {
   Interleave interleave;
-  std::vector<u32> weight_pairs;  // merge: [G/2][E]
+  std::vector<u16> weight_pairs;  // merge: [G/2][E] pairs
   std::vector<u16> pairs;         // merge: token pairs [G/2][2d]; emit: row pairs [E/2][2d]
   std::vector<u32> token_pairs;   // dots: [d/2][G]
   std::vector<float> sums;        // dots: [E][G]
@@ -160,21 +266,20 @@ struct Workspace {
 
 void merge_position(const Sizes& s, const u16* weights, const u16* tokens, u16* rows, Workspace& ws) {
   const int64_t G = s.group_size, E = s.num_experts, d = s.hidden_size;
-  ws.weight_pairs.resize(G / 2 * E);
+  ws.weight_pairs.resize(G * E);
   ws.pairs.resize(G / 2 * 2 * d);
   for (int64_t h = 0; h < G / 2; ++h) {
-    ws.interleave(weights + 2 * h * E, weights + (2 * h + 1) * E, reinterpret_cast<u16*>(ws.weight_pairs.data() + h * E),
-                  E);
+    ws.interleave(weights + 2 * h * E, weights + (2 * h + 1) * E, ws.weight_pairs.data() + h * 2 * E, E);
     ws.interleave(tokens + 2 * h * d, tokens + (2 * h + 1) * d, ws.pairs.data() + h * 2 * d, d);
   }
   for (int64_t j0 = 0; j0 < d; j0 += 16 * kMergeVectors) {
     int64_t e = 0;
     for (; e + kMergeRows <= E; e += kMergeRows)
-      merge_tile<kMergeRows, kMergeVectors>(ws.weight_pairs.data() + e, E, ws.pairs.data() + 2 * j0, 2 * d, G / 2,
-                                            rows + e * s.row_stride() + j0, s.row_stride());
+      tile<kMergeRows, kMergeVectors, true, true>(ws.weight_pairs.data() + 2 * e, E, ws.pairs.data() + 2 * j0, 2 * d,
+                                                  G / 2, rows + e * s.row_stride() + j0, s.row_stride());
     for (; e < E; e += kTailRows)
-      merge_tile<kTailRows, kMergeVectors>(ws.weight_pairs.data() + e, E, ws.pairs.data() + 2 * j0, 2 * d, G / 2,
-                                           rows + e * s.row_stride() + j0, s.row_stride());
+      tile<kTailRows, kMergeVectors, true, true>(ws.weight_pairs.data() + 2 * e, E, ws.pairs.data() + 2 * j0, 2 * d,
+                                                 G / 2, rows + e * s.row_stride() + j0, s.row_stride());
   }
 }
 
@@ -195,9 +300,11 @@ void emit_position(const Sizes& s, const u16* weights, const u16* rows, u16* tok
   for (int64_t j0 = 0; j0 < d; j0 += 16 * kEmitVectors) {
     int64_t g = 0;
     for (; g + kEmitRows <= G; g += kEmitRows)
-      emit_tile<kEmitRows, kEmitVectors>(weights + g * E, E, ws.pairs.data() + 2 * j0, 2 * d, tokens + g * d + j0, d);
+      tile<kEmitRows, kEmitVectors, false, false>(weights + g * E, E, ws.pairs.data() + 2 * j0, 2 * d, E / 2,
+                                                  tokens + g * d + j0, d);
     for (; g < G; g += kTailRows)
-      emit_tile<kTailRows, kEmitVectors>(weights + g * E, E, ws.pairs.data() + 2 * j0, 2 * d, tokens + g * d + j0, d);
+      tile<kTailRows, kEmitVectors, false, false>(weights + g * E, E, ws.pairs.data() + 2 * j0, 2 * d, E / 2,
+                                                  tokens + g * d + j0, d);
   }
 }
 
@@ -313,7 +420,47 @@ std::vector<at::Tensor> emit_and_dots(const at::Tensor& weights, const at::Tenso
   return {emitted, out};
 }
 
+namespace {
+
+Operand operand_of(const at::Tensor& tensor, const char* name) {
+  TORCH_CHECK(tensor.device().is_cpu() && tensor.scalar_type() == at::kBFloat16 && tensor.dim() == 3,
+              "the MoT expert products take 3-d bfloat16 CPU tensors; ", name, " is not");
+  const Operand operand{data(tensor), tensor.stride(0), tensor.stride(1), tensor.stride(2)};
+  TORCH_CHECK(operand.column_stride == 1 || operand.row_stride == 1, name,
+              " must be row-major or a transposed view per expert; its strides are ", tensor.strides());
+  return operand;
+}
+
+}  // namespace
+
+// out[e] = a[e] @ b[e]: a [E, M, K], b [E, K, N], each row-major per expert or a transposed view of such a tensor.
+at::Tensor expert_products(const at::Tensor& a, const at::Tensor& b) {
+  const Operand left = operand_of(a, "a"), right = operand_of(b, "b");
+  const int64_t E = a.size(0), M = a.size(1), K = a.size(2), N = b.size(2);
+  TORCH_CHECK(b.size(0) == E && b.size(1) == K, "a ", a.sizes(), " and b ", b.sizes(), " do not multiply");
+  TORCH_CHECK(!right.transposed() || right.column_stride % 2 == 0, "b as a transposed view needs an even stride "
+              "between its columns (its pairs along K are read as 32-bit values); its strides are ", b.strides());
+  TORCH_CHECK(K % (right.transposed() ? 32 : 2) == 0 && N % 64 == 0, "the MoT expert products need N a multiple of 64 "
+              "and K even (a multiple of 32 with b a transposed view); got K = ", K, ", N = ", N);
+  at::Tensor out = at::empty({E, M, N}, a.options());
+  u16* o = mutable_data(out);
+  at::parallel_for(0, E, 1, [&](int64_t begin, int64_t end) {
+    ProductWorkspace ws;
+    for (int64_t e = begin; e < end; ++e) {
+      if (e + 1 < end) {  // this thread's next expert: its operands, while this one computes (M/6 + 1 tiles)
+        ws.prefetch.start(left.expert(e + 1), 2 * M * K, right.expert(e + 1), 2 * K * N,
+                          (M / kProductRows + 1) * (N / (16 * kProductVectors)));
+      } else {
+        ws.prefetch.stop();
+      }
+      expert_product(left, right, e, M, K, N, o + e * M * N, ws);
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.def("expert_products", &expert_products, "a [E, M, K], b [E, K, N] (either a transposed view) -> [E, M, N]");
   module.def("merge", &merge, "weights [p, G, E], tokens [p, G, d] -> rows [E, p, d]");
   module.def("emit", &emit, "weights [p, G, E], rows [E, p, d] -> tokens [p, G, d]");
   module.def("dots", &dots, "weights [p, G, E] (for the shape), tokens [p, G, d], rows [E, p, d] -> [p, G, E]");

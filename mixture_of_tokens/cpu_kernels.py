@@ -1,15 +1,19 @@
-"""MoT's merge and emit as compiled kernels for CPUs with AVX512-BF16 (`csrc/mixing_cpu.cpp`), built on first use.
+"""MoT's merge and emit, and the experts' batched products, as compiled kernels for CPUs with AVX512-BF16
+(`csrc/kernels_cpu.cpp`), built on first use.
 
 In bf16 on such a CPU the batched matmuls of the merge and emit run their small products (a 32-long sum, or 32
 rows) through oneDNN at 60-75% of its speed on the dense FFN's, and need the merged and processed tokens, E/G times
 the input each, copied between the positions' layout and the experts'. The kernels read and write the experts'
 layout directly, which takes about a tenth off the granular variants' layer forward + backward (docs/performance.md,
-"Compiled merge and emit"). The results are the batched matmuls' (fp32 sums, rounded to bf16 once).
+"Compiled merge and emit"). The experts' own products (128-256 rows per expert in the granular variants) run at
+85-90% of the dense FFN's speed through oneDNN; the kernels run them at about its speed ("Compiled expert
+products"). The results are the batched matmuls' (fp32 sums, rounded to bf16 once).
 
-Importing the package installs `kernels_for` as `MixtureOfTokens.mixing_kernels`, which asks for them on each MoT
-layer call; the modeling files, which travel to the Hub alone, never import this module. The kernels are built with
-`torch.utils.cpp_extension` (a C++ compiler and ninja, ~30 s the first time, cached under `TORCH_EXTENSIONS_DIR` after
-that); without a compiler, or with `MOT_CPU_KERNELS=0`, the layer runs its batched matmuls and computes the same.
+Importing the package installs `kernels_for` as `MixtureOfTokens.mixing_kernels` and `product_kernels_for` as
+`MoTExperts.product_kernels`, which ask for them on each call; the modeling files, which travel to the Hub alone,
+never import this module. The kernels are built with `torch.utils.cpp_extension` (a C++ compiler and ninja, ~30 s the
+first time, cached under `TORCH_EXTENSIONS_DIR` after that); without a compiler, or with `MOT_CPU_KERNELS=0`, the
+layers run their batched matmuls and compute the same.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "mixing_cpu.cpp"
+SOURCE = Path(__file__).parent / "csrc" / "kernels_cpu.cpp"
 DISABLE_VARIABLE = "MOT_CPU_KERNELS"
 
 _lock = threading.Lock()
@@ -63,7 +67,7 @@ def extension_name() -> str:
     # package never hands one of them a binary built for another.
     torch_version = "".join(character if character.isalnum() else "_" for character in torch.__version__)
     source_hash = hashlib.sha1(SOURCE.read_bytes()).hexdigest()[:8]
-    return f"mot_mixing_cpu_{_cpu_fingerprint()}_torch{torch_version}_{source_hash}"
+    return f"mot_cpu_kernels_{_cpu_fingerprint()}_torch{torch_version}_{source_hash}"
 
 
 def _put_ninja_on_path() -> None:
@@ -93,7 +97,7 @@ def build(name: str | None = None, verbose: bool = False) -> ModuleType:
     name = name or extension_name()
     _put_ninja_on_path()
     if not _is_built(name):  # a pause of half a minute in the middle of a first forward deserves a word
-        logger.warning("Building MoT's CPU mixing kernels (once per machine and torch version, ~30 s)...")
+        logger.warning("Building MoT's CPU kernels (once per machine and torch version, ~30 s)...")
     return load(
         name=name,
         sources=[str(SOURCE)],
@@ -118,7 +122,7 @@ def load_kernels() -> ModuleType | None:
             except Exception as error:  # no compiler, no ninja, an old compiler: fall back, but say so
                 message = str(error).strip().splitlines()
                 logger.warning(
-                    "Could not build MoT's CPU mixing kernels (%s: %s); MoT layers on this CPU run batched matmuls "
+                    "Could not build MoT's CPU kernels (%s: %s); MoT layers on this CPU run batched matmuls "
                     "instead (same results, slower). %s=0 skips this attempt.",
                     type(error).__name__, message[-1] if message else "", DISABLE_VARIABLE,
                 )
@@ -147,8 +151,39 @@ def kernels_for(mixing: torch.Tensor, tokens: torch.Tensor) -> ModuleType | None
     return load_kernels()
 
 
+def _per_expert_matrix(tensor: torch.Tensor) -> bool:
+    """Row-major per expert, or a transposed view of such a tensor, with an even stride between its rows (or
+    columns): what the product kernels read."""
+    return (tensor.stride(2) == 1 and tensor.stride(1) % 2 == 0) or (tensor.stride(1) == 1 and tensor.stride(2) % 2 == 0)
+
+
+def products_fit(inputs: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the kernels take `[E, M, K] @ [E, K, N]` and both its gradients' products: bf16 CPU tensors, M even,
+    K and N multiples of 64, each operand row-major per expert or a transposed view."""
+    if inputs.dim() != 3 or weight.dim() != 3:
+        return False
+    rows, inner, columns = inputs.shape[1], inputs.shape[2], weight.shape[2]
+    return (
+        inputs.device.type == weight.device.type == "cpu"
+        and inputs.dtype == weight.dtype == torch.bfloat16
+        and rows % 2 == 0
+        and inner % 64 == 0
+        and columns % 64 == 0
+        and _per_expert_matrix(inputs)
+        and _per_expert_matrix(weight)
+    )
+
+
+def product_kernels_for(inputs: torch.Tensor, weight: torch.Tensor) -> ModuleType | None:
+    """`MoTExperts.product_kernels`: the kernels where they apply to these inputs and weights, else None."""
+    if not products_fit(inputs, weight):
+        return None
+    return load_kernels()
+
+
 def install() -> None:
-    """Make this package's MoT layers ask for the kernels (called when the package is imported)."""
-    from .modeling.modeling_mot import MixtureOfTokens
+    """Make this package's MoT layers and experts ask for the kernels (called when the package is imported)."""
+    from .modeling.modeling_mot import MixtureOfTokens, MoTExperts
 
     MixtureOfTokens.mixing_kernels = staticmethod(kernels_for)
+    MoTExperts.product_kernels = staticmethod(product_kernels_for)
