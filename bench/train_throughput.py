@@ -4,8 +4,10 @@ Pairs: tiny-dense vs tiny-mot (flop-matched CPU presets) and transformer-medium 
 Or any presets at once with `--presets` (the paper's granular variants beside their dense partner), each step's
 time then relative to the first dense preset of the list. `--mot_recompute` sets `mot_recompute` on the MoT presets
 (`both`: each MoT preset with and without it). Every model trains on the same random-token batches (same
-micro-batch, same sequence length, bf16 autocast by default), the first `--warmup` optimizer steps are not timed; a
-model's time per step is the median of its timed steps. With `--repeats N` the models of a pair (or of `--presets`)
+micro-batch, same sequence length, bf16 autocast by default), the first `--warmup` optimizer steps are not timed
+(default 2: the first step allocates AdamW's moments, and the step after it still faults ~100K fresh pages into
+memory at MoT-Medium/32E/16's 295M parameters, ~0.3 s; from the third on a step reuses what the last one freed, as
+in a long run); a model's time per step is the median of its timed steps. With `--repeats N` the models of a pair (or of `--presets`)
 are trained in turn N times each and the median is taken over all their timed steps, so that a busy period of a
 shared machine does not land on one model only.
 
@@ -189,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=32, help="micro-batch (a multiple of every group_size)")
     parser.add_argument("--seq_len", type=int, default=64)
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per model")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed optimizer steps first")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first")
     parser.add_argument("--repeats", type=int, default=1,
                         help="train each model of a pair this many times, alternating (median over all of them)")
     parser.add_argument("--bf16", type=lambda v: v.lower() in ("1", "true", "yes"), default=True,
