@@ -154,7 +154,8 @@ def kernels_for(mixing: torch.Tensor, tokens: torch.Tensor) -> ModuleType | None
 def _per_expert_matrix(tensor: torch.Tensor) -> bool:
     """Row-major per expert, or a transposed view of such a tensor, with an even stride between its rows (or
     columns): what the product kernels read."""
-    return (tensor.stride(2) == 1 and tensor.stride(1) % 2 == 0) or (tensor.stride(1) == 1 and tensor.stride(2) % 2 == 0)
+    row_major = tensor.stride(2) == 1 and tensor.stride(1) % 2 == 0
+    return row_major or (tensor.stride(1) == 1 and tensor.stride(2) % 2 == 0)
 
 
 def products_fit(inputs: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -61,8 +61,8 @@ from .legacy_mot import read_legacy_checkpoint
 
 # The performance paths (the chunked training loss, layout changes with contiguous gradients, MoT's merge and emit
 # with expert-major copies where batched matmuls copy strided operands, or through kernels handed in, and the
-# experts' products through kernels handed in) live apart in
-# performance_mot.py, which travels to the Hub with this file; they compute exactly what their plain versions do.
+# experts' products through kernels handed in) live apart in performance_mot.py, which travels to the Hub with this
+# file; they compute exactly what their plain versions do.
 from .performance_mot import (
     ContiguousTranspose,
     EmitExpertMajor,
@@ -357,7 +357,8 @@ class TopKRouter(nn.Module):
         return router_logits, top_k_weights, top_k_index
 
 
-def project(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, product_kernels=None) -> torch.Tensor:
+def project(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+            product_kernels=None) -> torch.Tensor:
     """`[E, N, in] @ [E, in, out] (+ [E, out])` -> `[E, N, out]`, or one expert's `[N, in] @ [in, out] (+ [out])`.
     bmm reads each matrix of a transposed view as it lies; matmul would copy such a view first. `product_kernels`:
     `MoTExperts.product_kernels`, asked first for the products without a bias."""

@@ -195,7 +195,8 @@ def expert_product(inputs: torch.Tensor, weight: torch.Tensor, product_kernels) 
     """`inputs @ weight` (`[E, N, in] @ [E, in, out]`) through the kernels `product_kernels(inputs, weight)` returns,
     or None where it returns none. Under autocast the weight is cast first, as autocast's bmm would."""
     device = inputs.device.type
-    if weight.dtype != inputs.dtype and torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == inputs.dtype:
+    autocast_to_inputs = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == inputs.dtype
+    if weight.dtype != inputs.dtype and autocast_to_inputs:
         weight = weight.to(inputs.dtype)
     kernels = product_kernels(inputs, weight)
     return None if kernels is None else ExpertProductsWithKernels.apply(inputs, weight, kernels)
