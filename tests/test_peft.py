@@ -122,3 +122,34 @@ def test_lora_trains_merges_saves_and_loads(mlp_type, block, tmp_path):
     loaded = peft.PeftModel.from_pretrained(fresh, tmp_path / "adapter").eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_on_the_experts_trains_through_the_compiled_cpu_kernels():
+    """In CPU bf16 on a CPU that runs the package's kernels (cpu_kernels.py), MoT's experts multiply through them:
+    the weight they are handed is PEFT's adapted one, so the adapters' gradients are those of plain bmm."""
+    from mixture_of_tokens import cpu_kernels
+    from mixture_of_tokens.modeling.modeling_mot import MoTExperts
+
+    if not cpu_kernels.cpu_runs_kernels() or cpu_kernels.load_kernels() is None:
+        pytest.skip("this CPU does not run the compiled kernels (tests/test_cpu_kernels.py says why)")
+    config = MoTConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                       intermediate_size=128, max_position_embeddings=32, group_size=16, num_experts=32,
+                       expert_size=64, mlp_types=["mot"], bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    torch.manual_seed(0)
+    model = MoTForCausalLM(config).bfloat16()
+    lora = peft.LoraConfig(r=4, target_parameters=expert_parameters(model), init_lora_weights=False)
+    adapted = peft.get_peft_model(model, lora).train()
+    (experts,) = [module for module in adapted.modules() if isinstance(module, MoTExperts)]  # inside PEFT's wrappers
+    ids = random_ids(batch=16, length=4)
+    grads, seen = {}, []
+    experts.register_forward_hook(lambda module, args, output: seen.append(type(output.grad_fn).__name__))
+    for kernels_on in (True, False):
+        experts.product_kernels = MoTExperts.product_kernels if kernels_on else None
+        adapted.zero_grad()
+        adapted(ids, labels=ids).loss.backward()
+        assert (seen[-1] == "ExpertProductsWithKernelsBackward") == kernels_on, seen
+        grads[kernels_on] = {name: p.grad.float() for name, p in adapted.named_parameters() if "lora_" in name}
+    assert grads[True] and grads[True].keys() == grads[False].keys()
+    for name, grad in grads[True].items():
+        assert grad.abs().sum() > 0, name
+        assert (grad - grads[False][name]).norm() <= 2e-2 * grads[False][name].norm(), name
