@@ -15,8 +15,8 @@ loss as `bench/layer.py` and, on CPU, the same retained-memory allocator setting
 sizes and in the precision's matmul dtype, with its GFLOP/s: the experts', the mixing's (controller, merge, emit) and
 the layout passes MoT makes where the batched matmuls copy strided operands (CPU bf16), or, where the layer runs
 them (CPU bf16 on an AVX512-BF16 CPU), the package's compiled merge and emit (cpu_kernels.py), which need no layout
-passes, and its compiled expert products; `--batched_matmuls` times the batched matmuls there too. The sums of each part over the dense FFN's six
-products say what the layer costs before anything between the kernels.
+passes, and its compiled expert products; `--batched_matmuls` times the batched matmuls there too. The sums of each
+part over the dense FFN's six products say what the layer costs before anything between the kernels.
 """
 
 from __future__ import annotations
@@ -230,8 +230,8 @@ def main() -> None:
     parser.add_argument("--kernels", action="store_true",
                         help="time every product of the layer's forward and backward alone instead")
     parser.add_argument("--batched_matmuls", action="store_true",
-                        help="with --kernels: time MoT's merge, emit and expert products as batched matmuls even where the layer runs "
-                             "the compiled kernels (the comparison)")
+                        help="with --kernels: time MoT's merge, emit and expert products as batched matmuls even "
+                             "where the layer runs the compiled kernels (the comparison)")
     args = parser.parse_args()
     if args.device == "cpu" and not args.system_malloc:
         retain_freed_cpu_memory()

@@ -7,9 +7,9 @@ time then relative to the first dense preset of the list. `--mot_recompute` sets
 micro-batch, same sequence length, bf16 autocast by default), the first `--warmup` optimizer steps are not timed
 (default 2: the first step allocates AdamW's moments, and the step after it still faults ~100K fresh pages into
 memory at MoT-Medium/32E/16's 295M parameters, ~0.3 s; from the third on a step reuses what the last one freed, as
-in a long run); a model's time per step is the median of its timed steps. With `--repeats N` the models of a pair (or of `--presets`)
-are trained in turn N times each and the median is taken over all their timed steps, so that a busy period of a
-shared machine does not land on one model only.
+in a long run); a model's time per step is the median of its timed steps. With `--repeats N` the models of a pair
+(or of `--presets`) are trained in turn N times each and the median is taken over all their timed steps, so that a
+busy period of a shared machine does not land on one model only.
 
 Each row has its step time over the dense model's (`x dense`) and the step's FLOP floor over dense (bench/flops.py:
 the matmul FLOPs of forward+backward of the whole model, attention and output head included, so far below the

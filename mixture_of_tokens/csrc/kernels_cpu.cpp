@@ -108,7 +108,8 @@ void tile(const u16* a, int64_t a_stride, const u16* b_pairs, int64_t pair_strid
     __m512bh b[NR];
     for (int j = 0; j < NR; ++j) b[j] = (__m512bh)_mm512_loadu_si512(b_pairs + h * pair_stride + 32 * j);
     for (int i = 0; i < MR; ++i) {
-      const __m512bh pair = APacked ? broadcast_pair(a + 2 * (h * a_stride + i)) : broadcast_pair(a + i * a_stride + 2 * h);
+      const u16* pair_at = APacked ? a + 2 * (h * a_stride + i) : a + i * a_stride + 2 * h;
+      const __m512bh pair = broadcast_pair(pair_at);
       for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], pair, b[j]);
     }
   }
@@ -152,7 +153,8 @@ inline void transpose_16x16(const u32* src, int64_t src_stride, u32* dst, int64_
   }
   // r[4b + q], 128-bit lane L: column 4L + q of rows 4b .. 4b + 3. Gather the lanes of one column across the blocks.
   for (int q = 0; q < 4; ++q) {
-    const __m512i even01 = _mm512_shuffle_i32x4(r[q], r[4 + q], 0x88), odd01 = _mm512_shuffle_i32x4(r[q], r[4 + q], 0xDD);
+    const __m512i even01 = _mm512_shuffle_i32x4(r[q], r[4 + q], 0x88);
+    const __m512i odd01 = _mm512_shuffle_i32x4(r[q], r[4 + q], 0xDD);
     const __m512i even23 = _mm512_shuffle_i32x4(r[8 + q], r[12 + q], 0x88);
     const __m512i odd23 = _mm512_shuffle_i32x4(r[8 + q], r[12 + q], 0xDD);
     t[q] = _mm512_shuffle_i32x4(even01, even23, 0x88);
