@@ -68,6 +68,8 @@ def test_training_throughput_times_each_preset(tmp_path):
     for row in rows.values():
         assert 0 < row["optimizer_seconds_per_step"] < row["seconds_per_step"]
     assert rows["tiny-dense"]["step_over_dense"] == 1.0 == rows["tiny-dense"]["forward_backward_over_dense"]
+    # The dense step at its own floor, with its own clipping and optimizer, is the dense step.
+    assert rows["tiny-dense"]["floor_with_optimizer"] == pytest.approx(1.0)
     assert all(row["clip_seconds_per_step"] > 0 for row in rows.values())
     assert {row["weights_dtype"] for row in rows.values()} == {"float32"}
 
