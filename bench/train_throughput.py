@@ -17,8 +17,7 @@ layer's floor; the optimizer's per-parameter work, which grows with MoT's parame
 step's floor with the optimizer (`floor+opt`: the forward and backward at that floor, plus the model's own measured
 clipping and optimizer step, over the dense step). At small batches the optimizer is a visible part of a MoT step:
 the experts of a flop-matched MoT layer hold G times the dense FFN's parameters (32 in the paper's presets), and no
-MoT kernel runs AdamW. Prints a table
-and writes JSON.
+MoT kernel runs AdamW. Prints a table and writes JSON.
 
     python bench/train_throughput.py                          # tiny pair + medium pair, small settings
     python bench/train_throughput.py --pairs tiny --steps 20 --batch 32 --seq_len 128
