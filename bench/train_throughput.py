@@ -242,8 +242,8 @@ def main(argv: list[str] | None = None) -> int:
                                                 args.seq_len) / dense_flops
             # What the step would take with its forward and backward at that floor, and this model's own
             # clipping and optimizer step (which grow with its parameters), over the dense step.
-            optimizer_seconds = row["clip_seconds_per_step"] + row["optimizer_seconds_per_step"]
-            row["floor_with_optimizer"] = ((row["step_flop_floor"] * forward_backward(dense) + optimizer_seconds)
+            clip_and_optimizer = row["clip_seconds_per_step"] + row["optimizer_seconds_per_step"]
+            row["floor_with_optimizer"] = ((row["step_flop_floor"] * forward_backward(dense) + clip_and_optimizer)
                                            / dense["seconds_per_step"])
             if row is not dense:
                 row["relative_to_dense"] = row["tokens_per_second"] / dense["tokens_per_second"]
