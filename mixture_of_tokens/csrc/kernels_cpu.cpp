@@ -41,6 +41,7 @@ constexpr int kMergeRows = 6, kMergeVectors = 4;  // experts x 64 features
 constexpr int kEmitRows = 8, kEmitVectors = 2;    // tokens x 32 features
 constexpr int kDotRows = 8;                       // experts x all G tokens
 constexpr int kProductRows = 6, kProductVectors = 4;  // rows x 64 columns of an expert's product
+constexpr int64_t kProductColumns = 16 * kProductVectors;
 constexpr int kTailRows = 2;                      // for the last rows when a count is not a multiple of a tile's
 constexpr int64_t kPrefetchPairs = 2;             // row pairs ahead that emit's packing asks the memory for
 
@@ -204,10 +205,10 @@ struct ProductWorkspace {
 template <int MR, bool APacked>
 void product_rows(const u16* a, int64_t a_stride, int64_t a_row_step, const u16* b_pairs, int64_t N, int64_t K,
                   u16* out, int64_t m0, int64_t m1, Prefetch& prefetch) {
-  for (int64_t j0 = 0; j0 < N; j0 += 16 * kProductVectors)
+  for (int64_t j0 = 0; j0 < N; j0 += kProductColumns)
     for (int64_t m = m0; m + MR <= m1; m += MR) {
-      tile<MR, kProductVectors, APacked, false>(a + m * a_row_step, a_stride, b_pairs + 2 * j0, 2 * N, K / 2,
-                                                out + m * N + j0, N);
+      tile<MR, kProductVectors, APacked, false>(a + m * a_row_step, a_stride, b_pairs + j0 * K, 2 * kProductColumns,
+                                                K / 2, out + m * N + j0, N);
       prefetch.piece();
     }
 }
@@ -232,15 +233,21 @@ void expert_product(const Operand& a, const Operand& b, int64_t e, int64_t M, in
                     ProductWorkspace& ws) {
   const u16 *ae = a.expert(e), *be = b.expert(e);
   ws.b_pairs.resize(K * N);
+  // b's pairs one tile's columns after another, [N/64][K/2][64 pairs]: a tile reads its columns as one run, where
+  // the rows of [K/2][N] pairs, a power of two apart, would share a few of the L1 cache's sets.
+  constexpr int64_t C = kProductColumns;
   if (!b.transposed()) {
-    for (int64_t h = 0; h < K / 2; ++h)
-      ws.interleave(be + 2 * h * b.row_stride, be + (2 * h + 1) * b.row_stride, ws.b_pairs.data() + h * 2 * N, N);
+    for (int64_t j0 = 0; j0 < N; j0 += C)
+      for (int64_t h = 0; h < K / 2; ++h)
+        ws.interleave(be + 2 * h * b.row_stride + j0, be + (2 * h + 1) * b.row_stride + j0,
+                      ws.b_pairs.data() + j0 * K + h * 2 * C, C);
   } else {  // b[k][n] at be[n * column_stride + k]: the pairs along K are 32-bit values there; transpose those
     const u32* columns = reinterpret_cast<const u32*>(be);
     u32* pairs = reinterpret_cast<u32*>(ws.b_pairs.data());
     for (int64_t n = 0; n < N; n += 16)
       for (int64_t h = 0; h < K / 2; h += 16)
-        transpose_16x16(columns + n * (b.column_stride / 2) + h, b.column_stride / 2, pairs + h * N + n, N);
+        transpose_16x16(columns + n * (b.column_stride / 2) + h, b.column_stride / 2,
+                        pairs + (n / C) * C * (K / 2) + h * C + n % C, C);
   }
   if (a.transposed()) {  // a[m][k] at ae[k * column_stride + m]: interleave rows k, k + 1 of that into pairs [K/2][M]
     ws.a_pairs.resize(K * M);
@@ -268,19 +275,25 @@ struct Workspace {
 
 void merge_position(const Sizes& s, const u16* weights, const u16* tokens, u16* rows, Workspace& ws) {
   const int64_t G = s.group_size, E = s.num_experts, d = s.hidden_size;
-  ws.weight_pairs.resize(G * E);
+  constexpr int64_t C = 16 * kMergeVectors;  // a tile's features
+  // Pair rows of the weights E + 16 pairs apart and the tokens' pairs one tile's features after another,
+  // [d/64][G/2][64 pairs]: rows a power of two apart would share a few of the L1 cache's sets.
+  const int64_t weight_stride = E + 16;
+  ws.weight_pairs.resize(G * weight_stride);
   ws.pairs.resize(G / 2 * 2 * d);
   for (int64_t h = 0; h < G / 2; ++h) {
-    ws.interleave(weights + 2 * h * E, weights + (2 * h + 1) * E, ws.weight_pairs.data() + h * 2 * E, E);
-    ws.interleave(tokens + 2 * h * d, tokens + (2 * h + 1) * d, ws.pairs.data() + h * 2 * d, d);
+    ws.interleave(weights + 2 * h * E, weights + (2 * h + 1) * E, ws.weight_pairs.data() + h * 2 * weight_stride, E);
+    for (int64_t j0 = 0; j0 < d; j0 += C)
+      ws.interleave(tokens + 2 * h * d + j0, tokens + (2 * h + 1) * d + j0, ws.pairs.data() + j0 * G + h * 2 * C, C);
   }
-  for (int64_t j0 = 0; j0 < d; j0 += 16 * kMergeVectors) {
+  for (int64_t j0 = 0; j0 < d; j0 += C) {
+    const u16* token_pairs = ws.pairs.data() + j0 * G;
     int64_t e = 0;
     for (; e + kMergeRows <= E; e += kMergeRows)
-      tile<kMergeRows, kMergeVectors, true, true>(ws.weight_pairs.data() + 2 * e, E, ws.pairs.data() + 2 * j0, 2 * d,
+      tile<kMergeRows, kMergeVectors, true, true>(ws.weight_pairs.data() + 2 * e, weight_stride, token_pairs, 2 * C,
                                                   G / 2, rows + e * s.row_stride() + j0, s.row_stride());
     for (; e < E; e += kTailRows)
-      tile<kTailRows, kMergeVectors, true, true>(ws.weight_pairs.data() + 2 * e, E, ws.pairs.data() + 2 * j0, 2 * d,
+      tile<kTailRows, kMergeVectors, true, true>(ws.weight_pairs.data() + 2 * e, weight_stride, token_pairs, 2 * C,
                                                  G / 2, rows + e * s.row_stride() + j0, s.row_stride());
   }
 }
@@ -334,8 +347,20 @@ void dots_position(const Sizes& s, const u16* tokens, const u16* rows, u16* out,
     case 3: dot_rows<3>(s, rows, ws); break;
     default: dot_rows<4>(s, rows, ws); break;
   }
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t e = 0; e < E; ++e) out[g * E + e] = to_bf16(ws.sums[e * G + g]);
+  // out [G][E] from sums [E][G]: 16 x 16 blocks transposed, rounded to bf16 16 at a time.
+  alignas(64) u32 block[16 * 16];
+  const u32* sums = reinterpret_cast<const u32*>(ws.sums.data());
+  int64_t e0 = 0;
+  for (; e0 + 16 <= E; e0 += 16)
+    for (int64_t g0 = 0; g0 < G; g0 += 16) {
+      transpose_16x16(sums + e0 * G + g0, G, block, 16);
+      for (int64_t g = 0; g < 16; ++g) {
+        const __m256i rounded = (__m256i)_mm512_cvtneps_pbh(_mm512_castsi512_ps(_mm512_load_si512(block + 16 * g)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (g0 + g) * E + e0), rounded);
+      }
+    }
+  for (; e0 < E; ++e0)  // an E that is not a multiple of 16
+    for (int64_t g = 0; g < G; ++g) out[g * E + e0] = to_bf16(ws.sums[e0 * G + g]);
 }
 
 const u16* data(const at::Tensor& tensor) { return reinterpret_cast<const u16*>(tensor.data_ptr<at::BFloat16>()); }
