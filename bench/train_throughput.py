@@ -9,7 +9,10 @@ micro-batch, same sequence length, bf16 autocast by default), the first `--warmu
 memory at MoT-Medium/32E/16's 295M parameters, ~0.3 s; from the third on a step reuses what the last one freed, as
 in a long run); a model's time per step is the median of its timed steps. With `--repeats N` the models of a pair
 (or of `--presets`) are trained in turn N times each and the median is taken over all their timed steps, so that a
-busy period of a shared machine does not land on one model only.
+busy period of a shared machine does not land on one model only. With `--interleaved` the models train in one process,
+one optimizer step each in turn, in a plain loop of Trainer's operations (forward and backward of each micro-batch,
+gradient clipping, Trainer's own AdamW), and each step is also compared with the dense step of its round: on a
+shared machine whose speed drifts over minutes, the median of those per-round ratios is the steadiest figure.
 
 Each row has its step time over the dense model's (`x dense`) and the step's FLOP floor over dense (bench/flops.py:
 the matmul FLOPs of forward+backward of the whole model, attention and output head included, so far below the
@@ -24,6 +27,8 @@ MoT kernel runs AdamW. Prints a table and writes JSON.
     python bench/train_throughput.py --pairs medium --batch 32 --seq_len 256 --steps 20   # on a GPU
     python bench/train_throughput.py --presets transformer-medium mot-medium-32e mot-medium-32e-8 \
         mot-medium-32e-16 --mot_recompute both --batch 32 --seq_len 256 --steps 5 --repeats 2
+    python bench/train_throughput.py --presets transformer-medium mot-medium-32e-16 --bf16 false --bf16_weights \
+        --vocab_size 8192 --batch 32 --seq_len 128 --grad_accum 16 --interleaved   # the paper's 65,536 tokens per step
 """
 
 from __future__ import annotations
@@ -113,40 +118,100 @@ def model_config(preset: str, recompute: bool, args) -> MoTConfig:
                                  **vocabulary)
 
 
-def measure(preset: str, recompute: bool, args) -> dict:
+def build_model(preset: str, recompute: bool, args) -> MoTForCausalLM:
     config = model_config(preset, recompute, args)
     if args.batch % config.group_size and "mot" in config.mlp_types:
         raise SystemExit(f"--batch {args.batch} must be a multiple of {preset}'s group_size {config.group_size}")
     torch.manual_seed(0)
     model = MoTForCausalLM(config)
-    if args.bf16_weights:
-        model = model.to(torch.bfloat16)
-    steps = args.warmup + args.steps
-    sequences_per_step = args.batch * args.grad_accum
-    tokens = torch.randint(0, config.vocab_size, (steps * sequences_per_step, args.seq_len), generator=torch.Generator().manual_seed(0))
-    data = Dataset.from_dict({"input_ids": tokens.tolist()})
-    clock = StepClock()
-    with tempfile.TemporaryDirectory() as scratch:
-        training_args = MoTTrainingArguments(
-            output_dir=scratch, max_steps=steps, per_device_train_batch_size=args.batch, bf16=args.bf16,
-            gradient_accumulation_steps=args.grad_accum,
-            eval_strategy="no", save_strategy="no", logging_steps=10**9, report_to="none", disable_tqdm=True,
-            dataloader_num_workers=0, warmup_steps=0, seed=0, use_cpu=not torch.cuda.is_available(),
-        )
-        trainer = MoTTrainer(model=model, args=training_args, train_dataset=data, data_collator=collate_blocks,
-                             callbacks=[clock], plots_at_end=False)
-        clock.time_clipping(trainer)
-        trainer.train()
-    timed = clock.times[args.warmup - 1 :] if args.warmup else [clock.start] + clock.times
+    return model.to(torch.bfloat16) if args.bf16_weights else model
+
+
+def random_tokens(config: MoTConfig, args) -> torch.Tensor:
+    """The token ids of every micro-batch of the run, `[steps * sequences per step, seq_len]`, the same for every
+    model of one vocabulary."""
+    sequences = (args.warmup + args.steps) * args.batch * args.grad_accum
+    return torch.randint(0, config.vocab_size, (sequences, args.seq_len), generator=torch.Generator().manual_seed(0))
+
+
+def training_arguments(scratch: str, args) -> MoTTrainingArguments:
+    return MoTTrainingArguments(
+        output_dir=scratch, max_steps=args.warmup + args.steps, per_device_train_batch_size=args.batch, bf16=args.bf16,
+        gradient_accumulation_steps=args.grad_accum,
+        eval_strategy="no", save_strategy="no", logging_steps=10**9, report_to="none", disable_tqdm=True,
+        dataloader_num_workers=0, warmup_steps=0, seed=0, use_cpu=not torch.cuda.is_available(),
+    )
+
+
+def run_record(preset: str, recompute: bool, model, steps: list[float], optimizer: list[float], clip: list[float]):
     return {
         "preset": preset,
         "mot_recompute": recompute,
         "parameters": sum(p.numel() for p in model.parameters()),
         "weights_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "step_seconds": [later - earlier for earlier, later in zip(timed[:-1], timed[1:], strict=True)],
-        "optimizer_seconds": clock.optimizer_seconds[args.warmup :],
-        "clip_seconds": clock.clip_seconds[args.warmup :],
+        "step_seconds": steps,
+        "optimizer_seconds": optimizer,
+        "clip_seconds": clip,
     }
+
+
+def measure(preset: str, recompute: bool, args) -> dict:
+    model = build_model(preset, recompute, args)
+    data = Dataset.from_dict({"input_ids": random_tokens(model.config, args).tolist()})
+    clock = StepClock()
+    with tempfile.TemporaryDirectory() as scratch:
+        trainer = MoTTrainer(model=model, args=training_arguments(scratch, args), train_dataset=data,
+                             data_collator=collate_blocks, callbacks=[clock], plots_at_end=False)
+        clock.time_clipping(trainer)
+        trainer.train()
+    timed = clock.times[args.warmup - 1 :] if args.warmup else [clock.start] + clock.times
+    steps = [later - earlier for earlier, later in zip(timed[:-1], timed[1:], strict=True)]
+    return run_record(preset, recompute, model, steps, clock.optimizer_seconds[args.warmup :],
+                      clock.clip_seconds[args.warmup :])
+
+
+def measure_interleaved(models: list[tuple[str, bool]], args) -> dict[tuple[str, bool], dict]:
+    """All the models in one process, one optimizer step each in turn: a plain loop of what Trainer's step does
+    (forward and backward of each micro-batch under the same autocast, the loss divided by the micro-batches, then
+    gradient clipping with torch's `clip_grad_norm_`, which Trainer calls through accelerate, and Trainer's own
+    optimizer), so that every round of steps meets the same state of a shared machine. The order of the models is
+    reversed every other round."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    states = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for preset, recompute in models:
+            model = build_model(preset, recompute, args).to(device).train()
+            training_args = training_arguments(scratch, args)
+            trainer = MoTTrainer(model=model, args=training_args, plots_at_end=False)
+            optimizer = trainer.create_optimizer(model)
+            states[preset, recompute] = (model, optimizer, training_args.max_grad_norm,
+                                         random_tokens(model.config, args).to(device), ([], [], []))
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.bf16)
+    for step in range(args.warmup + args.steps):
+        for key in models if step % 2 == 0 else models[::-1]:
+            model, optimizer, max_grad_norm, tokens, (steps, optimizer_seconds, clip_seconds) = states[key]
+            synchronize()
+            start = time.perf_counter()
+            for micro in range(args.grad_accum):
+                first = (step * args.grad_accum + micro) * args.batch
+                batch = tokens[first : first + args.batch]
+                with autocast:
+                    loss = model(input_ids=batch, labels=batch).loss / args.grad_accum
+                loss.backward()
+            synchronize()
+            clipping = time.perf_counter()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+            synchronize()
+            stepping = time.perf_counter()
+            optimizer.step()
+            synchronize()
+            stepped = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            if step >= args.warmup:
+                steps.append(time.perf_counter() - start)
+                clip_seconds.append(stepping - clipping)
+                optimizer_seconds.append(stepped - stepping)
+    return {key: run_record(*key, model, *times) for key, (model, _, _, _, times) in states.items()}
 
 
 def forward_backward(row: dict) -> float:
@@ -207,6 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default="bench/results/train_throughput.json")
     parser.add_argument("--grad_accum", type=int, default=1,
                         help="micro-batches per optimizer step (the paper steps on 256 x 256 tokens)")
+    parser.add_argument("--interleaved", action="store_true",
+                        help="train the models in one process, one optimizer step each in turn, in a plain loop of "
+                             "Trainer's operations (forward, backward, clipping, Trainer's optimizer) instead of "
+                             "through Trainer, and report each step over the dense step of its round")
     parser.add_argument("--system_malloc", action="store_true",
                         help="leave glibc malloc as it is (by default freed memory is kept for reuse on CPU, as "
                              "`mot train` does)")
@@ -229,10 +298,20 @@ def main(argv: list[str] | None = None) -> int:
         models = [(preset, recompute) for preset in group for recompute in recompute_settings(preset, args)]
         runs: dict[tuple[str, bool], list[dict]] = {model: [] for model in models}
         for _ in range(args.repeats):
-            for model in models:
-                runs[model].append(measure(*model, args))
+            if args.interleaved:
+                for model, run in measure_interleaved(models, args).items():
+                    runs[model].append(run)
+            else:
+                for model in models:
+                    runs[model].append(measure(*model, args))
         results = [summarize(runs[model], args) for model in models]
         dense = next(row for row in results if is_dense(row["preset"]))
+        if args.interleaved:  # each step beside the dense step of its round
+            for row in results:
+                rounds = [seconds / dense_seconds for seconds, dense_seconds in
+                          zip(row["step_seconds"], dense["step_seconds"], strict=True)]
+                row["round_ratios"] = rounds
+                row["round_ratio_median"] = statistics.median(rounds)
         dense_flops = step_flops(model_config(dense["preset"], False, args), args.seq_len)
         for row in results:
             row["step_over_dense"] = row["seconds_per_step"] / dense["seconds_per_step"]
@@ -266,6 +345,11 @@ def main(argv: list[str] | None = None) -> int:
           "attention and head included, optimizer not); clip s, optim s: gradient clipping and the optimizer step "
           "(AdamW), both over all the parameters; floor+opt: the step with its forward+backward at the floor and its "
           "own clipping and optimizer step, over dense's; fwd+bwd: the rest of the step over dense's")
+    for row in rows:
+        if "round_ratios" in row and not is_dense(row["preset"]):
+            ratios = row["round_ratios"]
+            print(f"{row['name']}, each step over the dense step of its round: median {row['round_ratio_median']:.3f},"
+                  f" {min(ratios):.3f}-{max(ratios):.3f} over {len(ratios)} rounds")
     report = {"settings": vars(args), "device": device, "torch": torch.__version__, "machine": platform.machine(),
               "results": rows}
     path = Path(args.json)

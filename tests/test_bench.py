@@ -74,6 +74,23 @@ def test_training_throughput_times_each_preset(tmp_path):
     assert {row["weights_dtype"] for row in rows.values()} == {"float32"}
 
 
+def test_training_throughput_interleaved_pairs_each_step_with_the_dense_step_of_its_round(tmp_path):
+    out = tmp_path / "throughput.json"
+    run_bench("train_throughput.py", "--presets", "tiny-dense", "tiny-mot", "--batch", "8", "--seq_len", "16",
+              "--steps", "3", "--warmup", "1", "--grad_accum", "2", "--bf16", "false", "--interleaved",
+              "--json", str(out))
+    rows = {row["preset"]: row for row in json.loads(out.read_text())["results"]}
+    dense, mot = rows["tiny-dense"], rows["tiny-mot"]
+    assert dense["round_ratios"] == [1.0, 1.0, 1.0]
+    expected = [seconds / dense_seconds
+                for seconds, dense_seconds in zip(mot["step_seconds"], dense["step_seconds"], strict=True)]
+    assert mot["round_ratios"] == pytest.approx(expected) and len(expected) == 3
+    assert mot["round_ratio_median"] == pytest.approx(sorted(expected)[1])
+    for row in rows.values():  # clipping and the optimizer are timed inside each step
+        assert 0 < row["clip_seconds_per_step"] < row["seconds_per_step"]
+        assert 0 < row["optimizer_seconds_per_step"] < row["seconds_per_step"]
+
+
 def test_training_throughput_takes_bf16_weights_and_another_vocabulary(tmp_path):
     """`--bf16_weights` trains bf16 weights (as `mot train --bf16_weights true`) and `--vocab_size` replaces the
     presets' vocabulary, as the issue's step figures need (bf16 weights, 8192 tokens)."""
