@@ -38,10 +38,11 @@ using u32 = uint32_t;
 
 // Register tiles: outputs per tile (rows x 16-lane vectors), chosen by timing MoT/32E/16 on a 2-core AVX512-BF16 EPYC.
 constexpr int kMergeRows = 6, kMergeVectors = 4;  // experts x 64 features
+constexpr int64_t kMergeColumns = 16 * kMergeVectors;  // a merge tile's features: its token pairs are packed by these
 constexpr int kEmitRows = 8, kEmitVectors = 2;    // tokens x 32 features
 constexpr int kDotRows = 8;                       // experts x all G tokens
 constexpr int kProductRows = 6, kProductVectors = 4;  // rows x 64 columns of an expert's product
-constexpr int64_t kProductColumns = 16 * kProductVectors;
+constexpr int64_t kProductColumns = 16 * kProductVectors;  // a product tile's columns: b is packed by these
 constexpr int kTailRows = 2;                      // for the last rows when a count is not a multiple of a tile's
 constexpr int64_t kPrefetchPairs = 2;             // row pairs ahead that emit's packing asks the memory for
 
@@ -275,7 +276,7 @@ struct Workspace {
 
 void merge_position(const Sizes& s, const u16* weights, const u16* tokens, u16* rows, Workspace& ws) {
   const int64_t G = s.group_size, E = s.num_experts, d = s.hidden_size;
-  constexpr int64_t C = 16 * kMergeVectors;  // a tile's features
+  constexpr int64_t C = kMergeColumns;
   // Pair rows of the weights E + 16 pairs apart and the tokens' pairs one tile's features after another,
   // [d/64][G/2][64 pairs]: rows a power of two apart would share a few of the L1 cache's sets.
   const int64_t weight_stride = E + 16;
