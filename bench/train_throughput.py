@@ -28,7 +28,7 @@ MoT kernel runs AdamW. Prints a table and writes JSON.
     python bench/train_throughput.py --presets transformer-medium mot-medium-32e mot-medium-32e-8 \
         mot-medium-32e-16 --mot_recompute both --batch 32 --seq_len 256 --steps 5 --repeats 2
     python bench/train_throughput.py --presets transformer-medium mot-medium-32e-16 --bf16 false --bf16_weights \
-        --vocab_size 8192 --batch 32 --seq_len 256 --grad_accum 8 --steps 20 --warmup 1 --interleaved   # the paper's step
+        --vocab_size 8192 --batch 32 --seq_len 256 --grad_accum 8 --steps 20 --warmup 1 --interleaved  # paper's step
 """
 
 from __future__ import annotations
